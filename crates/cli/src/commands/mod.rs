@@ -1,0 +1,36 @@
+//! The subcommands. Each lives in its own module with an `Args` struct and a `run`.
+
+use clap::{Parser, Subcommand};
+
+mod stats;
+
+/// See exactly where memory goes in ML workloads, give it back, and run models larger than
+/// memory by streaming them through a budget.
+#[derive(Debug, Parser)]
+#[command(name = "memwise", version = version(), about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a small workload under tracking and print the memory stats it produced.
+    Stats(stats::Args),
+}
+
+/// Dispatches to the chosen subcommand.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Stats(args) => stats::run(args),
+    }
+}
+
+/// `--version` also says what this build can do.
+fn version() -> &'static str {
+    concat!(
+        env!("CARGO_PKG_VERSION"),
+        "\nfeatures: cpu",
+        "\nallocator: memwise::TrackingAllocator"
+    )
+}

@@ -1,0 +1,90 @@
+//! memwise: one place to manage memory in ML workloads.
+//!
+//! It tells you exactly where memory went, gives it back when you are done, and measures
+//! that it did. This crate is the core: heap accounting with true peaks, `MemoryTracker`
+//! scopes, measured cleanup and the device trait. It has no ML dependencies; the model
+//! runner lives in `memwise-model`.
+//!
+//! # Usage
+//!
+//! Install the tracking allocator in your binary (a library cannot do it for you):
+//!
+//! ```
+//! #[global_allocator]
+//! static ALLOC: memwise::TrackingAllocator = memwise::TrackingAllocator::system();
+//! ```
+//!
+//! Then the spec's API reads the same in Rust. Track a scope; its record holds the exact
+//! peak of live heap while it was open, not a sample at its edges:
+//!
+//! ```
+//! use memwise::{enable_memory_tracking, get_memory_stats, MemoryTracker};
+//!
+//! enable_memory_tracking(true);
+//! {
+//!     let _t = MemoryTracker::new("model_inference");
+//!     let outputs = vec![0u8; 8 << 20]; // outputs = model(**inputs)
+//!     drop(outputs);
+//! }
+//! let stats = get_memory_stats();
+//! let record = stats.scopes_named("model_inference").last().unwrap();
+//! println!("model_inference needed {:?} bytes at its peak", record.heap_peak_delta());
+//! match stats.peak_gpu_mb() {
+//!     Some(mb) => println!("Peak GPU memory: {mb:.1} MB"),
+//!     None => println!("no device registered in this build"),
+//! }
+//! ```
+//!
+//! Drop values and give memory back, with a measured report:
+//!
+//! ```
+//! use memwise::{clear_memory, clear_memory_with, ClearOptions};
+//!
+//! let batch = vec![0f32; 1 << 20];
+//! let results = vec![0f32; 1 << 18];
+//! let report = clear_memory((batch, results)); // clear_memory([batch, results])
+//! println!("freed {:?} resident bytes", report.freed.rss);
+//!
+//! // torch.cuda.empty_cache() becomes:
+//! clear_memory_with((), ClearOptions::with_device_cache());
+//! ```
+//!
+//! # Accuracy
+//!
+//! Allocations of [`EXACT_THRESHOLD`] (64 KiB) or more are counted at once. Smaller ones are
+//! batched per thread, so at any instant the heap figures may miss less than
+//! [`FLUSH_BYTES`] (16 KiB) for each thread that allocated since its last fold; figures are
+//! exact once threads exit or reach a scope boundary.
+//!
+//! # Platforms
+//!
+//! Process figures come from `/proc` on Linux and the allocator figures from glibc.
+//! Elsewhere they are `None`: memwise never reports an unavailable figure as 0.
+#![deny(missing_docs)]
+
+mod alloc;
+mod clear;
+mod device;
+mod error;
+mod process;
+mod scope;
+mod stats;
+
+pub use crate::alloc::{
+    heap_totals, thread_heap_totals, tracking_allocator_installed, HeapTotals, TrackingAllocator,
+    EXACT_THRESHOLD, FLUSH_BYTES, FLUSH_OPS,
+};
+pub use crate::clear::{
+    clear_memory, clear_memory_with, register_reclaim_hook, unregister_reclaim_hook, ClearOptions,
+    ClearReport, Freed, MemorySnapshot, ReclaimHook,
+};
+pub use crate::device::{devices, register_device, unregister_device, DeviceMemory, DeviceUsage};
+pub use crate::error::{Error, ErrorKind};
+pub use crate::process::{allocator_free_bytes, reset_rss_peak, trim_allocator, ProcessMemory};
+pub use crate::scope::{
+    enable_memory_tracking, memory_tracking_enabled, set_record_capacity, track, MemoryTracker,
+    ScopeAggregate, ScopeDevice, ScopeRecord, DEFAULT_RECORD_CAPACITY,
+};
+pub use crate::stats::{
+    get_memory_stats, reset_memory_stats, reset_peak_memory, HeapStats, MemoryStats,
+};
