@@ -251,22 +251,27 @@ impl Registry {
     }
 
     fn open(&mut self, name: Cow<'static, str>) -> u64 {
-        let (live, usages) = self.boundary();
+        // Everything the bookkeeping allocates happens before the boundary, so the scope's
+        // entry figure already includes it and a scope that frees what it allocates ends
+        // with exit == entry.
+        let rss_at_entry = ProcessMemory::read();
+        let thread = std::thread::current();
+        let thread = match thread.name() {
+            Some(n) => n.to_owned(),
+            None => format!("{:?}", thread.id()),
+        };
+        self.open.reserve(1);
         let id = self.next_id;
         self.next_id += 1;
-        let now = Instant::now();
-        self.epoch.get_or_insert(now);
         let parent = THREAD_SCOPES.with(|s| {
             let mut s = s.borrow_mut();
             let parent = s.last().copied();
             s.push(id);
             parent
         });
-        let thread = std::thread::current();
-        let thread = match thread.name() {
-            Some(n) => n.to_owned(),
-            None => format!("{:?}", thread.id()),
-        };
+        let (live, usages) = self.boundary();
+        let now = Instant::now();
+        self.epoch.get_or_insert(now);
         self.open.push(OpenScope {
             id,
             name,
@@ -275,7 +280,7 @@ impl Registry {
             start: now,
             heap_at_entry: live,
             heap_peak: live,
-            rss_at_entry: ProcessMemory::read(),
+            rss_at_entry,
             devices: usages
                 .into_iter()
                 .map(|u| ScopeDevice {
