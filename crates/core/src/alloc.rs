@@ -26,8 +26,9 @@ pub const EXACT_THRESHOLD: usize = 64 * 1024;
 /// reaches this many bytes. This is the per-thread bound on the live-byte error.
 pub const FLUSH_BYTES: i64 = 16 * 1024;
 
-/// A thread folds its pending counts at least every this many operations, so totals seen
-/// from other threads lag by a bounded amount even when the live delta stays small.
+/// A thread folds its pending counts at least every this many operations of each kind, so
+/// totals seen from other threads lag by a bounded amount even when the live delta stays
+/// small. A power of two.
 pub const FLUSH_OPS: u32 = 4096;
 
 /// A global allocator that counts live heap bytes, their high-water mark, and totals of
@@ -164,30 +165,28 @@ static INSTALLED: AtomicBool = AtomicBool::new(false);
 /// A thread's counters. They are cumulative for the thread's whole life; `folded` remembers
 /// how much of them the shared counters already hold.
 struct Local {
-    allocated_bytes: Cell<u64>,
-    freed_bytes: Cell<u64>,
     allocations: Cell<u64>,
     frees: Cell<u64>,
     reallocations: Cell<u64>,
-    /// Live bytes this thread has added since its last fold (may be negative).
-    pending: Cell<i64>,
-    /// Operations left before the next fold; 0 on a fresh thread, which sends the first
-    /// operation down the slow path where the exit guard is registered.
-    countdown: Cell<u32>,
+    allocated_bytes: Cell<u64>,
+    freed_bytes: Cell<u64>,
+    /// The counters above as of the last fold.
     folded: Cell<[u64; 5]>,
+    /// `allocated_bytes - freed_bytes` as of the last fold; kept apart so the hot path
+    /// computes the pending live delta with one load.
+    folded_live: Cell<i64>,
 }
 
 impl Local {
     const fn new() -> Self {
         Local {
-            allocated_bytes: Cell::new(0),
-            freed_bytes: Cell::new(0),
             allocations: Cell::new(0),
             frees: Cell::new(0),
             reallocations: Cell::new(0),
-            pending: Cell::new(0),
-            countdown: Cell::new(0),
+            allocated_bytes: Cell::new(0),
+            freed_bytes: Cell::new(0),
             folded: Cell::new([0; 5]),
+            folded_live: Cell::new(0),
         }
     }
 
@@ -201,6 +200,15 @@ impl Local {
         }
     }
 
+    /// Live bytes this thread added since its last fold (negative if it freed more).
+    #[inline(always)]
+    fn pending(&self) -> i64 {
+        self.allocated_bytes
+            .get()
+            .wrapping_sub(self.freed_bytes.get()) as i64
+            - self.folded_live.get()
+    }
+
     /// Moves everything not yet folded into the shared counters.
     fn fold(&self) {
         let now = [
@@ -211,6 +219,8 @@ impl Local {
             self.freed_bytes.get(),
         ];
         let before = self.folded.replace(now);
+        let pending = self.pending();
+        self.folded_live.set(now[3].wrapping_sub(now[4]) as i64);
         fold_shared(
             [
                 now[0] - before[0],
@@ -219,9 +229,8 @@ impl Local {
                 now[3] - before[3],
                 now[4] - before[4],
             ],
-            self.pending.replace(0),
+            pending,
         );
-        self.countdown.set(FLUSH_OPS);
     }
 }
 
@@ -229,8 +238,7 @@ thread_local! {
     // No destructor, so access is a plain TLS offset with no lazy-registration check.
     static LOCAL: Local = const { Local::new() };
     // Set while this thread is inside the allocator's slow path: anything allocated then
-    // (only possible while registering the exit guard) is counted straight into the shared
-    // counters instead of re-entering the slow path.
+    // (only possible while registering the exit guard) is counted without re-entering it.
     static IN_SLOW_PATH: Cell<bool> = const { Cell::new(false) };
     static EXIT_GUARD: ExitGuard = const { ExitGuard };
 }
@@ -270,26 +278,34 @@ fn fold_shared(counts: [u64; 5], live_delta: i64) {
     }
 }
 
+/// Operation counts at which a thread folds: the first operation of each kind (which also
+/// registers the exit guard) and every `FLUSH_OPS` after it.
+const FOLD_MASK: u64 = FLUSH_OPS as u64 - 1;
+
 #[inline(always)]
 fn record(op: Op, size: usize) {
-    // `try_with` fails only during thread teardown, after LOCAL was destroyed (it never is,
-    // having no destructor, but the API demands we handle it).
+    // `try_with` only fails during thread teardown after LOCAL was destroyed, which cannot
+    // happen to a TLS value without a destructor; the fallback keeps the count regardless.
     let counted = LOCAL.try_with(|local| {
-        let (delta, big) = match op {
+        // The hot path: two counter updates and one branch on three cheap conditions.
+        let fold = match op {
             Op::Alloc => {
-                local.allocations.set(local.allocations.get() + 1);
+                let n = local.allocations.get() + 1;
+                local.allocations.set(n);
                 local
                     .allocated_bytes
                     .set(local.allocated_bytes.get() + size as u64);
-                (size as i64, size >= EXACT_THRESHOLD)
+                size >= EXACT_THRESHOLD || local.pending() >= FLUSH_BYTES || n & FOLD_MASK == 1
             }
             Op::Free => {
-                local.frees.set(local.frees.get() + 1);
+                let n = local.frees.get() + 1;
+                local.frees.set(n);
                 local.freed_bytes.set(local.freed_bytes.get() + size as u64);
-                (-(size as i64), size >= EXACT_THRESHOLD)
+                size >= EXACT_THRESHOLD || local.pending() <= -FLUSH_BYTES || n & FOLD_MASK == 1
             }
             Op::Realloc(old) => {
-                local.reallocations.set(local.reallocations.get() + 1);
+                let n = local.reallocations.get() + 1;
+                local.reallocations.set(n);
                 if size >= old {
                     let grow = (size - old) as u64;
                     local
@@ -299,16 +315,13 @@ fn record(op: Op, size: usize) {
                     let shrink = (old - size) as u64;
                     local.freed_bytes.set(local.freed_bytes.get() + shrink);
                 }
-                (size as i64 - old as i64, size.max(old) >= EXACT_THRESHOLD)
+                size.max(old) >= EXACT_THRESHOLD
+                    || local.pending().abs() >= FLUSH_BYTES
+                    || n & FOLD_MASK == 1
             }
         };
-        let pending = local.pending.get() + delta;
-        local.pending.set(pending);
-        let countdown = local.countdown.get();
-        if big || countdown == 0 || pending >= FLUSH_BYTES || pending <= -FLUSH_BYTES {
-            slow_path(local, countdown == 0);
-        } else {
-            local.countdown.set(countdown - 1);
+        if fold {
+            slow_path(local);
         }
     });
     if counted.is_err() {
@@ -318,19 +331,17 @@ fn record(op: Op, size: usize) {
 
 #[cold]
 #[inline(never)]
-fn slow_path(local: &Local, maybe_fresh: bool) {
+fn slow_path(local: &Local) {
     if IN_SLOW_PATH.get() {
-        // Re-entered while registering the exit guard; the fold below covers this too.
+        // Re-entered while registering the exit guard; the outer fold covers this too.
         return;
     }
     IN_SLOW_PATH.set(true);
-    if maybe_fresh {
-        INSTALLED.store(true, Ordering::Relaxed);
-        // First touch registers the destructor (glibc's __cxa_thread_atexit_impl allocates
-        // with its own malloc, not through us; other platforms may allocate through us,
-        // which the IN_SLOW_PATH flag turns into plain counting).
-        let _ = EXIT_GUARD.try_with(|_| ());
-    }
+    INSTALLED.store(true, Ordering::Relaxed);
+    // The first touch registers the destructor (glibc's __cxa_thread_atexit_impl allocates
+    // with its own malloc, not through us; on other platforms it may allocate through us,
+    // which IN_SLOW_PATH turns into plain counting). Later touches are a flag check.
+    let _ = EXIT_GUARD.try_with(|_| ());
     local.fold();
     IN_SLOW_PATH.set(false);
 }
