@@ -4,3 +4,7 @@
 //! streaming runner described in the project's design. It builds on [`memwise`] for
 //! accounting: every layer it runs is a [`memwise::MemoryTracker`] scope.
 #![deny(missing_docs)]
+
+mod stream;
+
+pub use crate::stream::LayerStream;
