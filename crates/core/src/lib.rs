@@ -88,3 +88,18 @@ pub use crate::scope::{
 pub use crate::stats::{
     get_memory_stats, reset_memory_stats, reset_peak_memory, HeapStats, MemoryStats,
 };
+
+mod batch;
+mod config;
+
+pub use crate::batch::{
+    batches, Batch, BatchSizeFinder, BatchSizeReport, Batches, DevicePeak, HeapPeak, Measured,
+    PeakMeter, ProbeOutcome, ProbeRun, WorkloadError,
+};
+pub use crate::config::{
+    configure, configure_with, env_var_for, get_config, get_config_origins, init_config,
+    load_config, optimize_memory_usage, optimize_memory_usage_with, reset_config, save_config,
+    ByteSize, ByteSizeError, Config, ConfigBuilder, ConfigEntry, ConfigError, ConfigErrorKind,
+    ConfigSource, Device, ExportConfig, ExportFormat, LogLevel, MemoryConfig, OptimizeReport,
+    QuantizationConfig, ResolvedConfig, TrackingConfig, CONFIG_FILE_VAR, ENV_PREFIX,
+};
