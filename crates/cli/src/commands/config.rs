@@ -63,9 +63,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     let set = resolved
                         .entries()
                         .iter()
+                        // config_path is recorded from the file's name, not set in it.
+                        .filter(|e| e.key != "config_path")
                         .filter(|e| matches!(e.origin, memwise::ConfigSource::File(_)))
                         .count();
-                    println!("{}: ok ({set} keys set)", file.display());
+                    println!("{}: ok ({set} key(s) set)", file.display());
                     Ok(())
                 }
                 Err(errors) => {

@@ -242,6 +242,18 @@ pub(crate) struct Layers {
     pub code: Vec<Entry>,
 }
 
+impl Layers {
+    /// Adds entries to the code layer. An earlier entry for the same key is dropped: it is
+    /// overridden anyway, and a long-running program that calls `configure` in a loop
+    /// should not grow its configuration without bound.
+    pub fn push_code(&mut self, entries: impl IntoIterator<Item = Entry>) {
+        for entry in entries {
+            self.code.retain(|e| e.key != entry.key);
+            self.code.push(entry);
+        }
+    }
+}
+
 /// One key's value and origin, as `memwise config show` prints it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[non_exhaustive]

@@ -16,6 +16,7 @@ mod layers;
 mod optimize;
 mod schema;
 
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
@@ -115,7 +116,7 @@ pub fn configure(values: Value) -> Result<Arc<Config>, ConfigError> {
     let entries = layers::table_entries(&values, ConfigSource::Code)?;
     update(|layers| {
         let mut next = layers.clone();
-        next.code.extend(entries);
+        next.push_code(entries);
         Ok(next)
     })
     .map(|resolved| resolved.config().clone())
@@ -140,22 +141,19 @@ pub fn configure_with(change: impl FnOnce(&mut Config)) -> Result<Arc<Config>, C
         let mut changed = Config::clone(current.config());
         change(&mut changed);
         let after = leaves(&changed);
+        let keys = before.keys().chain(after.keys()).collect::<BTreeSet<_>>();
+        let changed = keys
+            .into_iter()
+            .filter(|key| before.get(*key) != after.get(*key))
+            .map(|key| Entry {
+                key: key.clone(),
+                // A key that disappeared was unset: null unsets an optional key.
+                value: after.get(key).cloned().unwrap_or(Value::Null),
+                source: ConfigSource::Code,
+                textual: false,
+            });
         let mut next = layers.clone();
-        let keys = before
-            .keys()
-            .chain(after.keys())
-            .collect::<std::collections::BTreeSet<_>>();
-        for key in keys {
-            if before.get(key) != after.get(key) {
-                next.code.push(Entry {
-                    key: key.clone(),
-                    // A key that disappeared was unset: null unsets an optional key.
-                    value: after.get(key).cloned().unwrap_or(Value::Null),
-                    source: ConfigSource::Code,
-                    textual: false,
-                });
-            }
-        }
+        next.push_code(changed);
         Ok(next)
     })
     .map(|resolved| resolved.config().clone())
