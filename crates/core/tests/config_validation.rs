@@ -82,6 +82,16 @@ fn unknown_keys_suggest_the_closest_valid_name() {
         "{err}"
     );
 
+    let err = file_error(
+        "[memory.max_memroy]\ncpu = \"1GiB\"\n",
+        "memory.max_memroy.cpu",
+    );
+    assert!(
+        err.message()
+            .contains("did you mean memory.max_memory.cpu?"),
+        "{err}"
+    );
+
     let err = code_error(json!({ "something_else": 1 }), "something_else");
     assert!(err.message().contains("memwise config show"), "{err}");
 }

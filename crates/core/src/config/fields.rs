@@ -134,9 +134,19 @@ pub(crate) fn lookup(key: &str) -> Result<&'static Field, Refusal> {
     }
 }
 
-/// The keys a misspelt key may have meant.
-pub(crate) fn suggestible_keys() -> impl Iterator<Item = &'static str> + Clone {
-    FIELDS.iter().map(|f| f.key).filter(|k| !k.ends_with(".*"))
+/// The keys a misspelt `key` may have meant. When `key` ends in a device name, the budget
+/// map stands in with it, so `memory.max_memroy.cpu` can be matched to
+/// `memory.max_memory.cpu`.
+pub(crate) fn suggestible_keys(key: &str) -> Vec<String> {
+    let last = key.rsplit('.').next().unwrap_or(key);
+    let names_a_device = matches!(last.parse::<Device>(), Ok(d) if d != Device::Auto);
+    FIELDS
+        .iter()
+        .filter_map(|f| match f.key.strip_suffix('*') {
+            Some(map) => names_a_device.then(|| format!("{map}{last}")),
+            None => Some(f.key.to_owned()),
+        })
+        .collect()
 }
 
 /// Why a value was refused, before the key and source are attached.

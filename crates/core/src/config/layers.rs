@@ -376,7 +376,8 @@ fn check(entry: &Entry) -> Result<Option<Value>, ConfigError> {
         if refusal.kind != ConfigErrorKind::UnknownKey {
             return refuse(refusal.kind, refusal.message);
         }
-        let hint = match closest(&entry.key, fields::suggestible_keys()) {
+        let candidates = fields::suggestible_keys(&entry.key);
+        let hint = match closest(&entry.key, candidates.iter().map(String::as_str)) {
             Some(key) => format!("did you mean {}?", entry.source.spell(key)),
             None => "`memwise config show` lists every key".to_owned(),
         };
