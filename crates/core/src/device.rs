@@ -71,6 +71,15 @@ pub trait DeviceMemory: Send + Sync {
     /// Returns cached, unused blocks to the driver (`torch.cuda.empty_cache()`).
     /// Returns the bytes released.
     fn empty_cache(&self) -> Result<u64, Error>;
+
+    /// Sets how many cached bytes the pool may keep before it returns memory to the driver
+    /// on its own (CUDA's `cudaMemPoolAttrReleaseThreshold`); the configuration's
+    /// `memory.pool_release_threshold`. Returns whether the backend has such a setting: the
+    /// default has none and changes nothing.
+    fn set_release_threshold(&self, bytes: u64) -> Result<bool, Error> {
+        let _ = bytes;
+        Ok(false)
+    }
 }
 
 static DEVICES: RwLock<Vec<Arc<dyn DeviceMemory>>> = RwLock::new(Vec::new());

@@ -49,6 +49,44 @@
 //! clear_memory_with((), ClearOptions::with_device_cache());
 //! ```
 //!
+//! # Configuration
+//!
+//! One typed [`Config`], built from layers (defaults < a TOML or JSON file named by
+//! `MEMWISE_CONFIG` or [`load_config`] < `MEMWISE_*` environment variables < code), every
+//! value checked against its key, and every value's origin known. A refused update changes
+//! nothing, and its error names the key and where the bad value came from:
+//!
+//! ```
+//! use memwise::{configure, get_config, get_config_origins, optimize_memory_usage, ConfigSource};
+//! use serde_json::json;
+//!
+//! configure(json!({
+//!     "memory": { "clean_weights_after_use": true, "use_cpu_offload": true, "gpu_batch_size": 8 }
+//! }))
+//! .unwrap();
+//! assert_eq!(get_config().memory.gpu_batch_size, 8);
+//! assert_eq!(
+//!     get_config_origins().origin("memory.gpu_batch_size"),
+//!     Some(&ConfigSource::Code)
+//! );
+//!
+//! let err = configure(json!({ "memory": { "gpu_bach_size": 4 } })).unwrap_err();
+//! assert!(err.to_string().contains("did you mean memory.gpu_batch_size?"));
+//!
+//! let report = optimize_memory_usage(); // applies tracking, trim and device policy
+//! println!("{report}");
+//! ```
+//!
+//! Process data in configured batches, each one a scope, with cleanup between them, or let
+//! [`BatchSizeFinder`] measure two small batches and predict the largest that fits:
+//!
+//! ```
+//! for batch in memwise::batches(0..100u32, memwise::get_config().memory.gpu_batch_size) {
+//!     let results: Vec<u32> = batch.iter().map(|x| x * 2).collect();
+//!     # assert!(!results.is_empty());
+//! }
+//! ```
+//!
 //! # Accuracy
 //!
 //! Allocations of [`EXACT_THRESHOLD`] (64 KiB) or more are counted at once. Smaller ones are
@@ -87,4 +125,19 @@ pub use crate::scope::{
 };
 pub use crate::stats::{
     get_memory_stats, reset_memory_stats, reset_peak_memory, HeapStats, MemoryStats,
+};
+
+mod batch;
+mod config;
+
+pub use crate::batch::{
+    batches, Batch, BatchSizeFinder, BatchSizeReport, Batches, DevicePeak, HeapPeak, Measured,
+    PeakMeter, ProbeOutcome, ProbeRun, WorkloadError,
+};
+pub use crate::config::{
+    configure, configure_with, env_var_for, get_config, get_config_origins, init_config,
+    load_config, optimize_memory_usage, optimize_memory_usage_with, reset_config, save_config,
+    ByteSize, ByteSizeError, Config, ConfigBuilder, ConfigEntry, ConfigError, ConfigErrorKind,
+    ConfigSource, Device, ExportConfig, ExportFormat, LogLevel, MemoryConfig, OptimizeReport,
+    QuantizationConfig, ResolvedConfig, TrackingConfig, CONFIG_FILE_VAR, ENV_PREFIX,
 };

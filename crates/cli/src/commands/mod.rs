@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod config;
 mod stats;
 
 /// See exactly where memory goes in ML workloads, give it back, and run models larger than
@@ -17,12 +18,15 @@ pub struct Cli {
 enum Command {
     /// Run a small workload under tracking and print the memory stats it produced.
     Stats(stats::Args),
+    /// Show the configuration and where each value came from, or check a config file.
+    Config(config::Args),
 }
 
 /// Dispatches to the chosen subcommand.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Stats(args) => stats::run(args),
+        Command::Config(args) => config::run(args),
     }
 }
 

@@ -1,0 +1,256 @@
+//! The configuration: one typed source of truth, layered, checked, and able to say where
+//! every value came from.
+//!
+//! Layers, lowest first: the defaults, a configuration file (TOML or JSON, named by
+//! `MEMWISE_CONFIG` or loaded with [`load_config`]), the environment
+//! (`MEMWISE_MEMORY__GPU_BATCH_SIZE=8`: `MEMWISE_`, then the key with `__` between
+//! sections), and code ([`configure`], [`configure_with`]). Every value is checked against
+//! its key before it is accepted; a refused update leaves the previous configuration in
+//! force. Readers get an immutable snapshot ([`get_config`]), so a reader never sees half
+//! an update.
+
+mod bytesize;
+mod error;
+mod fields;
+mod layers;
+mod optimize;
+mod schema;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use serde_json::Value;
+
+pub use self::bytesize::{ByteSize, ByteSizeError};
+pub use self::error::{ConfigError, ConfigErrorKind};
+pub use self::layers::{
+    env_var_for, ConfigBuilder, ConfigEntry, ConfigSource, ResolvedConfig, CONFIG_FILE_VAR,
+    ENV_PREFIX,
+};
+pub use self::optimize::{optimize_memory_usage, optimize_memory_usage_with, OptimizeReport};
+pub use self::schema::{
+    Config, Device, ExportConfig, ExportFormat, LogLevel, MemoryConfig, QuantizationConfig,
+    TrackingConfig,
+};
+
+use self::layers::{leaves, read_file, resolve, Entry, Layers};
+
+/// The process-wide configuration: the layers it was built from, and the result.
+struct GlobalConfig {
+    layers: Layers,
+    resolved: Arc<ResolvedConfig>,
+}
+
+static GLOBAL: RwLock<Option<GlobalConfig>> = RwLock::new(None);
+
+fn read_global() -> std::sync::RwLockReadGuard<'static, Option<GlobalConfig>> {
+    // The lock guards a value that is replaced whole, never left half-written, so a panic
+    // elsewhere while holding it leaves nothing to repair.
+    GLOBAL.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Builds the process-wide configuration from the defaults, `MEMWISE_CONFIG` and the
+/// `MEMWISE_*` environment, unless that was done already. Call it at start-up to handle a
+/// bad environment as an error instead of the panic in [`get_config`].
+pub fn init_config() -> Result<Arc<Config>, ConfigError> {
+    update(|layers| Ok(layers.clone())).map(|resolved| resolved.config().clone())
+}
+
+/// The configuration in force: a cheap shared snapshot (the spec's `get_config()`).
+///
+/// ```
+/// let config = memwise::get_config();
+/// let batch_size = config.memory.gpu_batch_size;
+/// assert!(batch_size >= 1);
+/// ```
+///
+/// # Panics
+///
+/// On first use it reads the environment and `MEMWISE_CONFIG`; if they hold a bad value
+/// it panics with the error, which names the key and the variable or file. Call
+/// [`init_config`] first to handle that as an error.
+pub fn get_config() -> Arc<Config> {
+    get_config_origins().config().clone()
+}
+
+/// The configuration in force with the origin of every value (what `memwise config show
+/// --origin` prints).
+///
+/// # Panics
+///
+/// As [`get_config`].
+pub fn get_config_origins() -> Arc<ResolvedConfig> {
+    if let Some(global) = read_global().as_ref() {
+        return global.resolved.clone();
+    }
+    match update(|layers| Ok(layers.clone())) {
+        Ok(resolved) => resolved,
+        Err(err) => panic!("memwise configuration: {err}"),
+    }
+}
+
+/// Sets values in the code layer, the highest (the spec's `configure(memory={...})`).
+/// Keys may be nested or dotted. All values are checked first; if any is refused,
+/// nothing changes and the error names the key.
+///
+/// ```
+/// use memwise::{configure, get_config};
+/// use serde_json::json;
+///
+/// configure(json!({
+///     "memory": {
+///         "clean_weights_after_use": true,
+///         "use_cpu_offload": true,
+///         "gpu_batch_size": 8
+///     }
+/// }))
+/// .unwrap();
+/// assert_eq!(get_config().memory.gpu_batch_size, 8);
+///
+/// configure(json!({ "quantization.bits": 8 })).unwrap();
+/// assert!(configure(json!({ "memory.gpu_batch_size": 0 })).is_err());
+/// assert_eq!(get_config().memory.gpu_batch_size, 8); // the refused update changed nothing
+/// ```
+pub fn configure(values: Value) -> Result<Arc<Config>, ConfigError> {
+    let entries = layers::table_entries(&values, ConfigSource::Code)?;
+    update(|layers| {
+        let mut next = layers.clone();
+        next.push_code(entries);
+        Ok(next)
+    })
+    .map(|resolved| resolved.config().clone())
+}
+
+/// Changes the configuration through its typed fields. The keys whose values change join
+/// the code layer; the result is checked like any other update, and a refused one
+/// changes nothing.
+///
+/// ```
+/// use memwise::{configure_with, get_config};
+///
+/// configure_with(|config| config.memory.prefetch_depth = 3).unwrap();
+/// assert_eq!(get_config().memory.prefetch_depth, 3);
+/// assert!(configure_with(|config| config.quantization.bits = 5).is_err());
+/// assert_eq!(get_config().quantization.bits, 4);
+/// ```
+pub fn configure_with(change: impl FnOnce(&mut Config)) -> Result<Arc<Config>, ConfigError> {
+    update(|layers| {
+        let current = resolve(layers).map_err(|mut errors| errors.remove(0))?;
+        let before = leaves(current.config());
+        let mut changed = Config::clone(current.config());
+        change(&mut changed);
+        let after = leaves(&changed);
+        let keys = before.keys().chain(after.keys()).collect::<BTreeSet<_>>();
+        let changed = keys
+            .into_iter()
+            .filter(|key| before.get(*key) != after.get(*key))
+            .map(|key| Entry {
+                key: key.clone(),
+                // A key that disappeared was unset: null unsets an optional key.
+                value: after.get(key).cloned().unwrap_or(Value::Null),
+                source: ConfigSource::Code,
+                textual: false,
+            });
+        let mut next = layers.clone();
+        next.push_code(changed);
+        Ok(next)
+    })
+    .map(|resolved| resolved.config().clone())
+}
+
+/// Loads a configuration file (TOML or JSON, by extension) as the file layer, replacing
+/// the one `MEMWISE_CONFIG` named. The environment and earlier [`configure`] calls still
+/// sit above it. A bad file changes nothing.
+pub fn load_config(path: impl AsRef<Path>) -> Result<Arc<Config>, ConfigError> {
+    let entries = read_file(path.as_ref())?;
+    update(|layers| {
+        let mut next = layers.clone();
+        next.file = entries;
+        Ok(next)
+    })
+    .map(|resolved| resolved.config().clone())
+}
+
+/// Writes the configuration in force to `path`, as TOML or JSON by its extension.
+pub fn save_config(path: impl AsRef<Path>) -> Result<(), ConfigError> {
+    get_config().save(path)
+}
+
+/// Forgets every [`configure`] and [`load_config`] and rebuilds from the defaults,
+/// `MEMWISE_CONFIG` and the environment as they are now.
+pub fn reset_config() -> Result<Arc<Config>, ConfigError> {
+    let layers = ConfigBuilder::new()
+        .layers()
+        .map_err(|mut errors| errors.remove(0))?;
+    update(|_| Ok(layers)).map(|resolved| resolved.config().clone())
+}
+
+/// Computes new layers from the current ones (built from the environment on first use),
+/// resolves them, and installs the result only if every value passed. The write lock is
+/// held throughout, so concurrent updates apply one after the other and none is lost.
+fn update(
+    next: impl FnOnce(&Layers) -> Result<Layers, ConfigError>,
+) -> Result<Arc<ResolvedConfig>, ConfigError> {
+    let mut global = GLOBAL.write().unwrap_or_else(|e| e.into_inner());
+    let current = match global.as_ref() {
+        Some(global) => global.layers.clone(),
+        None => ConfigBuilder::new()
+            .layers()
+            .map_err(|mut errors| errors.remove(0))?,
+    };
+    let layers = next(&current)?;
+    let resolved = Arc::new(resolve(&layers).map_err(|mut errors| errors.remove(0))?);
+    *global = Some(GlobalConfig {
+        layers,
+        resolved: resolved.clone(),
+    });
+    Ok(resolved)
+}
+
+impl Config {
+    /// The configuration as TOML. `config_path` is left out: it records where a file was
+    /// loaded from, which loading the written file sets again.
+    ///
+    /// ```
+    /// let text = memwise::Config::default().to_toml();
+    /// assert!(text.contains("gpu_batch_size = 16"));
+    /// ```
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(&self.without_config_path()).expect("Config serializes to TOML")
+    }
+
+    /// The configuration as pretty JSON, without `config_path` (see [`to_toml`](Self::to_toml)).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(&self.without_config_path())
+            .expect("Config serializes to JSON")
+    }
+
+    fn without_config_path(&self) -> Config {
+        Config {
+            config_path: None,
+            ..self.clone()
+        }
+    }
+
+    /// Writes the configuration to `path`, as TOML or JSON by its extension. Loading the
+    /// file gives back the same configuration, with `config_path` set to `path`.
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<(), ConfigError> {
+        let path = path.as_ref();
+        let source = ConfigSource::File(path.to_path_buf());
+        let failed = |message: String| {
+            ConfigError::new(ConfigErrorKind::File, None, source.clone(), message)
+        };
+        let extension = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+        let text = match extension.to_ascii_lowercase().as_str() {
+            "toml" => self.to_toml(),
+            "json" => self.to_json(),
+            _ => {
+                return Err(failed(
+                    "unknown format; name the file with a .toml or .json extension".to_owned(),
+                ))
+            }
+        };
+        std::fs::write(path, text).map_err(|e| failed(format!("cannot write the file: {e}")))
+    }
+}
