@@ -329,7 +329,9 @@ impl Workspace {
         let mut bytes_done = 0;
         let mut to_write = Vec::new();
         for layer in source.layers() {
-            let event = if !needs_workspace(source, &layer.id, options.dtype) {
+            let from_hook =
+                recorded(&manifest, &layer.id).map(|l| l.origin) == Some(LayerOrigin::Hook);
+            let event = if !from_hook && !needs_workspace(source, &layer.id, options.dtype) {
                 report.in_place.push(layer.id.clone());
                 ConvertEvent::LayerInPlace
             } else if self.recorded_and_intact(&manifest, &layer.id)? {
@@ -574,16 +576,21 @@ impl Workspace {
     }
 
     fn check_space_for(&self, needed: u64) -> Result<()> {
-        let available = available_bytes(&self.dir)?;
-        if needed > available {
-            return Err(Error::InsufficientDisk {
-                dir: self.dir.clone(),
-                needed,
-                available,
-            });
-        }
-        Ok(())
+        refuse_shortfall(&self.dir, needed, available_bytes(&self.dir)?)
     }
+}
+
+/// A write of `needed` bytes into `dir` with `available` free is refused before it starts:
+/// a half-written layer on a full disk is how corrupt checkpoints are born.
+fn refuse_shortfall(dir: &Path, needed: u64, available: u64) -> Result<()> {
+    if needed > available {
+        return Err(Error::InsufficientDisk {
+            dir: dir.to_owned(),
+            needed,
+            available,
+        });
+    }
+    Ok(())
 }
 
 /// Whether layer `id` of `source` must be written to a workspace to be run in `dtype`.
@@ -770,4 +777,37 @@ fn available_bytes(dir: &Path) -> Result<u64> {
     #[allow(clippy::unnecessary_cast)]
     let available = (stats.f_bavail as u64).saturating_mul(stats.f_frsize as u64);
     Ok(available)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shortfall_is_refused_with_both_figures() {
+        let dir = Path::new("/data/ws");
+        let err = refuse_shortfall(dir, 10 << 30, 3 << 30).unwrap_err();
+        assert!(matches!(err, Error::InsufficientDisk { .. }));
+        assert_eq!(
+            err.to_string(),
+            "not enough disk space in /data/ws: 10737418240 bytes needed, 3221225472 available"
+        );
+        refuse_shortfall(dir, 3 << 30, 3 << 30).unwrap();
+    }
+
+    #[test]
+    fn reads_free_space() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(available_bytes(dir.path()).unwrap() > 0);
+        assert!(available_bytes(&dir.path().join("missing")).is_err());
+    }
+
+    #[test]
+    fn atomic_writes_leave_no_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        let (len, checksum) = write_atomically(dir.path(), "f", &[b"ab", b"c"]).unwrap();
+        assert_eq!(len, 3);
+        assert_eq!(checksum, checksum_file(&dir.path().join("f")).unwrap());
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
 }
