@@ -14,6 +14,14 @@ const SHARD_1: &str = "model-00001-of-00002.safetensors";
 const SHARD_2: &str = "model-00002-of-00002.safetensors";
 const INDEX: &str = "model.safetensors.index.json";
 
+/// Copies fixture `name`, lets `corrupt` damage the copy, and returns the error opening it.
+fn open_corrupted(name: &str, corrupt: impl FnOnce(&Path)) -> Error {
+    let dir = tempfile::tempdir().unwrap();
+    let model = copy_fixture(name, dir.path());
+    corrupt(&model);
+    Checkpoint::open(&model).unwrap_err()
+}
+
 fn assert_names(err: &Error, file: &str, tensor: &str) {
     let message = err.to_string();
     assert!(message.contains(file), "{message:?} should name {file}");
@@ -22,48 +30,45 @@ fn assert_names(err: &Error, file: &str, tensor: &str) {
 
 #[test]
 fn header_size_is_capped() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = copy_fixture("tiny-llama-safetensors", dir.path());
-    let path = model.join("model.safetensors");
-    let mut bytes = fs::read(&path).unwrap();
-    bytes[..8].copy_from_slice(&(MAX_HEADER_BYTES + 1).to_le_bytes());
-    fs::write(&path, bytes).unwrap();
-    let err = Checkpoint::open(&model).unwrap_err();
+    let err = open_corrupted("tiny-llama-safetensors", |model| {
+        let path = model.join("model.safetensors");
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[..8].copy_from_slice(&(MAX_HEADER_BYTES + 1).to_le_bytes());
+        fs::write(&path, bytes).unwrap();
+    });
     assert!(matches!(err, Error::HeaderTooLarge { .. }), "{err}");
     assert!(err.to_string().contains("model.safetensors"));
 }
 
 #[test]
 fn offsets_past_the_end_of_the_file() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = copy_fixture("tiny-llama-safetensors", dir.path());
-    let path = model.join("model.safetensors");
-    edit_header(&path, |header| {
-        // Same length, shifted a megabyte past the end of the data.
-        let entry = header["model.norm.weight"].as_object_mut().unwrap();
-        entry["data_offsets"] = json!([1 << 20, (1 << 20) + 32]);
+    let err = open_corrupted("tiny-llama-safetensors", |model| {
+        let path = model.join("model.safetensors");
+        edit_header(&path, |header| {
+            // Same length, shifted a megabyte past the end of the data.
+            let entry = header["model.norm.weight"].as_object_mut().unwrap();
+            entry["data_offsets"] = json!([1 << 20, (1 << 20) + 32]);
+        });
     });
-    let err = Checkpoint::open(&model).unwrap_err();
     assert!(matches!(err, Error::Truncated { .. }), "{err}");
     assert_names(&err, "model.safetensors", "model.norm.weight");
 }
 
 #[test]
 fn overlapping_tensors() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = copy_fixture("tiny-llama-safetensors", dir.path());
-    let path = model.join("model.safetensors");
-    edit_header(&path, |header| {
-        // Both norms hold 8 f32 values; move layer 1's half-way into layer 0's.
-        let start = header["model.layers.0.input_layernorm.weight"]["data_offsets"][0]
-            .as_u64()
-            .unwrap();
-        let other = header["model.layers.1.input_layernorm.weight"]
-            .as_object_mut()
-            .unwrap();
-        other["data_offsets"] = json!([start + 16, start + 48]);
+    let err = open_corrupted("tiny-llama-safetensors", |model| {
+        let path = model.join("model.safetensors");
+        edit_header(&path, |header| {
+            // Both norms hold 8 f32 values; move layer 1's half-way into layer 0's.
+            let start = header["model.layers.0.input_layernorm.weight"]["data_offsets"][0]
+                .as_u64()
+                .unwrap();
+            let other = header["model.layers.1.input_layernorm.weight"]
+                .as_object_mut()
+                .unwrap();
+            other["data_offsets"] = json!([start + 16, start + 48]);
+        });
     });
-    let err = Checkpoint::open(&model).unwrap_err();
     assert!(matches!(err, Error::OverlappingTensors { .. }), "{err}");
     assert_names(
         &err,
@@ -79,38 +84,34 @@ fn overlapping_tensors() {
 
 #[test]
 fn dtype_times_shape_must_equal_the_byte_length() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = copy_fixture("tiny-llama-safetensors", dir.path());
-    let path = model.join("model.safetensors");
-    edit_header(&path, |header| {
-        header["model.norm.weight"]["shape"] = json!([9]);
-    });
-    let err = Checkpoint::open(&model).unwrap_err();
+    let with_norm_shape = |shape: serde_json::Value| {
+        open_corrupted("tiny-llama-safetensors", |model| {
+            edit_header(&model.join("model.safetensors"), |header| {
+                header["model.norm.weight"]["shape"] = shape;
+            });
+        })
+    };
+    let err = with_norm_shape(json!([9]));
     assert!(matches!(err, Error::InvalidTensor { .. }), "{err}");
     assert_names(&err, "model.safetensors", "model.norm.weight");
 
-    edit_header(&path, |header| {
-        // 2^32 × 2^32 elements overflows u64 bytes: refused, not wrapped to a small number.
-        header["model.norm.weight"]["shape"] = json!([4294967296u64, 4294967296u64]);
-    });
-    let err = Checkpoint::open(&model).unwrap_err();
+    // 2^32 × 2^32 elements overflows u64 bytes: refused, not wrapped to a small number.
+    let err = with_norm_shape(json!([4294967296u64, 4294967296u64]));
     assert!(err.to_string().contains("overflows"), "{err}");
     assert_names(&err, "model.safetensors", "model.norm.weight");
 }
 
-fn sharded_with_index_entry(dir: &Path, tensor: &str, shard: &str) -> Error {
-    let model = copy_fixture("tiny-llama-sharded", dir);
-    edit_json(&model.join(INDEX), |index| {
-        index["weight_map"][tensor] = json!(shard);
-    });
-    Checkpoint::open(&model).unwrap_err()
+fn sharded_with_index_entry(tensor: &str, shard: &str) -> Error {
+    open_corrupted("tiny-llama-sharded", |model| {
+        edit_json(&model.join(INDEX), |index| {
+            index["weight_map"][tensor] = json!(shard);
+        });
+    })
 }
 
 #[test]
 fn index_paths_with_parent_components_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
     let err = sharded_with_index_entry(
-        dir.path(),
         "model.norm.weight",
         &format!("../tiny-llama-sharded/{SHARD_2}"),
     );
@@ -121,8 +122,7 @@ fn index_paths_with_parent_components_are_refused() {
 
 #[test]
 fn absolute_index_paths_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let err = sharded_with_index_entry(dir.path(), "model.norm.weight", "/etc/passwd");
+    let err = sharded_with_index_entry("model.norm.weight", "/etc/passwd");
     assert!(matches!(err, Error::ShardOutsideFolder { .. }), "{err}");
     assert_names(&err, INDEX, "model.norm.weight");
     assert!(err.to_string().contains("absolute"));
@@ -173,10 +173,9 @@ fn hub_cache_snapshots_may_point_into_their_blobs() {
 
 #[test]
 fn missing_shard() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = copy_fixture("tiny-llama-sharded", dir.path());
-    fs::remove_file(model.join(SHARD_2)).unwrap();
-    let err = Checkpoint::open(&model).unwrap_err();
+    let err = open_corrupted("tiny-llama-sharded", |model| {
+        fs::remove_file(model.join(SHARD_2)).unwrap();
+    });
     assert!(matches!(err, Error::MissingShard { .. }), "{err}");
     assert_names(&err, SHARD_2, "lm_head.weight");
     assert!(err.to_string().contains(INDEX));
@@ -184,17 +183,9 @@ fn missing_shard() {
 
 #[test]
 fn truncated_shard() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = copy_fixture("tiny-llama-sharded", dir.path());
-    let path = model.join(SHARD_2);
-    let len = fs::metadata(&path).unwrap().len();
-    fs::File::options()
-        .write(true)
-        .open(&path)
-        .unwrap()
-        .set_len(len - 10)
-        .unwrap();
-    let err = Checkpoint::open(&model).unwrap_err();
+    let err = open_corrupted("tiny-llama-sharded", |model| {
+        cut_last_bytes(&model.join(SHARD_2), 10);
+    });
     assert!(matches!(err, Error::Truncated { .. }), "{err}");
     // The last tensor in the file is the first that no longer fits.
     assert_names(&err, SHARD_2, "model.norm.weight");
@@ -206,14 +197,7 @@ fn truncated_after_opening_is_an_error_for_both_readers() {
         let dir = tempfile::tempdir().unwrap();
         let model = copy_fixture("tiny-llama-safetensors", dir.path());
         let checkpoint = Checkpoint::open(&model).unwrap();
-        let path = model.join("model.safetensors");
-        let len = fs::metadata(&path).unwrap().len();
-        fs::File::options()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_len(len - 10)
-            .unwrap();
+        cut_last_bytes(&model.join("model.safetensors"), 10);
         let mut reader = checkpoint.reader(strategy);
         // The final norm is the last tensor in the file.
         let err = reader.read_layer(&LayerId::FinalNorm).err().unwrap();
@@ -227,8 +211,7 @@ fn truncated_after_opening_is_an_error_for_both_readers() {
 
 #[test]
 fn tensor_listed_in_the_index_but_absent_from_its_shard() {
-    let dir = tempfile::tempdir().unwrap();
-    let err = sharded_with_index_entry(dir.path(), "model.layers.0.extra.weight", SHARD_1);
+    let err = sharded_with_index_entry("model.layers.0.extra.weight", SHARD_1);
     assert!(matches!(err, Error::TensorNotInShard { .. }), "{err}");
     assert_names(&err, SHARD_1, "model.layers.0.extra.weight");
     assert!(err.to_string().contains(INDEX));
@@ -236,33 +219,31 @@ fn tensor_listed_in_the_index_but_absent_from_its_shard() {
 
 #[test]
 fn tensor_listed_in_a_bin_index_but_absent_from_its_shard() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = copy_fixture("tiny-llama-bin-sharded", dir.path());
     let shard = "pytorch_model-00002-of-00002.bin";
-    edit_json(&model.join("pytorch_model.bin.index.json"), |index| {
-        index["weight_map"]["model.layers.1.extra.weight"] = json!(shard);
+    let err = open_corrupted("tiny-llama-bin-sharded", |model| {
+        edit_json(&model.join("pytorch_model.bin.index.json"), |index| {
+            index["weight_map"]["model.layers.1.extra.weight"] = json!(shard);
+        });
     });
-    let err = Checkpoint::open(&model).unwrap_err();
     assert!(matches!(err, Error::TensorNotInShard { .. }), "{err}");
     assert_names(&err, shard, "model.layers.1.extra.weight");
 }
 
 #[test]
 fn same_tensor_in_two_shards() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = copy_fixture("tiny-llama-sharded", dir.path());
-    // Shard 2 now also holds a tensor that shard 1 holds.
-    edit_header(&model.join(SHARD_2), |header| {
-        let entry = header.remove("model.norm.weight").unwrap();
-        header.insert("model.layers.0.input_layernorm.weight".into(), entry);
+    let err = open_corrupted("tiny-llama-sharded", |model| {
+        // Shard 2 now also holds a tensor that shard 1 holds.
+        edit_header(&model.join(SHARD_2), |header| {
+            let entry = header.remove("model.norm.weight").unwrap();
+            header.insert("model.layers.0.input_layernorm.weight".into(), entry);
+        });
+        edit_json(&model.join(INDEX), |index| {
+            index["weight_map"]
+                .as_object_mut()
+                .unwrap()
+                .remove("model.norm.weight");
+        });
     });
-    edit_json(&model.join(INDEX), |index| {
-        index["weight_map"]
-            .as_object_mut()
-            .unwrap()
-            .remove("model.norm.weight");
-    });
-    let err = Checkpoint::open(&model).unwrap_err();
     assert!(matches!(err, Error::DuplicateTensor { .. }), "{err}");
     assert_names(&err, SHARD_1, "model.layers.0.input_layernorm.weight");
     assert_names(&err, SHARD_2, "model.layers.0.input_layernorm.weight");
@@ -270,57 +251,60 @@ fn same_tensor_in_two_shards() {
 
 #[test]
 fn truncated_bin_names_the_file() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = copy_fixture("tiny-llama-bin", dir.path());
-    let path = model.join("pytorch_model.bin");
-    let bytes = fs::read(&path).unwrap();
-    fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
-    let err = Checkpoint::open(&model).unwrap_err();
+    let err = open_corrupted("tiny-llama-bin", |model| {
+        let path = model.join("pytorch_model.bin");
+        let bytes = fs::read(&path).unwrap();
+        fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    });
     assert!(matches!(err, Error::InvalidTorchArchive { .. }), "{err}");
     assert!(err.to_string().contains("pytorch_model.bin"), "{err}");
 }
 
 #[test]
 fn bin_storage_shorter_than_its_tensor_names_the_tensor() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = copy_fixture("tiny-llama-bin", dir.path());
-    common::edit_torch_zip(&model.join("pytorch_model.bin"), |name, mut bytes| {
-        if name.ends_with("data.pkl") {
-            // The final norm's size (8,) is pickled as `K\x08\x85` (BININT1 8, TUPLE1)
-            // after its name. Growing it to 200 elements must be refused.
-            let norm = find(&bytes, b"model.norm.weight").unwrap();
-            let size = find(&bytes[norm..], b"K\x08\x85").unwrap() + norm;
-            bytes[size + 1] = 200;
-        }
-        bytes
+    let err = open_corrupted("tiny-llama-bin", |model| {
+        common::edit_torch_zip(&model.join("pytorch_model.bin"), |name, mut bytes| {
+            if name.ends_with("data.pkl") {
+                // The final norm's size (8,) is pickled as `K\x08\x85` (BININT1 8, TUPLE1)
+                // after its name. Growing it to 200 elements must be refused.
+                let norm = find(&bytes, b"model.norm.weight").unwrap();
+                let size = find(&bytes[norm..], b"K\x08\x85").unwrap() + norm;
+                bytes[size + 1] = 200;
+            }
+            bytes
+        });
     });
-    let err = Checkpoint::open(&model).unwrap_err();
     assert!(matches!(err, Error::InvalidTensor { .. }), "{err}");
     assert_names(&err, "pytorch_model.bin", "model.norm.weight");
 }
 
 #[test]
 fn pickled_code_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = copy_fixture("tiny-llama-bin", dir.path());
-    common::edit_torch_zip(&model.join("pytorch_model.bin"), |name, bytes| {
-        if !name.ends_with("data.pkl") {
-            return bytes;
-        }
-        // Call os.system("true") where torch would rebuild the first tensor.
-        let global = b"ctorch._utils\n_rebuild_tensor_v2\n";
-        let at = find(&bytes, global).unwrap();
-        let mut evil = bytes[..at].to_vec();
-        evil.extend_from_slice(b"cposix\nsystem\nX\x04\x00\x00\x00true\x85R.");
-        evil
+    let err = open_corrupted("tiny-llama-bin", |model| {
+        common::edit_torch_zip(&model.join("pytorch_model.bin"), |name, bytes| {
+            if !name.ends_with("data.pkl") {
+                return bytes;
+            }
+            // Call os.system("true") where torch would rebuild the first tensor.
+            let global = b"ctorch._utils\n_rebuild_tensor_v2\n";
+            let at = find(&bytes, global).unwrap();
+            let mut evil = bytes[..at].to_vec();
+            evil.extend_from_slice(b"cposix\nsystem\nX\x04\x00\x00\x00true\x85R.");
+            evil
+        });
     });
-    let err = Checkpoint::open(&model).unwrap_err();
     assert!(matches!(err, Error::UnsupportedPickle { .. }), "{err}");
     let message = err.to_string();
     assert!(
         message.contains("pytorch_model.bin") && message.contains("posix.system"),
         "{message}"
     );
+}
+
+fn cut_last_bytes(path: &Path, count: u64) {
+    let file = fs::File::options().write(true).open(path).unwrap();
+    let len = file.metadata().unwrap().len();
+    file.set_len(len - count).unwrap();
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
