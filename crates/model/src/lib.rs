@@ -40,8 +40,8 @@ mod workspace;
 
 pub use crate::checkpoint::{
     convert_into, parse_safetensors, parse_shard_index, parse_torch_zip, to_f32_vec, Checkpoint,
-    DType, Layer, LayerData, LayerId, LayerReader, ModelConfig, ReadStrategy, SourceFormat,
-    TensorIndex, TensorInfo, TensorView, TiedWeight, MAX_HEADER_BYTES,
+    CheckpointSummary, DType, Layer, LayerData, LayerId, LayerReader, LayerSummary, ModelConfig,
+    ReadStrategy, SourceFormat, TensorIndex, TensorInfo, TensorView, TiedWeight, MAX_HEADER_BYTES,
 };
 pub use crate::error::{Error, Result};
 pub use crate::workspace::{

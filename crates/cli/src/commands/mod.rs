@@ -2,6 +2,8 @@
 
 use clap::{Parser, Subcommand};
 
+mod convert;
+mod inspect;
 mod stats;
 
 /// See exactly where memory goes in ML workloads, give it back, and run models larger than
@@ -17,12 +19,18 @@ pub struct Cli {
 enum Command {
     /// Run a small workload under tracking and print the memory stats it produced.
     Stats(stats::Args),
+    /// Show a model folder's layers, sizes, tied weights and the memory it needs.
+    Inspect(inspect::Args),
+    /// Write the layers that cannot be streamed in place into a workspace (resumable).
+    Convert(convert::Args),
 }
 
 /// Dispatches to the chosen subcommand.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Stats(args) => stats::run(args),
+        Command::Inspect(args) => inspect::run(args),
+        Command::Convert(args) => convert::run(args),
     }
 }
 

@@ -9,6 +9,7 @@ mod index;
 mod pickle;
 mod read;
 mod safetensors;
+mod summary;
 mod torch_bin;
 
 use std::collections::BTreeMap;
@@ -22,6 +23,7 @@ pub use self::index::{Layer, LayerId, TensorIndex, TensorInfo, TiedWeight};
 pub use self::read::{LayerData, LayerReader, ReadStrategy, TensorView};
 pub(crate) use self::safetensors::{encode_header, read_safetensors, TensorHeader};
 pub use self::safetensors::{parse_safetensors, MAX_HEADER_BYTES};
+pub use self::summary::{CheckpointSummary, LayerSummary};
 pub use self::torch_bin::parse_torch_zip;
 
 use crate::error::{Error, Result};
