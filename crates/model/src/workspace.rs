@@ -324,9 +324,13 @@ impl Workspace {
     ) -> Result<ConvertReport> {
         let mut manifest = self.manifest_for(source, options.dtype)?;
         self.remove_temporaries()?;
-        let bytes_total: u64 = source.layers().iter().map(|l| l.bytes).sum();
+        let bytes_total = source
+            .layers()
+            .iter()
+            .map(|l| l.bytes)
+            .fold(0, u64::saturating_add);
         let mut report = ConvertReport::default();
-        let mut bytes_done = 0;
+        let mut bytes_done = 0u64;
         let mut to_write = Vec::new();
         for layer in source.layers() {
             let from_hook =
@@ -344,7 +348,7 @@ impl Workspace {
                 to_write.push(layer.id.clone());
                 continue;
             };
-            bytes_done += layer.bytes;
+            bytes_done = bytes_done.saturating_add(layer.bytes);
             progress(&ConvertProgress {
                 layer: layer.id.clone(),
                 event,
@@ -363,15 +367,15 @@ impl Workspace {
                 .filter(|t| t.info().tied_to.is_none())
                 .collect();
             let mut converted = Vec::with_capacity(stored.len());
-            let mut layer_done = 0;
+            let mut layer_done = 0u64;
             for tensor in &stored {
                 let target = target_dtype(tensor.dtype(), options.dtype);
                 converted.push((target, tensor.to_dtype(target)?));
-                layer_done += tensor.info().byte_len();
+                layer_done = layer_done.saturating_add(tensor.info().byte_len());
                 progress(&ConvertProgress {
                     layer: id.clone(),
                     event: ConvertEvent::TensorDone(tensor.name().to_owned()),
-                    bytes_done: bytes_done + layer_done,
+                    bytes_done: bytes_done.saturating_add(layer_done),
                     bytes_total,
                 });
             }
@@ -382,7 +386,7 @@ impl Workspace {
                 .collect();
             let entry = self.write_layer_file(&id, &tensors, LayerOrigin::Source)?;
             report.bytes_written += entry.bytes;
-            bytes_done += data.byte_len();
+            bytes_done = bytes_done.saturating_add(data.byte_len());
             drop(data);
             record(&mut manifest, entry);
             self.save_manifest(&manifest)?;
@@ -570,8 +574,10 @@ impl Workspace {
             .filter_map(|name| source.index().get(name))
             .filter(|t| t.tied_to.is_none())
             .map(|t| converted_len(t, dtype))
-            .sum::<u64>()
-            + PER_LAYER_OVERHEAD * layers.len() as u64;
+            .fold(
+                PER_LAYER_OVERHEAD * layers.len() as u64,
+                u64::saturating_add,
+            );
         self.check_space_for(needed)
     }
 

@@ -296,7 +296,8 @@ impl TensorIndex {
                 bytes: 0,
             });
             layer.tensors.push(tensor.name.clone());
-            layer.bytes += tensor.byte_len();
+            // Saturating: a hostile .bin can alias one storage from millions of names.
+            layer.bytes = layer.bytes.saturating_add(tensor.byte_len());
         }
         self.layers = groups.into_values().collect();
     }
@@ -332,7 +333,7 @@ impl TensorIndex {
             .iter()
             .filter(|t| t.tied_to.is_none())
             .map(TensorInfo::byte_len)
-            .sum()
+            .fold(0, u64::saturating_add)
     }
 
     /// The layer with the most bytes.

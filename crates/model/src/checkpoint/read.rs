@@ -37,6 +37,10 @@ pub enum ReadStrategy {
     #[default]
     Pread,
     /// Map the files and release each layer's pages when it is dropped.
+    ///
+    /// The files must not change while they are read: a file another process truncates
+    /// under a mapping makes the next access fault (SIGBUS). Files already shorter than
+    /// their tensors when first mapped are refused with [`Error::Truncated`].
     MmapRelease,
 }
 
@@ -290,7 +294,10 @@ impl LayerData<'_> {
 
     /// Total bytes of the layer's tensors.
     pub fn byte_len(&self) -> u64 {
-        self.tensors.iter().map(|t| t.info.byte_len()).sum()
+        self.tensors
+            .iter()
+            .map(|t| t.info.byte_len())
+            .fold(0, u64::saturating_add)
     }
 }
 

@@ -74,8 +74,10 @@ impl Checkpoint {
             .map(|layer| {
                 let mut bytes_by_dtype = BTreeMap::new();
                 for tensor in layer.tensors.iter().filter_map(|n| index.get(n)) {
-                    *bytes_by_dtype.entry(tensor.dtype.to_string()).or_insert(0) +=
-                        tensor.byte_len();
+                    let bytes = bytes_by_dtype
+                        .entry(tensor.dtype.to_string())
+                        .or_insert(0u64);
+                    *bytes = bytes.saturating_add(tensor.byte_len());
                 }
                 LayerSummary {
                     layer: layer.id.clone(),
@@ -89,7 +91,7 @@ impl Checkpoint {
             [only] => only.bytes,
             _ => layers
                 .windows(2)
-                .map(|pair| pair.iter().map(|l| l.bytes).sum())
+                .map(|pair| pair.iter().map(|l| l.bytes).fold(0, u64::saturating_add))
                 .max()
                 .unwrap_or(0),
         };

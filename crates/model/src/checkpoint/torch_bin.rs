@@ -62,6 +62,10 @@ pub fn parse_torch_zip<R: Read + Seek>(path: &Path, reader: R) -> Result<Vec<Ten
         file: path.to_owned(),
         reason,
     };
+    let mut reader = reader;
+    let file_len = reader
+        .seek(std::io::SeekFrom::End(0))
+        .map_err(|e| Error::io("reading", path, e))?;
     let mut archive =
         ZipArchive::new(reader).map_err(|e| invalid(format!("unreadable zip archive: {e}")))?;
     let prefix = archive_prefix(&archive).map_err(&invalid)?;
@@ -92,7 +96,7 @@ pub fn parse_torch_zip<R: Read + Seek>(path: &Path, reader: R) -> Result<Vec<Ten
                 entry
             }
         };
-        tensors.push(locate(path, &name, &tensor, entry)?);
+        tensors.push(locate(path, &name, &tensor, entry, file_len)?);
     }
     Ok(tensors)
 }
@@ -191,8 +195,23 @@ fn stored_entry<R: Read + Seek>(
 
 /// The byte range of `tensor` inside its storage entry. Only contiguous (row-major) tensors
 /// can be read as one range; torch saves state-dict tensors that way.
-fn locate(path: &Path, name: &str, tensor: &TensorRef, entry: StoredEntry) -> Result<TensorInfo> {
+fn locate(
+    path: &Path,
+    name: &str,
+    tensor: &TensorRef,
+    entry: StoredEntry,
+    file_len: u64,
+) -> Result<TensorInfo> {
     let bad = |reason: String| Error::tensor(path, name, reason);
+    let entry_end = entry.start.saturating_add(entry.len);
+    if entry_end > file_len {
+        return Err(Error::Truncated {
+            file: path.to_owned(),
+            tensor: name.to_owned(),
+            needed: entry_end,
+            actual: file_len,
+        });
+    }
     let dtype = tensor.storage.dtype;
     let element_size = dtype.size_in_bytes() as u64;
     let storage_bytes = tensor
@@ -225,10 +244,8 @@ fn locate(path: &Path, name: &str, tensor: &TensorRef, entry: StoredEntry) -> Re
                 tensor.storage_offset, tensor.storage.key
             ))
         })?;
-    let start = entry
-        .start
-        .checked_add(begin)
-        .ok_or_else(|| bad("offset overflows".into()))?;
+    // Both stay within the entry, which was checked to lie inside the file.
+    let start = entry.start + begin;
     let mut info = TensorInfo::new(name, path, dtype, tensor.shape.clone(), start..start + len);
     info.storage = Some(tensor.storage.key.clone());
     Ok(info)
