@@ -3,6 +3,8 @@
 use clap::{Parser, Subcommand};
 
 mod config;
+mod convert;
+mod inspect;
 mod stats;
 
 /// See exactly where memory goes in ML workloads, give it back, and run models larger than
@@ -20,6 +22,10 @@ enum Command {
     Stats(stats::Args),
     /// Show the configuration and where each value came from, or check a config file.
     Config(config::Args),
+    /// Show a model folder's layers, sizes, tied weights and the memory it needs.
+    Inspect(inspect::Args),
+    /// Write the layers that cannot be streamed in place into a workspace (resumable).
+    Convert(convert::Args),
 }
 
 /// Dispatches to the chosen subcommand.
@@ -27,6 +33,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Stats(args) => stats::run(args),
         Command::Config(args) => config::run(args),
+        Command::Inspect(args) => inspect::run(args),
+        Command::Convert(args) => convert::run(args),
     }
 }
 

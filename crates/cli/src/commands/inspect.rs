@@ -1,0 +1,129 @@
+//! `memwise inspect MODEL`: what a checkpoint holds and the memory it needs.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use memwise_model::{Checkpoint, CheckpointSummary};
+
+/// Options for `memwise inspect`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// A Hugging Face model folder (config.json with safetensors or pytorch_model.bin).
+    model: PathBuf,
+    /// Print the summary as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Reads the folder's headers (no weights) and prints the summary.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let checkpoint = Checkpoint::open(&args.model)
+        .with_context(|| format!("inspecting {}", args.model.display()))?;
+    let summary = checkpoint.summary();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        print!("{}", render(&summary));
+    }
+    Ok(())
+}
+
+/// Bytes in the largest binary unit that keeps the figure at or above 1.
+pub(crate) fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = UNITS[0];
+    for next in &UNITS[1..] {
+        if value < 1024.0 {
+            break;
+        }
+        value /= 1024.0;
+        unit = next;
+    }
+    format!("{value:.2} {unit}")
+}
+
+fn render(summary: &CheckpointSummary) -> String {
+    let mut out = String::new();
+    let unknown = || "unknown".to_owned();
+    let _ = writeln!(out, "model         {}", summary.folder.display());
+    let _ = writeln!(
+        out,
+        "architecture  {} ({})",
+        summary.architecture.clone().unwrap_or_else(unknown),
+        summary.model_type.clone().unwrap_or_else(unknown)
+    );
+    let _ = writeln!(out, "format        {:?}", summary.format);
+    let _ = writeln!(
+        out,
+        "layers        {} blocks, {} groups, {} tensors",
+        summary.block_count,
+        summary.layers.len(),
+        summary.tensor_count
+    );
+    let _ = writeln!(
+        out,
+        "\n{:<14} {:>8} {:>14}  dtypes",
+        "layer", "tensors", "bytes"
+    );
+    for layer in &summary.layers {
+        let dtypes: Vec<String> = layer
+            .bytes_by_dtype
+            .iter()
+            .map(|(dtype, bytes)| format!("{dtype} {}", human_bytes(*bytes)))
+            .collect();
+        let _ = writeln!(
+            out,
+            "{:<14} {:>8} {:>14}  {}",
+            layer.layer.to_string(),
+            layer.tensors,
+            human_bytes(layer.bytes),
+            dtypes.join(", ")
+        );
+    }
+    let _ = writeln!(out);
+    if let Some(largest) = &summary.largest_layer {
+        let _ = writeln!(
+            out,
+            "largest layer     {} ({})",
+            largest.layer,
+            human_bytes(largest.bytes)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "total stored      {}",
+        human_bytes(summary.total_bytes)
+    );
+    if summary.tied.is_empty() {
+        let _ = writeln!(out, "tied weights      none");
+    }
+    for tied in &summary.tied {
+        let _ = writeln!(out, "tied weights      {} → {}", tied.tensor, tied.source);
+    }
+    let _ = writeln!(
+        out,
+        "full load needs   {} of weights",
+        human_bytes(summary.full_load_bytes)
+    );
+    let _ = writeln!(
+        out,
+        "layer by layer    {} of weights (running layer + prefetched next)",
+        human_bytes(summary.layer_by_layer_bytes)
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn human_sizes() {
+        assert_eq!(super::human_bytes(512), "512 B");
+        assert_eq!(super::human_bytes(2048), "2.00 KiB");
+        assert_eq!(super::human_bytes(3 << 30), "3.00 GiB");
+    }
+}

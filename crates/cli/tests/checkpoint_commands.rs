@@ -1,0 +1,107 @@
+//! `memwise inspect` and `memwise convert` on the model crate's fixtures.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../model/tests/fixtures")
+        .join(name)
+}
+
+fn memwise(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_memwise"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+#[test]
+fn inspect_prints_layers_ties_and_memory() {
+    let model = fixture("tiny-llama-bin");
+    let (ok, stdout, stderr) = memwise(&["inspect", model.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    for expected in [
+        "LlamaForCausalLM",
+        "2 blocks",
+        "layers.1",
+        "f32",
+        "largest layer",
+        "lm_head.weight → model.embed_tokens.weight",
+        "full load needs",
+        "layer by layer",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "missing {expected:?} in\n{stdout}"
+        );
+    }
+}
+
+#[test]
+fn inspect_json_is_machine_readable() {
+    let model = fixture("tiny-bert");
+    let (ok, stdout, stderr) = memwise(&["inspect", model.to_str().unwrap(), "--json"]);
+    assert!(ok, "{stderr}");
+    let summary: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(summary["architecture"], "BertModel");
+    assert_eq!(summary["block_count"], 2);
+    assert_eq!(summary["layers"][0]["layer"], "embeddings");
+    assert!(
+        summary["layers"][0]["bytes_by_dtype"]["i64"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    assert!(
+        summary["layer_by_layer_bytes"].as_u64().unwrap()
+            < summary["full_load_bytes"].as_u64().unwrap()
+    );
+}
+
+#[test]
+fn inspect_reports_bad_input_as_an_error() {
+    let (ok, _, stderr) = memwise(&[
+        "inspect",
+        fixture("tiny-llama-legacy-bin").to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("legacy") && stderr.contains("pytorch_model.bin"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn convert_writes_and_then_resumes() {
+    let model = fixture("tiny-llama-bin-sharded");
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "convert",
+        model.to_str().unwrap(),
+        "--workspace",
+        dir.path().to_str().unwrap(),
+    ];
+    let (ok, stdout, stderr) = memwise(&args);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.starts_with("5 written, 0 rebuilt, 0 kept"),
+        "{stdout}"
+    );
+    assert!(dir.path().join("manifest.json").exists());
+    let (ok, stdout, stderr) = memwise(&args);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.starts_with("0 written, 0 rebuilt, 5 kept"),
+        "{stdout}"
+    );
+
+    let (ok, _, stderr) = memwise(&[args[0], args[1], args[2], args[3], "--dtype", "i64"]);
+    assert!(!ok);
+    assert!(stderr.contains("not a float dtype"), "{stderr}");
+}

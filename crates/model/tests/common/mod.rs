@@ -1,0 +1,89 @@
+//! Helpers shared by the integration tests: fixture paths and copies to corrupt.
+
+#![allow(dead_code)] // each test file uses its own subset
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use memwise_model::{Checkpoint, LayerId, ReadStrategy};
+use serde_json::{Map, Value};
+
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// A writable copy of fixture `name` inside `dir`.
+pub fn copy_fixture(name: &str, dir: &Path) -> PathBuf {
+    let target = dir.join(name);
+    fs::create_dir_all(&target).unwrap();
+    for entry in fs::read_dir(fixture(name)).unwrap() {
+        let entry = entry.unwrap();
+        fs::copy(entry.path(), target.join(entry.file_name())).unwrap();
+    }
+    target
+}
+
+/// Every tensor of `checkpoint`, read layer by layer: name → (dtype, shape, bytes).
+pub fn read_all(
+    checkpoint: &Checkpoint,
+    strategy: ReadStrategy,
+) -> Vec<(String, String, Vec<usize>, Vec<u8>)> {
+    let mut reader = checkpoint.reader(strategy);
+    let ids: Vec<LayerId> = checkpoint.layers().iter().map(|l| l.id.clone()).collect();
+    let mut out = Vec::new();
+    for id in ids {
+        let layer = reader.read_layer(&id).unwrap();
+        for t in layer.tensors() {
+            out.push((
+                t.name().to_owned(),
+                t.dtype().to_string(),
+                t.shape().to_vec(),
+                t.bytes().to_vec(),
+            ));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Rewrites the header of a safetensors file with `edit`, keeping its data bytes.
+pub fn edit_header(path: &Path, edit: impl FnOnce(&mut Map<String, Value>)) {
+    let bytes = fs::read(path).unwrap();
+    let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: Map<String, Value> = serde_json::from_slice(&bytes[8..8 + len]).unwrap();
+    edit(&mut header);
+    let json = Value::Object(header).to_string();
+    let mut out = (json.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(json.as_bytes());
+    out.extend_from_slice(&bytes[8 + len..]);
+    fs::write(path, out).unwrap();
+}
+
+/// Rewrites a JSON file with `edit`.
+pub fn edit_json(path: &Path, edit: impl FnOnce(&mut Value)) {
+    let mut value: Value = serde_json::from_slice(&fs::read(path).unwrap()).unwrap();
+    edit(&mut value);
+    fs::write(path, value.to_string()).unwrap();
+}
+
+/// Rewrites the PyTorch zip archive at `path`, passing each entry's name and bytes through
+/// `edit`, so that a test can change `data.pkl` and still have valid CRCs.
+pub fn edit_torch_zip(path: &Path, mut edit: impl FnMut(&str, Vec<u8>) -> Vec<u8>) {
+    use std::io::{Read, Write};
+    let mut archive = zip::ZipArchive::new(fs::File::open(path).unwrap()).unwrap();
+    let mut out = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let options = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Stored)
+        .with_alignment(64);
+    for i in 0..archive.len() {
+        let mut entry = archive.by_index(i).unwrap();
+        let name = entry.name().unwrap().into_owned();
+        let mut bytes = Vec::new();
+        entry.read_to_end(&mut bytes).unwrap();
+        out.start_file(name.clone(), options).unwrap();
+        out.write_all(&edit(&name, bytes)).unwrap();
+    }
+    fs::write(path, out.finish().unwrap().into_inner()).unwrap();
+}

@@ -1,0 +1,201 @@
+//! Reading the committed fixtures: every format, both read strategies, checked against the
+//! values torch itself reported when it wrote them (`fixtures/reference.json`).
+
+mod common;
+
+use common::{fixture, read_all};
+use memwise_model::{convert_into, Checkpoint, DType, Error, LayerId, ReadStrategy, SourceFormat};
+use serde_json::Value;
+
+const STRATEGIES: [ReadStrategy; 2] = [ReadStrategy::Pread, ReadStrategy::MmapRelease];
+
+fn reference(model: &str) -> serde_json::Map<String, Value> {
+    let text = std::fs::read(fixture("reference.json")).unwrap();
+    let all: Value = serde_json::from_slice(&text).unwrap();
+    all[model].as_object().unwrap().clone()
+}
+
+/// Each float tensor's first values and sum match what torch reported.
+fn assert_matches_reference(checkpoint: &Checkpoint, model: &str, strategy: ReadStrategy) {
+    let reference = reference(model);
+    let mut reader = checkpoint.reader(strategy);
+    let mut checked = 0;
+    for layer in checkpoint.layers() {
+        let data = reader.read_layer(&layer.id).unwrap();
+        for tensor in data.tensors() {
+            let Some(expected) = reference.get(tensor.name()) else {
+                continue;
+            };
+            if !tensor.dtype().is_float() {
+                continue;
+            }
+            let values = tensor.to_f32_vec().unwrap();
+            // The reference holds exact f32 values printed as f64; comparing as f32 absorbs
+            // the last-digit error of JSON float parsing.
+            let want: Vec<f32> = expected["first"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap() as f32)
+                .collect();
+            assert_eq!(values[..want.len()], want, "{}", tensor.name());
+            let sum: f64 = values.iter().map(|&v| f64::from(v)).sum();
+            let want_sum = expected["sum"].as_f64().unwrap();
+            assert!(
+                (sum - want_sum).abs() < 1e-3,
+                "{}: {sum} vs {want_sum}",
+                tensor.name()
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 10, "only {checked} tensors checked");
+}
+
+#[test]
+fn single_safetensors_file() {
+    let checkpoint = Checkpoint::open(fixture("tiny-llama-safetensors")).unwrap();
+    assert_eq!(checkpoint.format(), SourceFormat::Safetensors);
+    assert_eq!(checkpoint.config().num_hidden_layers, Some(2));
+    let ids: Vec<String> = checkpoint
+        .layers()
+        .iter()
+        .map(|l| l.id.to_string())
+        .collect();
+    assert_eq!(
+        ids,
+        ["embeddings", "layers.0", "layers.1", "final_norm", "head"]
+    );
+    let block = checkpoint.index().layer(&LayerId::Block(1)).unwrap();
+    assert_eq!(block.tensors.len(), 9);
+    assert_eq!(block.bytes, 4 * (8 + 4 * 64 + 8 + 3 * 96));
+    assert!(checkpoint.index().tied().is_empty());
+    for strategy in STRATEGIES {
+        assert_matches_reference(&checkpoint, "tiny-llama", strategy);
+    }
+}
+
+#[test]
+fn both_strategies_read_the_same_bytes() {
+    let checkpoint = Checkpoint::open(fixture("tiny-llama-safetensors")).unwrap();
+    let pread = read_all(&checkpoint, ReadStrategy::Pread);
+    assert_eq!(pread.len(), checkpoint.index().tensors().len());
+    assert_eq!(pread, read_all(&checkpoint, ReadStrategy::MmapRelease));
+}
+
+#[test]
+fn sharded_f16_equals_the_f32_weights_converted() {
+    let sharded = Checkpoint::open(fixture("tiny-llama-sharded")).unwrap();
+    assert_eq!(sharded.format(), SourceFormat::ShardedSafetensors);
+    assert_eq!(sharded.files().len(), 2);
+    let single = Checkpoint::open(fixture("tiny-llama-safetensors")).unwrap();
+    let halves = read_all(&sharded, ReadStrategy::Pread);
+    let singles = read_all(&single, ReadStrategy::Pread);
+    assert_eq!(halves.len(), singles.len());
+    for (half, single) in halves.iter().zip(&singles) {
+        assert_eq!(half.0, single.0);
+        assert_eq!(half.1, "f16");
+        let mut converted = Vec::new();
+        convert_into(&single.0, &single.3, DType::F32, DType::F16, &mut converted).unwrap();
+        // torch rounded these to f16 when it wrote the fixture; we must round identically.
+        assert_eq!(converted, half.3, "{}", half.0);
+    }
+}
+
+#[test]
+fn bin_with_tied_embeddings_matches_the_safetensors_save() {
+    let bin = Checkpoint::open(fixture("tiny-llama-bin")).unwrap();
+    assert_eq!(bin.format(), SourceFormat::TorchBin);
+    let tied = bin.index().tied();
+    assert_eq!(tied.len(), 1);
+    assert_eq!(tied[0].tensor, "lm_head.weight");
+    assert_eq!(tied[0].source, "model.embed_tokens.weight");
+    // Stored once on disk, though both layers need it resident.
+    let embed = bin
+        .index()
+        .get("model.embed_tokens.weight")
+        .unwrap()
+        .byte_len();
+    let all: u64 = bin.index().tensors().iter().map(|t| t.byte_len()).sum();
+    assert_eq!(bin.index().stored_bytes(), all - embed);
+
+    // transformers drops the tied head from safetensors; memwise restores it as an alias.
+    let safetensors = Checkpoint::open(fixture("tiny-llama-tied")).unwrap();
+    assert_eq!(safetensors.index().tied(), bin.index().tied());
+    for strategy in STRATEGIES {
+        assert_eq!(read_all(&bin, strategy), read_all(&safetensors, strategy));
+    }
+}
+
+#[test]
+fn sharded_bin_matches_safetensors() {
+    let bin = Checkpoint::open(fixture("tiny-llama-bin-sharded")).unwrap();
+    assert_eq!(bin.format(), SourceFormat::ShardedTorchBin);
+    assert!(bin.index().tied().is_empty());
+    let safetensors = Checkpoint::open(fixture("tiny-llama-safetensors")).unwrap();
+    assert_eq!(
+        read_all(&bin, ReadStrategy::Pread),
+        read_all(&safetensors, ReadStrategy::Pread)
+    );
+    assert_matches_reference(&bin, "tiny-llama", ReadStrategy::MmapRelease);
+}
+
+#[test]
+fn bert_encoder_layers_and_integer_passthrough() {
+    let bert = Checkpoint::open(fixture("tiny-bert")).unwrap();
+    let ids: Vec<String> = bert.layers().iter().map(|l| l.id.to_string()).collect();
+    assert_eq!(ids, ["embeddings", "layers.0", "layers.1", "head"]);
+    assert!(
+        bert.index().tied().is_empty(),
+        "encoders have no lm_head to tie"
+    );
+    assert_matches_reference(&bert, "tiny-bert", ReadStrategy::Pread);
+
+    let mut reader = bert.reader(ReadStrategy::Pread);
+    let embeddings = reader.read_layer(&LayerId::Embeddings).unwrap();
+    let ids = embeddings.get("bert.embeddings.position_ids").unwrap();
+    assert_eq!(ids.dtype(), DType::I64);
+    let positions: Vec<i64> = ids
+        .bytes()
+        .chunks_exact(8)
+        .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    assert_eq!(positions, (0..8).collect::<Vec<i64>>());
+    // Integers pass through a compute-dtype conversion untouched, and are never cast.
+    assert_eq!(&*ids.to_dtype(DType::I64).unwrap(), ids.bytes());
+    let err = ids.to_dtype(DType::F32).unwrap_err();
+    assert!(
+        err.to_string().contains("bert.embeddings.position_ids"),
+        "{err}"
+    );
+
+    let word = embeddings
+        .get("bert.embeddings.word_embeddings.weight")
+        .unwrap();
+    assert_eq!(word.dtype(), DType::BF16);
+    let as_f32 = word.to_dtype(DType::F32).unwrap();
+    assert_eq!(as_f32.len(), word.bytes().len() * 2);
+}
+
+#[test]
+fn legacy_bin_is_refused_with_advice() {
+    let err = Checkpoint::open(fixture("tiny-llama-legacy-bin")).unwrap_err();
+    assert!(matches!(err, Error::LegacyTorchFormat { .. }), "{err}");
+    let message = err.to_string();
+    assert!(
+        message.contains("pytorch_model.bin") && message.contains("re-save"),
+        "{message}"
+    );
+}
+
+#[test]
+fn unknown_layer_and_tensor_are_errors() {
+    let checkpoint = Checkpoint::open(fixture("tiny-llama-safetensors")).unwrap();
+    let mut reader = checkpoint.reader(ReadStrategy::Pread);
+    assert!(matches!(
+        reader.read_layer(&LayerId::Block(99)),
+        Err(Error::NotFound { .. })
+    ));
+    let err = reader.read_tensors(&["nope"]).err().unwrap();
+    assert!(err.to_string().contains("nope"));
+}
