@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 mod stats;
+mod synth;
 
 /// See exactly where memory goes in ML workloads, give it back, and run models larger than
 /// memory by streaming them through a budget.
@@ -17,12 +18,16 @@ pub struct Cli {
 enum Command {
     /// Run a small workload under tracking and print the memory stats it produced.
     Stats(stats::Args),
+    /// Write a seeded random-weight model in the Hugging Face layout (config.json, sharded
+    /// safetensors, index), so nothing has to be downloaded.
+    Synth(synth::Args),
 }
 
 /// Dispatches to the chosen subcommand.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Stats(args) => stats::run(args),
+        Command::Synth(args) => synth::run(args),
     }
 }
 
