@@ -174,6 +174,18 @@ fn half_precision_checkpoints_run() {
     let ids = Tensor::new(&[[1u32, 2, 3]], &Device::Cpu).unwrap();
     let logits = model.forward_full(full_weights(&tensors), &ids).unwrap();
     assert!(all_finite(&logits));
+
+    // Computing in bf16 too: the same logits up to bf16's 8 bits of mantissa.
+    let half = DecoderModel::new(&config, DType::BF16, &Device::Cpu).unwrap();
+    let weights = candle_nn::VarBuilder::from_tensors(tensors, DType::BF16, &Device::Cpu);
+    let half_logits = half.forward_full(weights, &ids).unwrap();
+    assert_eq!(half_logits.dtype(), DType::BF16);
+    let half_logits = half_logits.to_dtype(DType::F32).unwrap();
+    let diff = max_abs_diff(&half_logits, &logits);
+    assert!(
+        diff < 0.05 * max_abs(&logits),
+        "bf16 vs f32 logits differ by {diff}"
+    );
 }
 
 #[test]
