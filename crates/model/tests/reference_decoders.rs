@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use memwise_model::{DecoderModel, LlamaConfig};
+use memwise_model::{DecoderModel, KvCache, LlamaConfig};
 
 struct Fixture {
     name: &'static str,
@@ -238,7 +238,7 @@ fn cached_logits_equal_recomputed_logits() {
     let ids = fixture.input_ids();
     let full = model.forward(&ids, None).expect("forward");
     // Feed the same tokens in two chunks through a cache: the window mask must follow.
-    let mut cache = memwise_model::KvCache::new(model.model());
+    let mut cache = KvCache::new(model.model());
     let first = model
         .forward(&ids.narrow(1, 0, 7).unwrap(), Some(&mut cache))
         .unwrap();
@@ -281,4 +281,41 @@ fn a_missing_tensor_names_its_stage_and_path() {
         chain.contains("model.layers.1.mlp.up_proj.weight"),
         "{chain}"
     );
+}
+
+#[test]
+fn streamed_generation_steps_fill_the_cache_like_full_load() {
+    // The streaming runner will generate by running every stage per token; the cache it
+    // fills must give the same logits as the loaded model's.
+    let fixture = Fixture::load("tiny-qwen2");
+    let model = fixture.model();
+    let loaded = model
+        .clone()
+        .load(full_weights(&fixture.weights))
+        .expect("loads");
+    let ids = fixture.input_ids();
+    let (mut streamed_cache, mut full_cache) = (KvCache::new(&model), KvCache::new(&model));
+    for (start, len) in [(0, 6), (6, 1), (7, 3)] {
+        let chunk = ids.narrow(1, start, len).unwrap();
+        let mut pass = model.pass(&chunk, Some(&mut streamed_cache)).unwrap();
+        for (index, stage) in model.stages().iter().enumerate() {
+            pass.run_stage(index, stage_weights(stage, &fixture.weights))
+                .unwrap();
+        }
+        let streamed = pass.finish().unwrap();
+        let full = loaded.forward(&chunk, Some(&mut full_cache)).unwrap();
+        assert!(bitwise_equal(&streamed, &full), "chunk at {start}");
+    }
+    assert_eq!(streamed_cache.seq_len(), 10);
+    assert_eq!(streamed_cache.bytes(), full_cache.bytes());
+}
+
+#[test]
+fn a_stage_past_the_last_is_refused() {
+    let fixture = Fixture::load("tiny-llama");
+    let model = fixture.model();
+    let err = model
+        .load_stage(model.stages().len(), full_weights(&fixture.weights))
+        .unwrap_err();
+    assert_eq!(err.to_string(), "no stage 5: the model has 5 stages");
 }

@@ -465,7 +465,7 @@ impl EncoderModel {
                 }
             }
         }
-        let setup = |e| ModelError::stage("embeddings")(e);
+        let setup = |e| ModelError::stage("pass setup")(e);
         let device = &self.device;
         let token_type_ids = match token_type_ids {
             Some(ids) => ids.to_device(device).and_then(|t| t.to_dtype(DType::U32)),

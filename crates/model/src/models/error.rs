@@ -49,6 +49,14 @@ pub enum ModelError {
     /// The inputs of a forward pass are unusable (wrong rank, dtype or length).
     #[error("invalid model input: {0}")]
     Input(String),
+    /// A stage index past the model's last stage.
+    #[error("no stage {index}: the model has {stage_count} stages")]
+    NoSuchStage {
+        /// The index asked for.
+        index: usize,
+        /// How many stages the model has.
+        stage_count: usize,
+    },
     /// Stages were run out of order, or the output was asked for before the last stage ran.
     #[error("stage {got} run when stage {expected} was due ({stage_count} stages)")]
     StageOrder {

@@ -730,7 +730,8 @@ impl DecoderModel {
     }
 
     /// Starts a forward pass over `input_ids` (`(batch, seq_len)`, `u32`), continuing the
-    /// sequences in `cache` when one is given.
+    /// sequences in `cache` when one is given. The sequences of a batch share their
+    /// positions: there is no padding mask, so batch only sequences of equal length.
     pub fn pass<'a>(
         &'a self,
         input_ids: &Tensor,
@@ -757,7 +758,7 @@ impl DecoderModel {
                 )))
             }
         };
-        let setup = |e| ModelError::stage("model.embed_tokens")(e);
+        let setup = |e| ModelError::stage("pass setup")(e);
         let rotary = RotaryTables::new(
             &self.cfg.inverse_frequencies,
             offset..offset + seq_len,
@@ -873,6 +874,9 @@ impl DecoderPass<'_> {
 
 /// Keys and values of the tokens seen so far, one entry per layer, so that each generated
 /// token only computes attention for itself.
+///
+/// A pass appends to it layer by layer and counts the new tokens when its last stage has
+/// run; after a pass that failed half way, [`KvCache::clear`] it before reuse.
 #[derive(Debug, Clone)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,

@@ -321,9 +321,68 @@ impl StageCursor {
 
 /// The stage at `index`, or an error saying how many there are.
 fn stage_at(stages: &[Stage], index: usize) -> Result<&Stage, ModelError> {
-    stages.get(index).ok_or(ModelError::StageOrder {
-        expected: 0,
-        got: index,
+    stages.get(index).ok_or(ModelError::NoSuchStage {
+        index,
         stage_count: stages.len(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configs_choose_their_architecture_by_model_type() {
+        let decoder = r#"{"model_type": "qwen2", "vocab_size": 8, "hidden_size": 8,
+            "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2}"#;
+        let config = ModelConfig::from_json(decoder).unwrap();
+        assert_eq!(config.architecture().unwrap(), Architecture::Qwen2);
+
+        let err = ModelConfig::from_json(r#"{"model_type": "gpt2"}"#).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "model config key `model_type`: `gpt2` is not implemented; supported: llama, mistral, qwen2, bert"
+        );
+        let err =
+            ModelConfig::from_json(r#"{"model_type": "llama", "vocab_size": 8}"#).unwrap_err();
+        let source = std::error::Error::source(&err).unwrap().to_string();
+        assert!(source.contains("hidden_size"), "{source}");
+    }
+
+    #[test]
+    fn heads_that_do_not_divide_the_width_name_their_key() {
+        let config: LlamaConfig = serde_json::from_str(
+            r#"{"model_type": "llama", "vocab_size": 8, "hidden_size": 10,
+            "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 3}"#,
+        )
+        .unwrap();
+        let err = DecoderModel::new(&config, DType::F32, &Device::Cpu).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "model config key `num_attention_heads`: 3 heads do not divide hidden_size = 10"
+        );
+        let config = LlamaConfig {
+            hidden_size: 12,
+            num_key_value_heads: Some(2),
+            ..config
+        };
+        let err = DecoderModel::new(&config, DType::F32, &Device::Cpu).unwrap_err();
+        assert!(err.to_string().contains("`num_key_value_heads`"), "{err}");
+    }
+
+    #[test]
+    fn a_stage_lists_its_weight_bytes() {
+        let config: LlamaConfig = serde_json::from_str(
+            r#"{"model_type": "llama", "vocab_size": 10, "hidden_size": 4,
+            "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2}"#,
+        )
+        .unwrap();
+        let model = DecoderModel::new(&config, DType::F32, &Device::Cpu).unwrap();
+        // q, k, v, o: 4x4 each; gate, up, down: 4x8 each; two norms of 4.
+        assert_eq!(
+            model.stages()[1].weight_bytes(DType::F32),
+            (4 * 16 + 3 * 32 + 2 * 4) * 4
+        );
+        assert_eq!(model.stages()[0].weight_bytes(DType::BF16), 10 * 4 * 2);
+    }
 }
