@@ -319,3 +319,16 @@ fn a_stage_past_the_last_is_refused() {
         .unwrap_err();
     assert_eq!(err.to_string(), "no stage 5: the model has 5 stages");
 }
+
+#[test]
+fn weights_of_another_dtype_are_refused_by_name() {
+    let fixture = Fixture::load("tiny-llama");
+    let model = fixture.model();
+    let weights =
+        candle_nn::VarBuilder::from_tensors(fixture.weights.clone(), DType::F16, &Device::Cpu);
+    let err = model.load_stage(1, weights).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "invalid model input: stage `model.layers.0`: the weights builder yields F16 but the model computes in F32"
+    );
+}

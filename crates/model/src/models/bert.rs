@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use super::{head_dim, stage_at, ModelError, Stage, StageCursor};
+use super::{head_dim, stage_for, ModelError, Stage, StageCursor};
 
 /// `config.json` of a BERT-style encoder, with Hugging Face's keys and defaults.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -410,9 +410,10 @@ impl EncoderModel {
         }
     }
 
-    /// Builds stage `index` from `vb`, a builder at the checkpoint's root.
+    /// Builds stage `index` from `vb`, a builder at the checkpoint's root yielding the
+    /// model's dtype.
     pub fn load_stage(&self, index: usize, vb: VarBuilder) -> Result<EncoderBlock, ModelError> {
-        let stage = stage_at(&self.stages, index)?;
+        let stage = stage_for(&self.stages, index, &vb, self.dtype)?;
         self.load_block(index, vb)
             .map_err(ModelError::stage(stage.name()))
     }

@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use super::{head_dim, stage_at, Architecture, ModelError, Stage, StageCursor};
+use super::{head_dim, stage_for, Architecture, ModelError, Stage, StageCursor};
 
 /// `config.json` of a Llama, Mistral or Qwen2 model, with Hugging Face's keys and defaults.
 ///
@@ -690,10 +690,11 @@ impl DecoderModel {
         }
     }
 
-    /// Builds stage `index` from `vb`, a builder at the checkpoint's root: the names it asks
-    /// for are the full Hugging Face names of [`Stage::tensors`].
+    /// Builds stage `index` from `vb`, a builder at the checkpoint's root yielding the
+    /// model's dtype: the names it asks for are the full Hugging Face names of
+    /// [`Stage::tensors`].
     pub fn load_stage(&self, index: usize, vb: VarBuilder) -> Result<DecoderBlock, ModelError> {
-        let stage = stage_at(&self.stages, index)?;
+        let stage = stage_for(&self.stages, index, &vb, self.dtype)?;
         self.load_block(index, vb)
             .map_err(ModelError::stage(stage.name()))
     }

@@ -319,6 +319,25 @@ impl StageCursor {
     }
 }
 
+/// The stage at `index` of a model computing in `dtype`, once `weights` is known to yield
+/// that dtype: candle would otherwise fail deep inside the stage on mixed dtypes.
+fn stage_for<'s>(
+    stages: &'s [Stage],
+    index: usize,
+    weights: &VarBuilder,
+    dtype: DType,
+) -> Result<&'s Stage, ModelError> {
+    let stage = stage_at(stages, index)?;
+    if weights.dtype() != dtype {
+        return Err(ModelError::Input(format!(
+            "stage `{}`: the weights builder yields {:?} but the model computes in {dtype:?}",
+            stage.name(),
+            weights.dtype()
+        )));
+    }
+    Ok(stage)
+}
+
 /// The stage at `index`, or an error saying how many there are.
 fn stage_at(stages: &[Stage], index: usize) -> Result<&Stage, ModelError> {
     stages.get(index).ok_or(ModelError::NoSuchStage {
