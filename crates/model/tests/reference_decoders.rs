@@ -126,36 +126,50 @@ fn stage_names_follow_execution_order() {
     assert_eq!(head, ["model.embed_tokens.weight"]);
 }
 
+/// The same config written with the keys of older transformers releases: `rope_theta` and
+/// `rope_scaling` (with its legacy `type`) instead of `rope_parameters`, and no
+/// `layer_types`, so the windows follow from `use_sliding_window` and `max_window_layers`.
+fn with_classic_keys(mut config: LlamaConfig) -> LlamaConfig {
+    if let Some(mut rope) = config.rope_parameters.take() {
+        config.rope_theta = rope.rope_theta.take();
+        rope.legacy_type = rope.rope_type.clone();
+        config.rope_scaling = Some(rope);
+    }
+    config.layer_types = None;
+    config
+}
+
 #[test]
-fn rope_scalings_match_transformers() {
-    let fixture = Fixture::load("tiny-llama");
-    for kind in ["rope-linear", "rope-llama3"] {
-        let config =
-            decoder_config(&common::fixture("tiny-llama").join(format!("config-{kind}.json")));
-        let logits = DecoderModel::new(&config, DType::F32, &Device::Cpu)
-            .expect("skeleton")
-            .forward_full(full_weights(&fixture.weights), &fixture.input_ids())
-            .expect("forward");
+fn config_variants_match_transformers() {
+    let variants = [
+        ("tiny-llama", "rope-linear"),
+        ("tiny-llama", "rope-llama3"),
+        ("tiny-qwen2", "sliding"),
+    ];
+    for (name, kind) in variants {
+        let fixture = Fixture::load(name);
+        let config = decoder_config(&common::fixture(name).join(format!("config-{kind}.json")));
+        let logits_of = |config: &LlamaConfig| {
+            DecoderModel::new(config, DType::F32, &Device::Cpu)
+                .expect("skeleton")
+                .forward_full(full_weights(&fixture.weights), &fixture.input_ids())
+                .expect("forward")
+        };
+        let logits = logits_of(&config);
         let expected = fixture.reference(&format!("logits_{kind}"));
         let diff = max_abs_diff(&logits, expected);
-        println!("tiny-llama {kind}: max |logits - transformers| = {diff:e}");
-        assert!(diff < REFERENCE_TOLERANCE, "{kind}: max abs diff {diff}");
-        // The scaling changed the outputs, so matching them says the scaling is right.
+        println!("{name} {kind}: max |logits - transformers| = {diff:e}");
+        assert!(
+            diff < REFERENCE_TOLERANCE,
+            "{name} {kind}: max abs diff {diff}"
+        );
+        // The variant changed the outputs, so matching them says it is implemented right.
         assert!(max_abs_diff(expected, fixture.reference("logits")) > 1e-3);
 
-        // The same RoPE written with the keys of older transformers releases.
-        let mut classic = config.clone();
-        let mut scaling = classic.rope_parameters.take().expect("rope_parameters");
-        classic.rope_theta = scaling.rope_theta.take();
-        scaling.legacy_type = scaling.rope_type.clone();
-        classic.rope_scaling = Some(scaling);
-        let classic_logits = DecoderModel::new(&classic, DType::F32, &Device::Cpu)
-            .expect("skeleton")
-            .forward_full(full_weights(&fixture.weights), &fixture.input_ids())
-            .expect("forward");
+        let classic = logits_of(&with_classic_keys(config));
         assert!(
-            bitwise_equal(&classic_logits, &logits),
-            "{kind}: classic keys"
+            bitwise_equal(&classic, &logits),
+            "{name} {kind}: classic keys"
         );
     }
 }
