@@ -346,3 +346,23 @@ fn weights_of_another_dtype_are_refused_by_name() {
         "invalid model input: stage `model.layers.0`: the weights builder yields F16 but the model computes in F32"
     );
 }
+
+#[test]
+fn last_position_logits_are_the_last_row_of_all_logits() {
+    for name in FIXTURES {
+        let fixture = Fixture::load(name);
+        let model = fixture
+            .model()
+            .load(full_weights(&fixture.weights))
+            .expect("loads");
+        let ids = fixture.input_ids();
+        let all = model.forward(&ids, None).expect("forward");
+        let last = model.forward_last(&ids, None).expect("forward_last");
+        let seq_len = ids.dim(1).unwrap();
+        assert_eq!(last.dims(), [2, 1, model.model().vocab_size()]);
+        let diff = max_abs_diff(&last, &all.narrow(1, seq_len - 1, 1).unwrap());
+        // The head's matmul has one row instead of many, so its sums may round
+        // differently: a few f32 ulps of the largest logit.
+        assert!(diff <= 1e-6 * max_abs(&all), "{name}: {diff}");
+    }
+}

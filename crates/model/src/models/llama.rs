@@ -782,6 +782,7 @@ impl DecoderModel {
             masks,
             cache,
             new_tokens: seq_len,
+            last_position_only: false,
             cursor: StageCursor::new(self.stages.len()),
         })
     }
@@ -815,10 +816,19 @@ pub struct DecoderPass<'a> {
     masks: Vec<(Option<usize>, Option<Tensor>)>,
     cache: Option<&'a mut KvCache>,
     new_tokens: usize,
+    last_position_only: bool,
     cursor: StageCursor,
 }
 
 impl DecoderPass<'_> {
+    /// Computes the final norm and the logits for the last position only, `(batch, 1,
+    /// vocab)`: all that generation reads, without the `(batch, seq_len, vocab)` logits
+    /// that for a long prompt and a large vocabulary outweigh a whole layer.
+    pub fn last_position_only(mut self) -> Self {
+        self.last_position_only = true;
+        self
+    }
+
     /// Index of the stage due next.
     pub fn next_stage(&self) -> usize {
         self.cursor.next
@@ -862,7 +872,15 @@ impl DecoderPass<'_> {
                     .map(|cache| &mut cache.layers[*layer_index]);
                 layer.forward(self.cursor.hidden()?, &self.rotary, mask, cache)
             }
-            Block::FinalNorm(norm) => norm.forward(self.cursor.hidden()?),
+            Block::FinalNorm(norm) => {
+                let hidden = self.cursor.hidden()?;
+                if self.last_position_only {
+                    let last = hidden.dim(1)? - 1;
+                    norm.forward(&hidden.narrow(1, last, 1)?.contiguous()?)
+                } else {
+                    norm.forward(hidden)
+                }
+            }
             Block::LmHead(head) => head.forward(self.cursor.hidden()?),
         }
     }
@@ -944,7 +962,20 @@ impl LoadedDecoder {
         input_ids: &Tensor,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor, ModelError> {
-        let mut pass = self.model.pass(input_ids, cache)?;
+        self.run(self.model.pass(input_ids, cache)?)
+    }
+
+    /// Logits `(batch, 1, vocab)` of the last position of `input_ids`; see
+    /// [`DecoderPass::last_position_only`].
+    pub fn forward_last(
+        &self,
+        input_ids: &Tensor,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor, ModelError> {
+        self.run(self.model.pass(input_ids, cache)?.last_position_only())
+    }
+
+    fn run(&self, mut pass: DecoderPass) -> Result<Tensor, ModelError> {
         for block in &self.blocks {
             pass.run_block(block)?;
         }
@@ -972,10 +1003,9 @@ impl LoadedDecoder {
             let ids = Tensor::new(fed, &self.model.device)
                 .and_then(|t| t.unsqueeze(0))
                 .map_err(input)?;
-            let logits = self.forward(&ids, cache.as_mut())?;
+            let logits = self.forward_last(&ids, cache.as_mut())?;
             let next = logits
-                .get(0)
-                .and_then(|l| l.get(fed.len() - 1))
+                .flatten_all()
                 .and_then(|l| l.argmax(D::Minus1))
                 .and_then(|t| t.to_scalar::<u32>())
                 .map_err(input)?;
