@@ -1,12 +1,12 @@
 //! The BERT blocks against transformers' `BertModel` on a tiny checkpoint with two token
 //! types and a padded second sequence; mean pooling against sentence-transformers' formula.
 
-mod common;
+mod fixture_support;
 
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
-use common::*;
+use fixture_support::*;
 use memwise_model::{mean_pool, EncoderModel};
 
 struct Fixture {

@@ -2,12 +2,12 @@
 //! Qwen2 (q/k/v biases, tied embeddings) and tiny Mistral (sliding window of 4 over 10
 //! tokens). Fixtures and their generator live in `tests/fixtures/reference/`.
 
-mod common;
+mod fixture_support;
 
 use std::collections::{HashMap, HashSet};
 
 use candle_core::{DType, Device, Tensor};
-use common::*;
+use fixture_support::*;
 use memwise_model::{DecoderModel, KvCache, LlamaConfig};
 
 struct Fixture {
@@ -148,7 +148,8 @@ fn config_variants_match_transformers() {
     ];
     for (name, kind) in variants {
         let fixture = Fixture::load(name);
-        let config = decoder_config(&common::fixture(name).join(format!("config-{kind}.json")));
+        let config =
+            decoder_config(&fixture_support::fixture(name).join(format!("config-{kind}.json")));
         let logits_of = |config: &LlamaConfig| {
             DecoderModel::new(config, DType::F32, &Device::Cpu)
                 .expect("skeleton")

@@ -1,13 +1,13 @@
 //! Synthetic checkpoints: written in the Hugging Face layout, read back, run.
 
-mod common;
+mod fixture_support;
 
 use std::collections::HashMap;
 use std::fs;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use common::*;
+use fixture_support::*;
 use memwise_model::{
     write_synthetic_checkpoint, Architecture, DecoderModel, EncoderModel, SynthError, SynthSpec,
 };
