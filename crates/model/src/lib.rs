@@ -15,12 +15,12 @@
 //! ```
 //! use candle_core::{DType, Device, Tensor};
 //! use candle_nn::VarBuilder;
-//! use memwise_model::{write_synthetic_checkpoint, Architecture, DecoderModel, ModelConfig, SynthSpec};
+//! use memwise_model::{write_synthetic_checkpoint, Architecture, DecoderModel, ArchitectureConfig, SynthSpec};
 //!
 //! // A seeded random-weight checkpoint in the Hugging Face layout.
 //! let dir = tempfile::tempdir()?;
 //! let folder = write_synthetic_checkpoint(&SynthSpec::tiny(Architecture::Llama), &dir.path().join("m"))?.folder;
-//! let ModelConfig::Decoder(config) = ModelConfig::from_file(&folder)? else { unreachable!() };
+//! let ArchitectureConfig::Decoder(config) = ArchitectureConfig::from_file(&folder)? else { unreachable!() };
 //! let shard = folder.join("model-00001-of-00001.safetensors");
 //!
 //! let model = DecoderModel::new(&config, DType::F32, &Device::Cpu)?;
@@ -49,8 +49,8 @@ mod models;
 mod synth;
 
 pub use crate::models::{
-    mean_pool, Architecture, BertConfig, DecoderBlock, DecoderModel, DecoderPass, EncoderBlock,
-    EncoderModel, EncoderPass, Generation, KvCache, LlamaConfig, LoadedDecoder, LoadedEncoder,
-    ModelConfig, ModelError, RopeScaling, Stage, TensorSpec,
+    mean_pool, Architecture, ArchitectureConfig, BertConfig, DecoderBlock, DecoderModel,
+    DecoderPass, EncoderBlock, EncoderModel, EncoderPass, Generation, KvCache, LlamaConfig,
+    LoadedDecoder, LoadedEncoder, ModelError, RopeScaling, Stage, TensorSpec,
 };
 pub use crate::synth::{write_synthetic_checkpoint, SynthError, SynthReport, SynthSpec};

@@ -219,13 +219,13 @@ pub struct SynthReport {
 /// small chunks: memory use does not grow with the model.
 ///
 /// ```
-/// use memwise_model::{write_synthetic_checkpoint, Architecture, ModelConfig, SynthSpec};
+/// use memwise_model::{write_synthetic_checkpoint, Architecture, ArchitectureConfig, SynthSpec};
 ///
 /// let dir = tempfile::tempdir()?;
 /// let spec = SynthSpec { seed: 7, ..SynthSpec::tiny(Architecture::Llama) };
 /// let report = write_synthetic_checkpoint(&spec, &dir.path().join("tiny-llama"))?;
 /// assert_eq!(report.shards, ["model-00001-of-00001.safetensors"]);
-/// assert!(matches!(ModelConfig::from_file(&report.folder)?, ModelConfig::Decoder(_)));
+/// assert!(matches!(ArchitectureConfig::from_file(&report.folder)?, ArchitectureConfig::Decoder(_)));
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub fn write_synthetic_checkpoint(spec: &SynthSpec, out: &Path) -> Result<SynthReport, SynthError> {

@@ -175,17 +175,18 @@ impl Architecture {
     }
 }
 
-/// A parsed `config.json` of any architecture these blocks implement.
+/// A `config.json` parsed for the architecture its `model_type` names, with every key the
+/// blocks need typed (the checkpoint reader's `ModelConfig` keeps only a summary).
 #[derive(Debug, Clone)]
 #[non_exhaustive]
-pub enum ModelConfig {
+pub enum ArchitectureConfig {
     /// A Llama-family decoder (Llama, Mistral, Qwen2).
     Decoder(Box<LlamaConfig>),
     /// A BERT-style encoder.
     Encoder(BertConfig),
 }
 
-impl ModelConfig {
+impl ArchitectureConfig {
     /// Reads and parses a model folder's `config.json` (or the file itself).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, ModelError> {
         let path = path.as_ref();
@@ -354,16 +355,16 @@ mod tests {
     fn configs_choose_their_architecture_by_model_type() {
         let decoder = r#"{"model_type": "qwen2", "vocab_size": 8, "hidden_size": 8,
             "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2}"#;
-        let config = ModelConfig::from_json(decoder).unwrap();
+        let config = ArchitectureConfig::from_json(decoder).unwrap();
         assert_eq!(config.architecture().unwrap(), Architecture::Qwen2);
 
-        let err = ModelConfig::from_json(r#"{"model_type": "gpt2"}"#).unwrap_err();
+        let err = ArchitectureConfig::from_json(r#"{"model_type": "gpt2"}"#).unwrap_err();
         assert_eq!(
             err.to_string(),
             "model config key `model_type`: `gpt2` is not implemented; supported: llama, mistral, qwen2, bert"
         );
-        let err =
-            ModelConfig::from_json(r#"{"model_type": "llama", "vocab_size": 8}"#).unwrap_err();
+        let err = ArchitectureConfig::from_json(r#"{"model_type": "llama", "vocab_size": 8}"#)
+            .unwrap_err();
         let source = std::error::Error::source(&err).unwrap().to_string();
         assert!(source.contains("hidden_size"), "{source}");
     }
