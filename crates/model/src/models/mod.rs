@@ -37,7 +37,8 @@ pub struct Stage {
 }
 
 impl Stage {
-    /// The stage's name: the Hugging Face prefix of its tensors, e.g. `model.layers.3`.
+    /// The stage's name, e.g. `model.layers.3`: the Hugging Face prefix of its tensors, but
+    /// for a tied `lm_head`, which reads `model.embed_tokens.weight`.
     pub fn name(&self) -> &str {
         &self.name
     }
