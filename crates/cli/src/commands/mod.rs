@@ -6,6 +6,7 @@ mod config;
 mod convert;
 mod inspect;
 mod stats;
+mod synth;
 
 /// See exactly where memory goes in ML workloads, give it back, and run models larger than
 /// memory by streaming them through a budget.
@@ -26,6 +27,9 @@ enum Command {
     Inspect(inspect::Args),
     /// Write the layers that cannot be streamed in place into a workspace (resumable).
     Convert(convert::Args),
+    /// Write a seeded random-weight model in the Hugging Face layout (config.json, sharded
+    /// safetensors, index), so nothing has to be downloaded.
+    Synth(synth::Args),
 }
 
 /// Dispatches to the chosen subcommand.
@@ -35,6 +39,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Config(args) => config::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Convert(args) => convert::run(args),
+        Command::Synth(args) => synth::run(args),
     }
 }
 
