@@ -117,6 +117,7 @@
 mod checkpoint;
 mod error;
 mod models;
+mod runner;
 mod stream;
 mod synth;
 mod workspace;
@@ -131,6 +132,9 @@ pub use crate::models::{
     mean_pool, Architecture, ArchitectureConfig, BertConfig, DecoderBlock, DecoderModel,
     DecoderPass, EncoderBlock, EncoderModel, EncoderPass, Generation, KvCache, LlamaConfig,
     LoadedDecoder, LoadedEncoder, ModelError, RopeScaling, Stage, TensorSpec,
+};
+pub use crate::runner::{
+    Generated, LayerHook, LayerWeights, ModelConverter, RunError, StreamedModel,
 };
 pub use crate::stream::LayerStream;
 pub use crate::synth::{write_synthetic_checkpoint, SynthError, SynthReport, SynthSpec};

@@ -1,0 +1,652 @@
+//! `ModelConverter`: the spec's layer-by-layer model, streamed through a memory budget.
+//!
+//! `ModelConverter::new(path).load_model_with_hooks(clean_weights)` builds a model's
+//! skeleton from `config.json` and the checkpoint index without reading a weight. Its
+//! forward pass then, for every stage in order (embeddings, each layer, norm, head):
+//!
+//! 1. takes the stage's tensors from a [`LayerStream`], which reads the next stage on a
+//!    background thread while this one runs (`memory.prefetch_depth` stages ahead);
+//! 2. lets every [`LayerHook`] see and replace them, and persists replaced layers to the
+//!    workspace when a hook asks;
+//! 3. builds the block and runs it inside a [`MemoryTracker`] scope named after the stage,
+//!    so [`memwise::get_memory_stats`] holds per-layer peaks with no extra code;
+//! 4. drops the block's weights (`clean_weights`) or keeps it resident for the next pass.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType as CandleDType, Device, Tensor};
+use candle_nn::VarBuilder;
+use memwise::MemoryTracker;
+
+use crate::checkpoint::{Checkpoint, DType, LayerId, ReadStrategy};
+use crate::models::{
+    ArchitectureConfig, DecoderBlock, DecoderModel, EncoderBlock, EncoderModel, KvCache,
+    ModelError, Stage,
+};
+use crate::stream::LayerStream;
+use crate::workspace::{ConvertOptions, TensorBytes, Workspace};
+
+/// Why a streamed run failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunError {
+    /// Reading the checkpoint or writing the workspace failed.
+    #[error(transparent)]
+    Checkpoint(#[from] crate::Error),
+    /// Building or running a block failed.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// A tensor could not be turned into a compute tensor.
+    #[error("tensor {tensor}: {source}")]
+    Tensor {
+        /// The Hugging Face name of the tensor.
+        tensor: String,
+        /// candle's error.
+        #[source]
+        source: candle_core::Error,
+    },
+    /// A layer hook refused the layer.
+    #[error("hook {hook} on layer {layer}: {message}")]
+    Hook {
+        /// The hook's name.
+        hook: String,
+        /// The stage it ran on.
+        layer: String,
+        /// What it said.
+        message: String,
+    },
+    /// The prefetch thread could not be started.
+    #[error("starting the prefetch thread: {0}")]
+    Prefetch(#[source] std::io::Error),
+    /// The call does not fit this model (e.g. `generate` on an encoder).
+    #[error("{0}")]
+    Usage(String),
+}
+
+/// One stage's weights, as a hook sees them before the stage runs.
+#[derive(Debug)]
+pub struct LayerWeights {
+    name: String,
+    index: usize,
+    tensors: HashMap<String, Tensor>,
+    replaced: bool,
+    persist: bool,
+}
+
+impl LayerWeights {
+    /// The stage's name, e.g. `model.layers.3`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The stage's position in the forward pass.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// The tensors by Hugging Face name.
+    pub fn tensors(&self) -> &HashMap<String, Tensor> {
+        &self.tensors
+    }
+
+    /// Replaces a tensor (same name; the block checks its shape when it is built).
+    pub fn replace(&mut self, name: &str, tensor: Tensor) -> Result<(), RunError> {
+        match self.tensors.get_mut(name) {
+            Some(slot) => {
+                *slot = tensor;
+                self.replaced = true;
+                Ok(())
+            }
+            None => Err(RunError::Usage(format!(
+                "layer {} has no tensor {name} to replace",
+                self.name
+            ))),
+        }
+    }
+
+    /// Whether a hook replaced any tensor.
+    pub fn is_replaced(&self) -> bool {
+        self.replaced
+    }
+
+    /// Asks the runner to write this layer, as replaced, to the workspace, so later runs read
+    /// it from there instead of recomputing the replacement.
+    pub fn persist(&mut self) {
+        self.persist = true;
+    }
+}
+
+/// Code that runs before and after every stage. Both methods default to doing nothing.
+///
+/// ```
+/// use memwise_model::{LayerHook, LayerWeights, RunError};
+///
+/// /// Counts the parameters each layer reads.
+/// struct CountParameters;
+///
+/// impl LayerHook for CountParameters {
+///     fn before_layer(&self, layer: &mut LayerWeights) -> Result<(), RunError> {
+///         let count: usize = layer.tensors().values().map(|t| t.elem_count()).sum();
+///         println!("{}: {count} parameters", layer.name());
+///         Ok(())
+///     }
+/// }
+/// ```
+pub trait LayerHook: Send + Sync {
+    /// The hook's name, used in errors.
+    fn name(&self) -> &str {
+        std::any::type_name::<Self>()
+    }
+
+    /// Sees (and may replace) a stage's weights before its block is built.
+    fn before_layer(&self, layer: &mut LayerWeights) -> Result<(), RunError> {
+        let _ = layer;
+        Ok(())
+    }
+
+    /// Runs after the stage named `name` ran.
+    fn after_layer(&self, name: &str, index: usize) -> Result<(), RunError> {
+        let _ = (name, index);
+        Ok(())
+    }
+}
+
+/// Builds a model whose forward pass streams its weights (the spec's `ModelConverter`).
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use memwise_model::{write_synthetic_checkpoint, Architecture, ModelConverter, SynthSpec};
+///
+/// let dir = tempfile::tempdir()?;
+/// let folder = write_synthetic_checkpoint(&SynthSpec::tiny(Architecture::Llama), &dir.path().join("m"))?.folder;
+///
+/// let mut model = ModelConverter::new(&folder)
+///     .device(Device::Cpu)
+///     .load_model_with_hooks(true)?; // clean weights after use
+/// let input_ids = Tensor::new(&[[1u32, 5, 9]], &Device::Cpu)?;
+/// let logits = model.forward(&input_ids)?;
+/// assert_eq!(logits.dims(), [1, 3, 128]);
+///
+/// // Every stage ran inside a MemoryTracker scope of its name.
+/// memwise::enable_memory_tracking(true);
+/// model.forward(&input_ids)?;
+/// let stats = memwise::get_memory_stats();
+/// assert!(stats.scopes_named("model.layers.0").count() >= 1);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct ModelConverter {
+    path: PathBuf,
+    device: Device,
+    dtype: CandleDType,
+    workspace: Option<PathBuf>,
+    prefetch_depth: usize,
+    strategy: ReadStrategy,
+    hooks: Vec<Arc<dyn LayerHook>>,
+}
+
+impl ModelConverter {
+    /// A converter for the Hugging Face model folder at `path`, with defaults from
+    /// [`memwise::get_config`]: `memory.prefetch_depth`, and the workspace
+    /// `memory.workspace_dir` when it already exists. Computes on the CPU in f32.
+    pub fn new(path: impl AsRef<Path>) -> Self {
+        let config = memwise::get_config();
+        let workspace = Some(config.memory.workspace_dir.clone()).filter(|dir| dir.is_dir());
+        ModelConverter {
+            path: path.as_ref().to_owned(),
+            device: Device::Cpu,
+            dtype: CandleDType::F32,
+            workspace,
+            prefetch_depth: config.memory.prefetch_depth,
+            strategy: ReadStrategy::default(),
+            hooks: Vec::new(),
+        }
+    }
+
+    /// The device to compute on. Weights stream from disk through host memory to it; on a
+    /// GPU with `memory.use_cpu_offload`, host memory holds only the stages in flight.
+    pub fn device(mut self, device: Device) -> Self {
+        self.device = device;
+        self
+    }
+
+    /// The dtype to compute in (f32, f16 or bf16); stored floats are converted per layer.
+    pub fn dtype(mut self, dtype: CandleDType) -> Self {
+        self.dtype = dtype;
+        self
+    }
+
+    /// The workspace where hook-replaced layers are persisted and read back from (the
+    /// spec's `save_path`).
+    pub fn workspace(mut self, dir: impl AsRef<Path>) -> Self {
+        self.workspace = Some(dir.as_ref().to_owned());
+        self
+    }
+
+    /// Stages read ahead on a background thread; 0 reads each stage when it is due.
+    pub fn prefetch_depth(mut self, depth: usize) -> Self {
+        self.prefetch_depth = depth;
+        self
+    }
+
+    /// How bytes come off disk.
+    pub fn read_strategy(mut self, strategy: ReadStrategy) -> Self {
+        self.strategy = strategy;
+        self
+    }
+
+    /// Adds a hook that runs before and after every stage.
+    pub fn hook(mut self, hook: impl LayerHook + 'static) -> Self {
+        self.hooks.push(Arc::new(hook));
+        self
+    }
+
+    /// Builds the model's skeleton from `config.json` and the checkpoint index, reading no
+    /// weight. With `clean_weights`, each stage's weights are freed right after it runs;
+    /// without, they stay resident after the first pass.
+    pub fn load_model_with_hooks(self, clean_weights: bool) -> Result<StreamedModel, RunError> {
+        let source = Checkpoint::open(&self.path)?;
+        let workspace = self.workspace.as_deref().map(Workspace::new).transpose()?;
+        // Layers a hook persisted earlier are read from the workspace.
+        let checkpoint = match &workspace {
+            Some(ws) if ws.manifest()?.is_some() => ws.checkpoint(&source)?,
+            _ => source.clone(),
+        };
+        let arch = ArchitectureConfig::from_file(&self.path)?;
+        let names = checkpoint.index().tensors().iter().map(|t| t.name.as_str());
+        let skeleton = match arch {
+            ArchitectureConfig::Decoder(cfg) => {
+                Skeleton::Decoder(DecoderModel::new(&cfg, self.dtype, &self.device)?)
+            }
+            ArchitectureConfig::Encoder(cfg) => {
+                let mut model = EncoderModel::new(&cfg, self.dtype, &self.device)?;
+                if let Some(prefix) = EncoderModel::detect_weight_prefix(names) {
+                    model = model.with_weight_prefix(prefix);
+                }
+                Skeleton::Encoder(model)
+            }
+        };
+        let stages = skeleton.stages().to_vec();
+        for stage in &stages {
+            for name in stage.tensor_names() {
+                if checkpoint.index().get(name).is_none() {
+                    return Err(RunError::Usage(format!(
+                        "{}: tensor {name} (stage {}) is not in the checkpoint",
+                        self.path.display(),
+                        stage.name()
+                    )));
+                }
+            }
+        }
+        let resident = match &skeleton {
+            Skeleton::Decoder(_) => Resident::Decoder(vec![None; stages.len()]),
+            Skeleton::Encoder(_) => Resident::Encoder(vec![None; stages.len()]),
+        };
+        Ok(StreamedModel {
+            loader: Arc::new(StageLoader {
+                source,
+                checkpoint,
+                stages,
+                strategy: self.strategy,
+                dtype: self.dtype,
+                device: self.device,
+            }),
+            skeleton,
+            resident,
+            clean_weights,
+            prefetch_depth: self.prefetch_depth,
+            hooks: self.hooks,
+            workspace,
+        })
+    }
+}
+
+enum Skeleton {
+    Decoder(DecoderModel),
+    Encoder(EncoderModel),
+}
+
+impl Skeleton {
+    fn stages(&self) -> &[Stage] {
+        match self {
+            Skeleton::Decoder(m) => m.stages(),
+            Skeleton::Encoder(m) => m.stages(),
+        }
+    }
+}
+
+/// Blocks kept after a pass when weights are not cleaned.
+enum Resident {
+    Decoder(Vec<Option<DecoderBlock>>),
+    Encoder(Vec<Option<EncoderBlock>>),
+}
+
+/// Reads one stage's tensors as compute tensors. Shared with the prefetch thread.
+struct StageLoader {
+    source: Checkpoint,
+    checkpoint: Checkpoint,
+    stages: Vec<Stage>,
+    strategy: ReadStrategy,
+    dtype: CandleDType,
+    device: Device,
+}
+
+impl StageLoader {
+    fn load(&self, index: usize) -> Result<LayerWeights, RunError> {
+        let stage = &self.stages[index];
+        let names: Vec<&str> = stage.tensor_names().collect();
+        let mut reader = self.checkpoint.reader(self.strategy);
+        let data = reader.read_tensors(&names)?;
+        let compute = stored_dtype(self.dtype);
+        let mut tensors = HashMap::with_capacity(names.len());
+        for view in data.tensors() {
+            let bytes = view.to_dtype(compute)?;
+            let tensor = Tensor::from_raw_buffer(&bytes, self.dtype, view.shape(), &self.device)
+                .map_err(|source| RunError::Tensor {
+                    tensor: view.name().to_owned(),
+                    source,
+                })?;
+            tensors.insert(view.name().to_owned(), tensor);
+        }
+        // `data` drops here: the mapped pages of this stage are released before it runs.
+        Ok(LayerWeights {
+            name: stage.name().to_owned(),
+            index,
+            tensors,
+            replaced: false,
+            persist: false,
+        })
+    }
+
+    fn persist(&self, workspace: &Workspace, layer: &LayerWeights) -> Result<(), RunError> {
+        let mut owned = Vec::with_capacity(layer.tensors.len());
+        for (name, tensor) in &layer.tensors {
+            let bytes = tensor_bytes(tensor).map_err(|source| RunError::Tensor {
+                tensor: name.clone(),
+                source,
+            })?;
+            owned.push((name.as_str(), tensor.dims().to_vec(), bytes));
+        }
+        let views: Vec<TensorBytes<'_>> = owned
+            .iter()
+            .map(|(name, shape, bytes)| {
+                TensorBytes::new(name, stored_dtype(self.dtype), shape, bytes)
+            })
+            .collect();
+        let first = layer.tensors.keys().next().map_or("", String::as_str);
+        let options = ConvertOptions::with_dtype(Some(stored_dtype(self.dtype)));
+        workspace.write_layer(&self.source, &options, &LayerId::of_tensor(first), &views)?;
+        Ok(())
+    }
+}
+
+fn stored_dtype(dtype: CandleDType) -> DType {
+    match dtype {
+        CandleDType::F16 => DType::F16,
+        CandleDType::BF16 => DType::BF16,
+        CandleDType::F64 => DType::F64,
+        _ => DType::F32,
+    }
+}
+
+/// The tensor's elements as little-endian bytes.
+fn tensor_bytes(tensor: &Tensor) -> candle_core::Result<Vec<u8>> {
+    let flat = tensor.flatten_all()?;
+    Ok(match tensor.dtype() {
+        CandleDType::F16 => flat
+            .to_vec1::<half::f16>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        CandleDType::BF16 => flat
+            .to_vec1::<half::bf16>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        CandleDType::F64 => flat
+            .to_vec1::<f64>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        _ => flat
+            .to_dtype(CandleDType::F32)?
+            .to_vec1::<f32>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+    })
+}
+
+/// A model whose forward pass loads each stage just before it runs (see [`ModelConverter`]).
+pub struct StreamedModel {
+    loader: Arc<StageLoader>,
+    skeleton: Skeleton,
+    resident: Resident,
+    clean_weights: bool,
+    prefetch_depth: usize,
+    hooks: Vec<Arc<dyn LayerHook>>,
+    workspace: Option<Workspace>,
+}
+
+impl StreamedModel {
+    /// The stages in execution order.
+    pub fn stages(&self) -> &[Stage] {
+        &self.loader.stages
+    }
+
+    /// Whether this is a decoder (generates tokens) rather than an encoder.
+    pub fn is_decoder(&self) -> bool {
+        matches!(self.skeleton, Skeleton::Decoder(_))
+    }
+
+    /// The checkpoint the weights come from.
+    pub fn checkpoint(&self) -> &Checkpoint {
+        &self.loader.checkpoint
+    }
+
+    /// Decoders: the logits `(batch, seq_len, vocab)` of `input_ids` (`u32`).
+    /// Encoders: the last hidden state, with every token attended and of type 0.
+    pub fn forward(&mut self, input_ids: &Tensor) -> Result<Tensor, RunError> {
+        match &self.skeleton {
+            Skeleton::Decoder(_) => self.decode(input_ids, None, false),
+            Skeleton::Encoder(_) => self.encode(input_ids, None, None),
+        }
+    }
+
+    /// Encoders: the last hidden state `(batch, seq_len, hidden)` for `input_ids`
+    /// (`(batch, seq_len)`, `u32`), with optional token types (default 0) and attention mask
+    /// (1 for real tokens, 0 for padding; default all 1).
+    pub fn encode(
+        &mut self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<Tensor, RunError> {
+        let Skeleton::Encoder(model) = &self.skeleton else {
+            return Err(RunError::Usage("encode needs an encoder model".into()));
+        };
+        let mut pass = model.pass(input_ids, token_type_ids, attention_mask)?;
+        let Resident::Encoder(resident) = &mut self.resident else {
+            unreachable!("skeleton and resident blocks are built together")
+        };
+        run_stages(
+            &self.loader,
+            &self.hooks,
+            self.workspace.as_ref(),
+            self.prefetch_depth,
+            self.clean_weights,
+            resident,
+            |i, vb| model.load_stage(i, vb),
+            |block| pass.run_block(block),
+        )?;
+        Ok(pass.finish()?)
+    }
+
+    /// Encoders: mean-pooled sentence embeddings `(batch, hidden)`.
+    pub fn embed(
+        &mut self,
+        input_ids: &Tensor,
+        token_type_ids: &Tensor,
+        attention_mask: &Tensor,
+    ) -> Result<Tensor, RunError> {
+        let hidden = self.encode(input_ids, Some(token_type_ids), Some(attention_mask))?;
+        Ok(crate::models::mean_pool(&hidden, attention_mask)?)
+    }
+
+    /// Decoders: greedy decoding of up to `max_new_tokens` after `prompt` (`(1, len)`,
+    /// `u32`), stopping at `eos`. Keys and values are cached, so each new token streams the
+    /// model once over one position; the cache's bytes are reported in the result.
+    pub fn generate(
+        &mut self,
+        prompt: &Tensor,
+        max_new_tokens: usize,
+        eos: Option<u32>,
+    ) -> Result<Generated, RunError> {
+        let Skeleton::Decoder(model) = &self.skeleton else {
+            return Err(RunError::Usage("generate needs a decoder model".into()));
+        };
+        let mut cache = KvCache::new(model);
+        let mut tokens = Vec::new();
+        let mut input = prompt.clone();
+        let mut last_logits = None;
+        for _ in 0..max_new_tokens {
+            let logits = self.decode(&input, Some(&mut cache), true)?;
+            let next = logits
+                .squeeze(0)
+                .and_then(|l| l.squeeze(0))
+                .and_then(|l| l.argmax(0))
+                .and_then(|t| t.to_scalar::<u32>())
+                .map_err(candle_input)?;
+            last_logits = Some(logits);
+            tokens.push(next);
+            if Some(next) == eos {
+                break;
+            }
+            input = Tensor::new(&[[next]], prompt.device()).map_err(candle_input)?;
+        }
+        Ok(Generated {
+            tokens,
+            kv_cache_bytes: cache.bytes(),
+            last_logits,
+        })
+    }
+
+    fn decode(
+        &mut self,
+        input_ids: &Tensor,
+        cache: Option<&mut KvCache>,
+        last_only: bool,
+    ) -> Result<Tensor, RunError> {
+        let Skeleton::Decoder(model) = &self.skeleton else {
+            return Err(RunError::Usage("decoding needs a decoder model".into()));
+        };
+        let mut pass = model.pass(input_ids, cache)?;
+        if last_only {
+            pass = pass.last_position_only();
+        }
+        let Resident::Decoder(resident) = &mut self.resident else {
+            unreachable!("skeleton and resident blocks are built together")
+        };
+        run_stages(
+            &self.loader,
+            &self.hooks,
+            self.workspace.as_ref(),
+            self.prefetch_depth,
+            self.clean_weights,
+            resident,
+            |i, vb| model.load_stage(i, vb),
+            |block| pass.run_block(block),
+        )?;
+        Ok(pass.finish()?)
+    }
+}
+
+/// What [`StreamedModel::generate`] produced.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Generated {
+    /// The new tokens, in order.
+    pub tokens: Vec<u32>,
+    /// Bytes the KV cache held at the end.
+    pub kv_cache_bytes: u64,
+    /// The logits `(1, 1, vocab)` that chose the last token.
+    pub last_logits: Option<Tensor>,
+}
+
+fn candle_input(source: candle_core::Error) -> RunError {
+    RunError::Tensor {
+        tensor: "input_ids".into(),
+        source,
+    }
+}
+
+/// The streaming loop shared by every architecture: stages come from a prefetching
+/// stream (skipping resident ones), hooks see them, each runs in a scope of its name.
+#[allow(clippy::too_many_arguments)]
+fn run_stages<B>(
+    loader: &Arc<StageLoader>,
+    hooks: &[Arc<dyn LayerHook>],
+    workspace: Option<&Workspace>,
+    prefetch_depth: usize,
+    clean_weights: bool,
+    resident: &mut [Option<B>],
+    mut build: impl FnMut(usize, VarBuilder<'static>) -> Result<B, ModelError>,
+    mut run: impl FnMut(&B) -> Result<(), ModelError>,
+) -> Result<(), RunError> {
+    let missing: Vec<usize> = (0..resident.len())
+        .filter(|&i| resident[i].is_none())
+        .collect();
+    let stream_loader = Arc::clone(loader);
+    let order = missing.clone();
+    let mut stream = LayerStream::new(missing.len(), prefetch_depth, move |k| {
+        stream_loader.load(order[k])
+    })
+    .map_err(RunError::Prefetch)?;
+
+    for (index, slot) in resident.iter_mut().enumerate() {
+        let name = loader.stages[index].name().to_owned();
+        let _scope = MemoryTracker::new(name.clone());
+        let fresh = match slot {
+            Some(_) => None,
+            None => {
+                let mut weights = match stream.next_stage() {
+                    Some(loaded) => loaded?,
+                    None => {
+                        return Err(RunError::Usage(format!(
+                            "stage {name} was not loaded (the prefetch thread stopped)"
+                        )))
+                    }
+                };
+                for hook in hooks {
+                    hook.before_layer(&mut weights)?;
+                }
+                if weights.persist && weights.replaced {
+                    match workspace {
+                        Some(ws) => loader.persist(ws, &weights)?,
+                        None => {
+                            return Err(RunError::Usage(format!(
+                                "a hook asked to persist {name}, but no workspace is set"
+                            )))
+                        }
+                    }
+                }
+                let vb = VarBuilder::from_tensors(weights.tensors, loader.dtype, &loader.device);
+                Some(build(index, vb)?)
+            }
+        };
+        let Some(block) = slot.as_ref().or(fresh.as_ref()) else {
+            unreachable!("a stage is either resident or freshly loaded")
+        };
+        run(block)?;
+        for hook in hooks {
+            hook.after_layer(&name, index)?;
+        }
+        if !clean_weights && fresh.is_some() {
+            *slot = fresh;
+        }
+        // With clean_weights, `fresh` (the block and its weights) drops here, inside the
+        // stage's scope, so the scope records the release.
+    }
+    Ok(())
+}

@@ -1,0 +1,259 @@
+//! `ModelConverter` end to end on the transformers fixtures: streamed output equals the
+//! full load bit for bit at every prefetch depth and matches transformers; resident weights
+//! are not read again; hooks can replace and persist layers; generation streams with a
+//! KV cache.
+
+mod fixture_support;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device, Tensor};
+use fixture_support::*;
+use memwise_model::{
+    DecoderModel, EncoderModel, LayerHook, LayerWeights, ModelConverter, RunError,
+};
+
+const DECODERS: [&str; 3] = ["tiny-llama", "tiny-qwen2", "tiny-mistral"];
+
+fn reference(folder: &Path) -> HashMap<String, Tensor> {
+    load_tensors(&folder.join("reference.safetensors"))
+}
+
+fn converter(folder: &Path, depth: usize) -> ModelConverter {
+    ModelConverter::new(folder)
+        .device(Device::Cpu)
+        .prefetch_depth(depth)
+}
+
+#[test]
+fn streamed_decoders_equal_full_load_and_match_transformers() {
+    for name in DECODERS {
+        let folder = fixture(name);
+        let reference = reference(&folder);
+        let ids = token_ids(&reference["input_ids"]);
+        let full = DecoderModel::new(&decoder_config(&folder), DType::F32, &Device::Cpu)
+            .unwrap()
+            .forward_full(
+                full_weights(&load_tensors(&folder.join("model.safetensors"))),
+                &ids,
+            )
+            .unwrap();
+        for depth in [0, 1, 2] {
+            for clean in [true, false] {
+                let mut model = converter(&folder, depth)
+                    .load_model_with_hooks(clean)
+                    .unwrap();
+                for pass in 0..2 {
+                    let logits = model.forward(&ids).unwrap();
+                    assert!(
+                        bitwise_equal(&logits, &full),
+                        "{name}: depth {depth}, clean {clean}, pass {pass}: streamed != full load"
+                    );
+                }
+            }
+        }
+        let diff = max_abs_diff(&full, &reference["logits"]);
+        assert!(
+            diff < REFERENCE_TOLERANCE,
+            "{name}: {diff} from transformers"
+        );
+    }
+}
+
+#[test]
+fn streamed_encoder_matches_transformers() {
+    let folder = fixture("tiny-bert");
+    let reference = reference(&folder);
+    let ids = token_ids(&reference["input_ids"]);
+    let types = token_ids(&reference["token_type_ids"]);
+    let mask = &reference["attention_mask"];
+    let full = EncoderModel::new(&encoder_config(&folder), DType::F32, &Device::Cpu)
+        .unwrap()
+        .forward_full(
+            full_weights(&load_tensors(&folder.join("model.safetensors"))),
+            &ids,
+            Some(&types),
+            Some(mask),
+        )
+        .unwrap();
+    let mut model = converter(&folder, 1).load_model_with_hooks(true).unwrap();
+    assert!(!model.is_decoder());
+    let hidden = model.encode(&ids, Some(&types), Some(mask)).unwrap();
+    assert!(bitwise_equal(&hidden, &full));
+    assert!(max_abs_diff(&hidden, &reference["last_hidden_state"]) < REFERENCE_TOLERANCE);
+    let pooled = model.embed(&ids, &types, mask).unwrap();
+    assert!(max_abs_diff(&pooled, &reference["mean_pooled"]) < REFERENCE_TOLERANCE);
+}
+
+/// A copy of a fixture whose weight file a test may delete.
+fn scratch_copy(name: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join(name);
+    std::fs::create_dir_all(&target).unwrap();
+    for file in ["config.json", "model.safetensors", "reference.safetensors"] {
+        std::fs::copy(fixture(name).join(file), target.join(file)).unwrap();
+    }
+    (dir, target)
+}
+
+#[test]
+fn resident_weights_are_not_read_again_and_clean_ones_are() {
+    let (_dir, folder) = scratch_copy("tiny-llama");
+    let ids = token_ids(&reference(&folder)["input_ids"]);
+    let mut resident = converter(&folder, 1).load_model_with_hooks(false).unwrap();
+    let mut streamed = converter(&folder, 1).load_model_with_hooks(true).unwrap();
+    let first = resident.forward(&ids).unwrap();
+    streamed.forward(&ids).unwrap();
+
+    // Empty the weights file: a model that streams must now fail, naming the file.
+    std::fs::write(folder.join("model.safetensors"), b"").unwrap();
+    let again = resident.forward(&ids).unwrap();
+    assert!(bitwise_equal(&first, &again));
+    let err = streamed.forward(&ids).unwrap_err().to_string();
+    assert!(err.contains("model.safetensors"), "{err}");
+}
+
+/// Scales one tensor of one layer, and asks for the result to be persisted.
+struct ScaleLayer {
+    tensor: &'static str,
+    factor: f64,
+    persist: bool,
+    seen: Mutex<Vec<String>>,
+}
+
+impl LayerHook for ScaleLayer {
+    fn before_layer(&self, layer: &mut LayerWeights) -> Result<(), RunError> {
+        self.seen.lock().unwrap().push(layer.name().to_owned());
+        if let Some(t) = layer.tensors().get(self.tensor) {
+            let scaled = (t * self.factor).unwrap();
+            layer.replace(self.tensor, scaled)?;
+            if self.persist {
+                layer.persist();
+            }
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn hooks_see_every_stage_and_replaced_layers_persist_to_the_workspace() {
+    let folder = fixture("tiny-llama");
+    let ids = token_ids(&reference(&folder)["input_ids"]);
+    let plain = converter(&folder, 1)
+        .load_model_with_hooks(true)
+        .unwrap()
+        .forward(&ids)
+        .unwrap();
+
+    let workspace = tempfile::tempdir().unwrap();
+    let hook = Arc::new(ScaleLayer {
+        tensor: "model.layers.1.mlp.down_proj.weight",
+        factor: 0.5,
+        persist: true,
+        seen: Mutex::new(Vec::new()),
+    });
+    struct Shared(Arc<ScaleLayer>);
+    impl LayerHook for Shared {
+        fn before_layer(&self, layer: &mut LayerWeights) -> Result<(), RunError> {
+            self.0.before_layer(layer)
+        }
+    }
+    let mut hooked = converter(&folder, 1)
+        .workspace(workspace.path())
+        .hook(Shared(hook.clone()))
+        .load_model_with_hooks(true)
+        .unwrap();
+    let changed = hooked.forward(&ids).unwrap();
+    assert!(
+        !bitwise_equal(&plain, &changed),
+        "the hook's change had no effect"
+    );
+    let names: Vec<String> = hooked
+        .stages()
+        .iter()
+        .map(|s| s.name().to_owned())
+        .collect();
+    assert_eq!(
+        *hook.seen.lock().unwrap(),
+        names,
+        "the hook saw every stage in order"
+    );
+
+    // A new model over the same workspace and no hook reads the persisted layer.
+    let mut reloaded = converter(&folder, 0)
+        .workspace(workspace.path())
+        .load_model_with_hooks(true)
+        .unwrap();
+    assert!(bitwise_equal(&reloaded.forward(&ids).unwrap(), &changed));
+}
+
+#[test]
+fn a_failing_hook_names_itself_and_the_layer() {
+    struct Refuse;
+    impl LayerHook for Refuse {
+        fn name(&self) -> &str {
+            "refuse"
+        }
+        fn before_layer(&self, layer: &mut LayerWeights) -> Result<(), RunError> {
+            if layer.name() == "model.layers.1" {
+                return Err(RunError::Hook {
+                    hook: self.name().into(),
+                    layer: layer.name().into(),
+                    message: "not today".into(),
+                });
+            }
+            Ok(())
+        }
+    }
+    let folder = fixture("tiny-llama");
+    let ids = token_ids(&reference(&folder)["input_ids"]);
+    let mut model = converter(&folder, 2)
+        .hook(Refuse)
+        .load_model_with_hooks(true)
+        .unwrap();
+    let err = model.forward(&ids).unwrap_err().to_string();
+    assert!(
+        err.contains("refuse") && err.contains("model.layers.1"),
+        "{err}"
+    );
+}
+
+#[test]
+fn streamed_generation_matches_transformers() {
+    for name in DECODERS {
+        let folder = fixture(name);
+        let reference = reference(&folder);
+        let prompt = token_ids(&reference["generate_prompt"]);
+        let expected: Vec<u32> = token_ids(&reference["generate_output"])
+            .squeeze(0)
+            .and_then(|t| t.to_vec1())
+            .unwrap();
+        let eos = reference["generate_eos_token_id"].to_vec1::<i64>().unwrap()[0];
+        let new_tokens = expected.len() - prompt.dim(1).unwrap();
+        let mut model = converter(&folder, 1).load_model_with_hooks(true).unwrap();
+        let out = model
+            .generate(&prompt, new_tokens, u32::try_from(eos).ok())
+            .unwrap();
+        assert_eq!(out.tokens, expected[prompt.dim(1).unwrap()..], "{name}");
+        assert!(out.kv_cache_bytes > 0);
+    }
+}
+
+#[test]
+fn a_missing_tensor_is_refused_before_any_weight_is_read() {
+    let (_dir, folder) = scratch_copy("tiny-llama");
+    // Claim more layers than the checkpoint holds.
+    let config = folder.join("config.json");
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();
+    json["num_hidden_layers"] = 3.into();
+    std::fs::write(&config, json.to_string()).unwrap();
+    let err = converter(&folder, 1)
+        .load_model_with_hooks(true)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("model.layers.2."), "{err}");
+}
