@@ -284,20 +284,22 @@ impl ModelConverter {
             Skeleton::Encoder(_) => Resident::Encoder(vec![None; stages.len()]),
         };
         Ok(StreamedModel {
-            loader: Arc::new(StageLoader {
-                source,
-                checkpoint,
-                stages,
-                strategy: self.strategy,
-                dtype: self.dtype,
-                device: self.device,
-            }),
+            streamer: Streamer {
+                loader: Arc::new(StageLoader {
+                    source,
+                    checkpoint,
+                    stages,
+                    strategy: self.strategy,
+                    dtype: self.dtype,
+                    device: self.device,
+                }),
+                clean_weights,
+                prefetch_depth: self.prefetch_depth,
+                hooks: self.hooks,
+                workspace,
+            },
             skeleton,
             resident,
-            clean_weights,
-            prefetch_depth: self.prefetch_depth,
-            hooks: self.hooks,
-            workspace,
         })
     }
 }
@@ -420,19 +422,15 @@ fn tensor_bytes(tensor: &Tensor) -> candle_core::Result<Vec<u8>> {
 
 /// A model whose forward pass loads each stage just before it runs (see [`ModelConverter`]).
 pub struct StreamedModel {
-    loader: Arc<StageLoader>,
+    streamer: Streamer,
     skeleton: Skeleton,
     resident: Resident,
-    clean_weights: bool,
-    prefetch_depth: usize,
-    hooks: Vec<Arc<dyn LayerHook>>,
-    workspace: Option<Workspace>,
 }
 
 impl StreamedModel {
     /// The stages in execution order.
     pub fn stages(&self) -> &[Stage] {
-        &self.loader.stages
+        &self.streamer.loader.stages
     }
 
     /// Whether this is a decoder (generates tokens) rather than an encoder.
@@ -442,7 +440,7 @@ impl StreamedModel {
 
     /// The checkpoint the weights come from.
     pub fn checkpoint(&self) -> &Checkpoint {
-        &self.loader.checkpoint
+        &self.streamer.loader.checkpoint
     }
 
     /// Decoders: the logits `(batch, seq_len, vocab)` of `input_ids` (`u32`).
@@ -470,12 +468,7 @@ impl StreamedModel {
         let Resident::Encoder(resident) = &mut self.resident else {
             unreachable!("skeleton and resident blocks are built together")
         };
-        run_stages(
-            &self.loader,
-            &self.hooks,
-            self.workspace.as_ref(),
-            self.prefetch_depth,
-            self.clean_weights,
+        self.streamer.run_stages(
             resident,
             |i, vb| model.load_stage(i, vb),
             |block| pass.run_block(block),
@@ -548,12 +541,7 @@ impl StreamedModel {
         let Resident::Decoder(resident) = &mut self.resident else {
             unreachable!("skeleton and resident blocks are built together")
         };
-        run_stages(
-            &self.loader,
-            &self.hooks,
-            self.workspace.as_ref(),
-            self.prefetch_depth,
-            self.clean_weights,
+        self.streamer.run_stages(
             resident,
             |i, vb| model.load_stage(i, vb),
             |block| pass.run_block(block),
@@ -581,72 +569,80 @@ fn candle_input(source: candle_core::Error) -> RunError {
     }
 }
 
-/// The streaming loop shared by every architecture: stages come from a prefetching
-/// stream (skipping resident ones), hooks see them, each runs in a scope of its name.
-#[allow(clippy::too_many_arguments)]
-fn run_stages<B>(
-    loader: &Arc<StageLoader>,
-    hooks: &[Arc<dyn LayerHook>],
-    workspace: Option<&Workspace>,
-    prefetch_depth: usize,
+/// How a [`StreamedModel`] gets its stages: the loader, the hooks and the settings.
+struct Streamer {
+    loader: Arc<StageLoader>,
     clean_weights: bool,
-    resident: &mut [Option<B>],
-    mut build: impl FnMut(usize, VarBuilder<'static>) -> Result<B, ModelError>,
-    mut run: impl FnMut(&B) -> Result<(), ModelError>,
-) -> Result<(), RunError> {
-    let missing: Vec<usize> = (0..resident.len())
-        .filter(|&i| resident[i].is_none())
-        .collect();
-    let stream_loader = Arc::clone(loader);
-    let order = missing.clone();
-    let mut stream = LayerStream::new(missing.len(), prefetch_depth, move |k| {
-        stream_loader.load(order[k])
-    })
-    .map_err(RunError::Prefetch)?;
+    prefetch_depth: usize,
+    hooks: Vec<Arc<dyn LayerHook>>,
+    workspace: Option<Workspace>,
+}
 
-    for (index, slot) in resident.iter_mut().enumerate() {
-        let name = loader.stages[index].name().to_owned();
-        let _scope = MemoryTracker::new(name.clone());
-        let fresh = match slot {
-            Some(_) => None,
-            None => {
-                let mut weights = match stream.next_stage() {
-                    Some(loaded) => loaded?,
-                    None => {
-                        return Err(RunError::Usage(format!(
-                            "stage {name} was not loaded (the prefetch thread stopped)"
-                        )))
-                    }
-                };
-                for hook in hooks {
-                    hook.before_layer(&mut weights)?;
-                }
-                if weights.persist && weights.replaced {
-                    match workspace {
-                        Some(ws) => loader.persist(ws, &weights)?,
+impl Streamer {
+    /// The streaming loop shared by every architecture: stages come from a prefetching
+    /// stream (skipping resident ones), hooks see them, each runs in a scope of its name.
+    fn run_stages<B>(
+        &self,
+        resident: &mut [Option<B>],
+        mut build: impl FnMut(usize, VarBuilder<'static>) -> Result<B, ModelError>,
+        mut run: impl FnMut(&B) -> Result<(), ModelError>,
+    ) -> Result<(), RunError> {
+        let (loader, hooks) = (&self.loader, &self.hooks);
+        let missing: Vec<usize> = (0..resident.len())
+            .filter(|&i| resident[i].is_none())
+            .collect();
+        let stream_loader = Arc::clone(loader);
+        let order = missing.clone();
+        let mut stream = LayerStream::new(missing.len(), self.prefetch_depth, move |k| {
+            stream_loader.load(order[k])
+        })
+        .map_err(RunError::Prefetch)?;
+
+        for (index, slot) in resident.iter_mut().enumerate() {
+            let name = loader.stages[index].name().to_owned();
+            let _scope = MemoryTracker::new(name.clone());
+            let fresh = match slot {
+                Some(_) => None,
+                None => {
+                    let mut weights = match stream.next_stage() {
+                        Some(loaded) => loaded?,
                         None => {
                             return Err(RunError::Usage(format!(
-                                "a hook asked to persist {name}, but no workspace is set"
+                                "stage {name} was not loaded (the prefetch thread stopped)"
                             )))
                         }
+                    };
+                    for hook in hooks {
+                        hook.before_layer(&mut weights)?;
                     }
+                    if weights.persist && weights.replaced {
+                        match &self.workspace {
+                            Some(ws) => loader.persist(ws, &weights)?,
+                            None => {
+                                return Err(RunError::Usage(format!(
+                                    "a hook asked to persist {name}, but no workspace is set"
+                                )))
+                            }
+                        }
+                    }
+                    let vb =
+                        VarBuilder::from_tensors(weights.tensors, loader.dtype, &loader.device);
+                    Some(build(index, vb)?)
                 }
-                let vb = VarBuilder::from_tensors(weights.tensors, loader.dtype, &loader.device);
-                Some(build(index, vb)?)
+            };
+            let Some(block) = slot.as_ref().or(fresh.as_ref()) else {
+                unreachable!("a stage is either resident or freshly loaded")
+            };
+            run(block)?;
+            for hook in hooks {
+                hook.after_layer(&name, index)?;
             }
-        };
-        let Some(block) = slot.as_ref().or(fresh.as_ref()) else {
-            unreachable!("a stage is either resident or freshly loaded")
-        };
-        run(block)?;
-        for hook in hooks {
-            hook.after_layer(&name, index)?;
+            if !self.clean_weights && fresh.is_some() {
+                *slot = fresh;
+            }
+            // With clean_weights, `fresh` (the block and its weights) drops here, inside the
+            // stage's scope, so the scope records the release.
         }
-        if !clean_weights && fresh.is_some() {
-            *slot = fresh;
-        }
-        // With clean_weights, `fresh` (the block and its weights) drops here, inside the
-        // stage's scope, so the scope records the release.
+        Ok(())
     }
-    Ok(())
 }
