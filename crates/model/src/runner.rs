@@ -34,10 +34,10 @@ use crate::workspace::{ConvertOptions, TensorBytes, Workspace};
 pub enum RunError {
     /// Reading the checkpoint or writing the workspace failed.
     #[error(transparent)]
-    Checkpoint(#[from] crate::Error),
+    Checkpoint(Box<crate::Error>),
     /// Building or running a block failed.
     #[error(transparent)]
-    Model(#[from] ModelError),
+    Model(Box<ModelError>),
     /// A tensor could not be turned into a compute tensor.
     #[error("tensor {tensor}: {source}")]
     Tensor {
@@ -45,7 +45,7 @@ pub enum RunError {
         tensor: String,
         /// candle's error.
         #[source]
-        source: candle_core::Error,
+        source: Box<candle_core::Error>,
     },
     /// A layer hook refused the layer.
     #[error("hook {hook} on layer {layer}: {message}")]
@@ -63,6 +63,20 @@ pub enum RunError {
     /// The call does not fit this model (e.g. `generate` on an encoder).
     #[error("{0}")]
     Usage(String),
+}
+
+impl From<crate::Error> for RunError {
+    fn from(error: crate::Error) -> Self {
+        // Boxed: checkpoint errors carry paths and names, and a large error would make
+        // every `Result` of the forward pass large.
+        RunError::Checkpoint(Box::new(error))
+    }
+}
+
+impl From<ModelError> for RunError {
+    fn from(error: ModelError) -> Self {
+        RunError::Model(Box::new(error))
+    }
 }
 
 /// One stage's weights, as a hook sees them before the stage runs.
@@ -347,7 +361,7 @@ impl StageLoader {
             let tensor = Tensor::from_raw_buffer(&bytes, self.dtype, view.shape(), &self.device)
                 .map_err(|source| RunError::Tensor {
                     tensor: view.name().to_owned(),
-                    source,
+                    source: Box::new(source),
                 })?;
             tensors.insert(view.name().to_owned(), tensor);
         }
@@ -366,7 +380,7 @@ impl StageLoader {
         for (name, tensor) in &layer.tensors {
             let bytes = tensor_bytes(tensor).map_err(|source| RunError::Tensor {
                 tensor: name.clone(),
-                source,
+                source: Box::new(source),
             })?;
             owned.push((name.as_str(), tensor.dims().to_vec(), bytes));
         }
@@ -525,6 +539,21 @@ impl StreamedModel {
         })
     }
 
+    /// Loads every stage's weights now and keeps them resident: the full-load path, for
+    /// comparison with streaming (later passes read nothing from disk).
+    pub fn load_all(&mut self) -> Result<(), RunError> {
+        self.streamer.clean_weights = false;
+        match (&self.skeleton, &mut self.resident) {
+            (Skeleton::Decoder(model), Resident::Decoder(resident)) => self
+                .streamer
+                .load_all(resident, |i, vb| model.load_stage(i, vb)),
+            (Skeleton::Encoder(model), Resident::Encoder(resident)) => self
+                .streamer
+                .load_all(resident, |i, vb| model.load_stage(i, vb)),
+            _ => unreachable!("skeleton and resident blocks are built together"),
+        }
+    }
+
     fn decode(
         &mut self,
         input_ids: &Tensor,
@@ -565,7 +594,7 @@ pub struct Generated {
 fn candle_input(source: candle_core::Error) -> RunError {
     RunError::Tensor {
         tensor: "input_ids".into(),
-        source,
+        source: Box::new(source),
     }
 }
 
@@ -579,6 +608,47 @@ struct Streamer {
 }
 
 impl Streamer {
+    /// Lets the hooks see a stage's loaded weights, persists them if a hook asked, and
+    /// builds the stage's block from them.
+    fn materialize<B>(
+        &self,
+        index: usize,
+        mut weights: LayerWeights,
+        build: &mut impl FnMut(usize, VarBuilder<'static>) -> Result<B, ModelError>,
+    ) -> Result<B, RunError> {
+        for hook in &self.hooks {
+            hook.before_layer(&mut weights)?;
+        }
+        if weights.persist && weights.replaced {
+            let Some(workspace) = &self.workspace else {
+                return Err(RunError::Usage(format!(
+                    "a hook asked to persist {}, but no workspace is set",
+                    weights.name
+                )));
+            };
+            self.loader.persist(workspace, &weights)?;
+        }
+        let loader = &self.loader;
+        let vb = VarBuilder::from_tensors(weights.tensors, loader.dtype, &loader.device);
+        Ok(build(index, vb)?)
+    }
+
+    /// Loads and builds every stage not yet resident, without running any: the full-load
+    /// path, for comparison with streaming.
+    fn load_all<B>(
+        &self,
+        resident: &mut [Option<B>],
+        mut build: impl FnMut(usize, VarBuilder<'static>) -> Result<B, ModelError>,
+    ) -> Result<(), RunError> {
+        for (index, slot) in resident.iter_mut().enumerate() {
+            if slot.is_none() {
+                let weights = self.loader.load(index)?;
+                *slot = Some(self.materialize(index, weights, &mut build)?);
+            }
+        }
+        Ok(())
+    }
+
     /// The streaming loop shared by every architecture: stages come from a prefetching
     /// stream (skipping resident ones), hooks see them, each runs in a scope of its name.
     fn run_stages<B>(
@@ -604,7 +674,7 @@ impl Streamer {
             let fresh = match slot {
                 Some(_) => None,
                 None => {
-                    let mut weights = match stream.next_stage() {
+                    let weights = match stream.next_stage() {
                         Some(loaded) => loaded?,
                         None => {
                             return Err(RunError::Usage(format!(
@@ -612,22 +682,7 @@ impl Streamer {
                             )))
                         }
                     };
-                    for hook in hooks {
-                        hook.before_layer(&mut weights)?;
-                    }
-                    if weights.persist && weights.replaced {
-                        match &self.workspace {
-                            Some(ws) => loader.persist(ws, &weights)?,
-                            None => {
-                                return Err(RunError::Usage(format!(
-                                    "a hook asked to persist {name}, but no workspace is set"
-                                )))
-                            }
-                        }
-                    }
-                    let vb =
-                        VarBuilder::from_tensors(weights.tensors, loader.dtype, &loader.device);
-                    Some(build(index, vb)?)
+                    Some(self.materialize(index, weights, &mut build)?)
                 }
             };
             let Some(block) = slot.as_ref().or(fresh.as_ref()) else {

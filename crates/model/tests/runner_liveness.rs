@@ -21,7 +21,10 @@ struct KeepClones(Mutex<Vec<Tensor>>);
 
 impl LayerHook for KeepClones {
     fn before_layer(&self, layer: &mut LayerWeights) -> Result<(), RunError> {
-        self.0.lock().unwrap().extend(layer.tensors().values().cloned());
+        self.0
+            .lock()
+            .unwrap()
+            .extend(layer.tensors().values().cloned());
         Ok(())
     }
 }
@@ -38,7 +41,9 @@ fn layer_figures(clean: bool, hook: Option<KeepClones>) -> Vec<(u64, i64, u64)> 
         vocab_size: 512,
         ..SynthSpec::tiny(Architecture::Llama)
     };
-    let folder = write_synthetic_checkpoint(&spec, &dir.path().join("m")).unwrap().folder;
+    let folder = write_synthetic_checkpoint(&spec, &dir.path().join("m"))
+        .unwrap()
+        .folder;
     let mut converter = ModelConverter::new(&folder).prefetch_depth(0);
     if let Some(hook) = hook {
         converter = converter.hook(hook);
@@ -56,7 +61,10 @@ fn layer_figures(clean: bool, hook: Option<KeepClones>) -> Vec<(u64, i64, u64)> 
     model.stages()[1..=4]
         .iter()
         .map(|stage| {
-            let record = stats.scopes_named(stage.name()).last().expect("a scope per stage");
+            let record = stats
+                .scopes_named(stage.name())
+                .last()
+                .expect("a scope per stage");
             (
                 stage.weight_bytes(DType::F32),
                 record.heap_retained().unwrap(),
@@ -79,6 +87,9 @@ fn clean_weights_are_freed_after_each_layer_and_a_kept_clone_is_caught() {
     }
     // A hook that keeps clones pins every layer's weights: the same measure sees it.
     for (weights, retained, _) in layer_figures(true, Some(KeepClones::default())) {
-        assert!(retained as u64 >= weights, "a kept clone went unnoticed: {retained}");
+        assert!(
+            retained as u64 >= weights,
+            "a kept clone went unnoticed: {retained}"
+        );
     }
 }

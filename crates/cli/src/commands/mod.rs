@@ -4,7 +4,10 @@ use clap::{Parser, Subcommand};
 
 mod config;
 mod convert;
+mod demo;
 mod inspect;
+mod report;
+mod run;
 mod stats;
 mod synth;
 
@@ -19,6 +22,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Generate a model, run it loaded whole and streamed, and compare memory and output.
+    Demo(demo::Args),
     /// Run a small workload under tracking and print the memory stats it produced.
     Stats(stats::Args),
     /// Show the configuration and where each value came from, or check a config file.
@@ -30,16 +35,20 @@ enum Command {
     /// Write a seeded random-weight model in the Hugging Face layout (config.json, sharded
     /// safetensors, index), so nothing has to be downloaded.
     Synth(synth::Args),
+    /// Stream a model through memory one layer at a time; print its output and per-layer memory.
+    Run(run::Args),
 }
 
 /// Dispatches to the chosen subcommand.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Demo(args) => demo::run(args),
         Command::Stats(args) => stats::run(args),
         Command::Config(args) => config::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Convert(args) => convert::run(args),
         Command::Synth(args) => synth::run(args),
+        Command::Run(args) => run::run(args),
     }
 }
 

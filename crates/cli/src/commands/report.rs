@@ -1,0 +1,104 @@
+//! Human-readable memory reports shared by the subcommands.
+
+use std::fmt::Write as _;
+
+use memwise::{MemoryStats, ScopeAggregate, ScopeRecord};
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// Bytes in MiB, or "unavailable".
+pub fn mib(bytes: Option<u64>) -> String {
+    bytes.map_or("unavailable".into(), |b| {
+        format!("{:.1} MiB", b as f64 / MIB)
+    })
+}
+
+/// A signed byte delta in MiB, or "unavailable".
+pub fn signed_mib(bytes: Option<i64>) -> String {
+    bytes.map_or("unavailable".into(), |b| {
+        format!("{:.1} MiB", b as f64 / MIB)
+    })
+}
+
+/// Process-wide figures: heap, RSS, allocator, devices.
+pub fn memory_summary(stats: &MemoryStats) -> String {
+    let mut out = String::new();
+    let heap = stats.heap.as_ref();
+    let proc = stats.process.as_ref();
+    let _ = writeln!(
+        out,
+        "heap       current {:>12}   peak {:>12}",
+        mib(heap.map(|h| h.current)),
+        mib(heap.map(|h| h.peak))
+    );
+    let _ = writeln!(
+        out,
+        "RSS        current {:>12}   peak {:>12}   anon {}   file {}",
+        mib(proc.map(|p| p.rss)),
+        mib(proc.map(|p| p.rss_peak)),
+        mib(proc.map(|p| p.rss_anon)),
+        mib(proc.map(|p| p.rss_file))
+    );
+    let _ = writeln!(
+        out,
+        "allocator  free held {}",
+        mib(stats.allocator_free_bytes)
+    );
+    if stats.devices.is_empty() {
+        let _ = writeln!(out, "devices    none registered (CPU-only build)");
+    }
+    for d in &stats.devices {
+        let _ = writeln!(
+            out,
+            "{:<10} used {:>12}   reserved {:>12}   peak {:>12}",
+            d.device,
+            mib(Some(d.used)),
+            mib(Some(d.reserved)),
+            mib(Some(d.peak_used))
+        );
+    }
+    out
+}
+
+/// One row per finished scope: time, heap at entry and exit, and the peak above entry.
+pub fn scope_table<'a>(records: impl IntoIterator<Item = &'a ScopeRecord>) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<20} {:>10} {:>14} {:>14} {:>14}",
+        "scope", "time", "heap entry", "heap exit", "peak delta"
+    );
+    for r in records {
+        let _ = writeln!(
+            out,
+            "{:<20} {:>8.2}ms {:>14} {:>14} {:>14}",
+            r.name,
+            r.duration.as_secs_f64() * 1e3,
+            mib(r.heap_at_entry),
+            mib(r.heap_at_exit),
+            mib(r.heap_peak_delta())
+        );
+    }
+    out
+}
+
+/// One row per scope name: how often it ran, its total time and its largest peak.
+pub fn aggregate_table<'a>(aggregates: impl IntoIterator<Item = &'a ScopeAggregate>) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<20} {:>6} {:>12} {:>16}",
+        "layer", "runs", "total time", "max peak delta"
+    );
+    for a in aggregates {
+        let _ = writeln!(
+            out,
+            "{:<20} {:>6} {:>10.2}ms {:>16}",
+            a.name,
+            a.count,
+            a.total_time.as_secs_f64() * 1e3,
+            mib(a.max_heap_peak_delta)
+        );
+    }
+    out
+}

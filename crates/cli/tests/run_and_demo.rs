@@ -1,0 +1,122 @@
+//! `memwise run` and `memwise demo` end to end: the binary's streamed logits match
+//! transformers' on the reference fixture, its output file is written whole, bad requests
+//! are refused with a clear message, and the demo's streamed run equals the full load.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use candle_core::{DType, Device};
+
+fn memwise(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_memwise"))
+        .args(args)
+        .env_remove("MEMWISE_CONFIG")
+        .output()
+        .expect("the binary runs")
+}
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../model/tests/fixtures/reference")
+        .join(name)
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+#[test]
+fn run_streams_the_fixture_and_writes_logits_matching_transformers() {
+    let folder = fixture("tiny-llama");
+    let reference =
+        candle_core::safetensors::load(folder.join("reference.safetensors"), &Device::Cpu).unwrap();
+    // The CLI runs one sequence: the fixture's first row.
+    let ids: Vec<String> = reference["input_ids"]
+        .get(0)
+        .and_then(|t| t.to_vec1::<i64>())
+        .unwrap()
+        .iter()
+        .map(i64::to_string)
+        .collect();
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = out_dir.path().join("logits.safetensors");
+    let output = memwise(&[
+        "run",
+        folder.to_str().unwrap(),
+        "--input-ids",
+        &ids.join(","),
+        "--prefetch",
+        "1",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", text(&output));
+    let report = text(&output);
+    for layer in ["model.embed_tokens", "model.layers.1", "lm_head"] {
+        assert!(
+            report.contains(layer),
+            "per-layer breakdown lacks {layer}:\n{report}"
+        );
+    }
+    let written = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
+    let expected = reference["logits"]
+        .get(0)
+        .and_then(|t| t.unsqueeze(0))
+        .and_then(|t| t.to_dtype(DType::F32))
+        .unwrap();
+    let diff = (&written["output"] - &expected)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.flatten_all())
+        .and_then(|d| d.max(0))
+        .and_then(|d| d.to_scalar::<f32>())
+        .unwrap();
+    assert!(diff < 1e-4, "CLI logits differ from transformers by {diff}");
+    let leftovers: Vec<_> = std::fs::read_dir(out_dir.path()).unwrap().collect();
+    assert_eq!(leftovers.len(), 1, "a temporary file was left behind");
+}
+
+#[test]
+fn run_refuses_bad_requests_clearly() {
+    let folder = fixture("tiny-llama");
+    let folder = folder.to_str().unwrap();
+    let bad_output = memwise(&["run", folder, "--input-ids", "1", "--output", "x.txt"]);
+    assert!(!bad_output.status.success());
+    assert!(text(&bad_output).contains(".json or .safetensors"));
+
+    let no_tokenizer = memwise(&["run", folder, "--prompt", "hello"]);
+    assert!(!no_tokenizer.status.success());
+    assert!(text(&no_tokenizer).contains("tokenizer.json"));
+
+    let missing = memwise(&["run", "/nonexistent/model", "--input-ids", "1"]);
+    assert!(!missing.status.success());
+    assert!(
+        text(&missing).contains("/nonexistent/model"),
+        "{}",
+        text(&missing)
+    );
+
+    let out_of_vocab = memwise(&["run", folder, "--input-ids", "999999"]);
+    assert_eq!(out_of_vocab.status.code(), Some(1), "an error, not a panic");
+    assert!(text(&out_of_vocab).contains("invalid index 999999"), "{}", text(&out_of_vocab));
+}
+
+#[test]
+fn demo_runs_and_streamed_equals_full_load() {
+    let output = memwise(&["demo", "--layers", "2", "--tokens", "8"]);
+    assert!(output.status.success(), "{}", text(&output));
+    let report = text(&output);
+    assert!(report.contains("the logits are identical"), "{report}");
+    assert!(report.contains("model.layers.1"), "{report}");
+}
+
+#[test]
+fn encoder_run_prints_the_embedding() {
+    let folder = fixture("tiny-bert");
+    let output = memwise(&["run", folder.to_str().unwrap(), "--input-ids", "2,7,9,3"]);
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(text(&output).contains("L2 norm"));
+}
