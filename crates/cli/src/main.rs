@@ -12,6 +12,7 @@ mod commands;
 static ALLOC: memwise::TrackingAllocator = memwise::TrackingAllocator::system();
 
 fn main() -> ExitCode {
+    restore_sigpipe();
     let cli = commands::Cli::parse();
     match commands::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -19,5 +20,15 @@ fn main() -> ExitCode {
             eprintln!("error: {err:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Rust ignores SIGPIPE, so `memwise ... | head` would panic on a closed pipe; a command-line
+/// tool should end quietly instead, as other Unix tools do.
+fn restore_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: called first thing in main, before any thread exists; SIG_DFL is always valid.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }

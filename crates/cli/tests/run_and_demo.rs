@@ -101,7 +101,11 @@ fn run_refuses_bad_requests_clearly() {
 
     let out_of_vocab = memwise(&["run", folder, "--input-ids", "999999"]);
     assert_eq!(out_of_vocab.status.code(), Some(1), "an error, not a panic");
-    assert!(text(&out_of_vocab).contains("invalid index 999999"), "{}", text(&out_of_vocab));
+    assert!(
+        text(&out_of_vocab).contains("invalid index 999999"),
+        "{}",
+        text(&out_of_vocab)
+    );
 }
 
 #[test]

@@ -102,3 +102,11 @@ pub fn aggregate_table<'a>(aggregates: impl IntoIterator<Item = &'a ScopeAggrega
     }
     out
 }
+
+/// The aggregates in the order their scopes first ran (the stats keep them by name).
+pub fn aggregates_in_run_order(stats: &MemoryStats) -> Vec<&ScopeAggregate> {
+    let first_run = |name: &str| stats.scopes.iter().position(|r| r.name == name);
+    let mut ordered: Vec<&ScopeAggregate> = stats.aggregates.iter().collect();
+    ordered.sort_by_key(|a| first_run(&a.name).unwrap_or(usize::MAX));
+    ordered
+}
