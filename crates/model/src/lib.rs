@@ -25,10 +25,10 @@
 //! # Ok::<(), memwise_model::Error>(())
 //! ```
 //!
-//! For a compute backend, [`TensorView::bytes`] with [`TensorView::dtype`] and
-//! [`TensorView::shape`] are what a tensor constructor takes (candle's
-//! `Tensor::from_raw_buffer`), and [`TensorView::to_dtype`] converts floats to the compute
-//! dtype on the way.
+//! [`TensorView::to_candle_tensor`] (and [`LayerData::to_candle_tensors`], the map
+//! candle-nn's `VarBuilder::from_tensors` takes) hand a layer to candle, converting floats
+//! to the compute dtype on the way; [`TensorView::bytes`], [`TensorView::dtype`] and
+//! [`TensorView::shape`] serve any other backend.
 //!
 //! # Reading without pinning memory, measured
 //!

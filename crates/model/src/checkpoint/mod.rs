@@ -4,6 +4,7 @@
 //! sharded safetensors, single or sharded PyTorch `.bin`), validates every number and path
 //! in them, and builds a [`TensorIndex`]. No weight is read until a [`LayerReader`] asks.
 
+mod candle;
 mod dtype;
 mod index;
 mod pickle;
