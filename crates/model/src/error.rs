@@ -189,6 +189,15 @@ pub enum Error {
         /// The dtype asked for.
         to: String,
     },
+    /// candle refused a tensor (its device could not allocate it, for instance).
+    #[error("tensor {tensor}: candle: {source}")]
+    Candle {
+        /// The tensor.
+        tensor: String,
+        /// candle's error.
+        #[source]
+        source: Box<candle_core::Error>,
+    },
     /// A workspace file's checksum does not match its manifest.
     #[error("{}: checksum {actual} does not match the manifest's {expected}", file.display())]
     ChecksumMismatch {

@@ -25,10 +25,10 @@
 //! # Ok::<(), memwise_model::Error>(())
 //! ```
 //!
-//! For a compute backend, [`TensorView::bytes`] with [`TensorView::dtype`] and
-//! [`TensorView::shape`] are what a tensor constructor takes (candle's
-//! `Tensor::from_raw_buffer`), and [`TensorView::to_dtype`] converts floats to the compute
-//! dtype on the way.
+//! [`TensorView::to_candle_tensor`] (and [`LayerData::to_candle_tensors`], the map
+//! candle-nn's `VarBuilder::from_tensors` takes) hand a layer to candle, converting floats
+//! to the compute dtype on the way; [`TensorView::bytes`], [`TensorView::dtype`] and
+//! [`TensorView::shape`] serve any other backend.
 //!
 //! # Reading without pinning memory, measured
 //!
@@ -39,21 +39,24 @@
 //! `cargo bench -p memwise-model --bench layer_stream` generates a 1 GiB bf16 Llama-shaped
 //! checkpoint (two shards; 10 blocks of 98 MiB, 32 MiB embeddings and head), then reads it
 //! in fresh processes, every byte folded into a checksum, cold (pages evicted with
-//! `posix_fadvise`) and warm. Best of 3 on the 2-core development VM (Linux 6.18):
+//! `posix_fadvise`) and warm. Best of 3 on the shared 2-core development VM (Linux 6.18),
+//! in its quietest run:
 //!
 //! | mode | cold MiB/s | warm MiB/s | peak RSS (whole process) |
 //! | --- | ---: | ---: | ---: |
 //! | plain sequential `read`, 8 MiB buffer | 1157 (100%) | 1704 (100%) | 10 MiB |
-//! | [`ReadStrategy::Pread`], layer by layer | 1280 (111%) | 2874 (169%) | 100 MiB |
-//! | [`ReadStrategy::MmapRelease`], layer by layer | 1952 (169%) | 8868 (520%) | 103 MiB |
+//! | [`ReadStrategy::Pread`], layer by layer | 1280 (111%) | 2874 (169%) | 100.4 MiB |
+//! | [`ReadStrategy::MmapRelease`], layer by layer | 1952 (169%) | 8868 (520%) | 102.5 MiB |
 //! | mmap, nothing released (what both avoid) | 1782 | 9124 | 524 MiB, one shard |
 //!
 //! The largest layer is 98 MiB, so the budget of largest layer + 64 MiB is 162 MiB: both
-//! strategies peak at 0.62–0.63 of it, and both beat the 80%-of-sequential target. Peak RSS
-//! is equal within 2 MiB (the mapping's page tables), and the mapping is faster cold and
-//! three times faster warm (no copy), so it is the default; `Pread` remains for files that
-//! may change while read, where it gives an error instead of a SIGBUS. (Faulting in with
-//! only a `MADV_WILLNEED` hint, the mapping read cold at 74% of sequential.)
+//! strategies peak at 0.62–0.63 of it in every run. Across five runs under varying load,
+//! `Pread` read at 101–158% of the sequential read cold and 142–169% warm. The mapping
+//! read at 404–520% warm, but cold at 67–169% when faulting in with
+//! `MADV_POPULATE_READ` (below the 80% target in one of three runs) and 74–89% with only a
+//! `MADV_WILLNEED` hint. `Pread` has the lower peak RSS (by the mapping's 2 MiB of page
+//! tables) and met the throughput target in every run, so it is the default; the mapping
+//! is the faster choice for checkpoints that stay in the page cache.
 //!
 //! # Untrusted input
 //!

@@ -354,17 +354,7 @@ impl StageLoader {
         let names: Vec<&str> = stage.tensor_names().collect();
         let mut reader = self.checkpoint.reader(self.strategy);
         let data = reader.read_tensors(&names)?;
-        let compute = stored_dtype(self.dtype);
-        let mut tensors = HashMap::with_capacity(names.len());
-        for view in data.tensors() {
-            let bytes = view.to_dtype(compute)?;
-            let tensor = Tensor::from_raw_buffer(&bytes, self.dtype, view.shape(), &self.device)
-                .map_err(|source| RunError::Tensor {
-                    tensor: view.name().to_owned(),
-                    source: Box::new(source),
-                })?;
-            tensors.insert(view.name().to_owned(), tensor);
-        }
+        let tensors = data.to_candle_tensors(Some(stored_dtype(self.dtype)), &self.device)?;
         // `data` drops here: the mapped pages of this stage are released before it runs.
         Ok(LayerWeights {
             name: stage.name().to_owned(),

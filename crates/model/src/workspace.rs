@@ -400,6 +400,9 @@ impl Workspace {
                 bytes_total,
             });
         }
+        // Recorded even when nothing was written, so a runner can always ask this
+        // workspace for the checkpoint to read.
+        self.save_manifest(&manifest)?;
         self.verify()?;
         Ok(report)
     }

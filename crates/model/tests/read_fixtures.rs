@@ -199,3 +199,34 @@ fn unknown_layer_and_tensor_are_errors() {
     let err = reader.read_tensors(&["nope"]).err().unwrap();
     assert!(err.to_string().contains("nope"));
 }
+
+#[test]
+fn layers_convert_to_candle_tensors() {
+    let checkpoint = Checkpoint::open(fixture("tiny-llama-sharded")).unwrap();
+    let mut reader = checkpoint.reader(ReadStrategy::Pread);
+    let layer = reader.read_layer(&LayerId::Block(0)).unwrap();
+    let cpu = candle_core::Device::Cpu;
+    let tensors = layer.to_candle_tensors(Some(DType::F32), &cpu).unwrap();
+    assert_eq!(tensors.len(), 9);
+    for view in layer.tensors() {
+        let tensor = &tensors[view.name()];
+        assert_eq!(tensor.dims(), view.shape());
+        assert_eq!(tensor.dtype(), candle_core::DType::F32);
+        let values: Vec<f32> = tensor.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(values, view.to_f32_vec().unwrap(), "{}", view.name());
+    }
+    let stored = layer.tensors()[0].to_candle_tensor(None, &cpu).unwrap();
+    assert_eq!(stored.dtype(), candle_core::DType::F16);
+
+    // Integers keep their dtype whatever the compute dtype.
+    let bert = Checkpoint::open(fixture("tiny-bert")).unwrap();
+    let mut reader = bert.reader(ReadStrategy::MmapRelease);
+    let embeddings = reader.read_layer(&LayerId::Embeddings).unwrap();
+    let ids = embeddings.get("bert.embeddings.position_ids").unwrap();
+    let ids = ids.to_candle_tensor(Some(DType::F16), &cpu).unwrap();
+    assert_eq!(ids.dtype(), candle_core::DType::I64);
+    assert_eq!(
+        ids.to_vec2::<i64>().unwrap(),
+        [(0..8).collect::<Vec<i64>>()]
+    );
+}

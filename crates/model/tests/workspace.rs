@@ -84,6 +84,13 @@ fn safetensors_sources_are_never_copied() {
     assert_eq!(report.in_place.len(), 5);
     assert_eq!(report.bytes_written, 0);
     assert!(layer_files(dir.path()).is_empty());
+    // The runner still asks the workspace, and gets the source files themselves.
+    let served = workspace.checkpoint(&source).unwrap();
+    assert!(served
+        .index()
+        .tensors()
+        .iter()
+        .all(|t| t.file.starts_with(source.folder())));
 
     // Converting to f16 writes converted layers, and they match torch's own f16 save.
     let f16 = ConvertOptions::with_dtype(Some(DType::F16));

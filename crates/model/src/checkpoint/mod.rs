@@ -4,6 +4,7 @@
 //! sharded safetensors, single or sharded PyTorch `.bin`), validates every number and path
 //! in them, and builds a [`TensorIndex`]. No weight is read until a [`LayerReader`] asks.
 
+mod candle;
 mod dtype;
 mod index;
 mod pickle;
@@ -180,7 +181,11 @@ impl Checkpoint {
         let config_path = folder.join("config.json");
         let config_bytes = safetensors::read_small_file(&config_path, MAX_JSON_BYTES)?;
         let config = ModelConfig::parse(&config_path, &config_bytes)?;
-        let (format, files, per_file) = read_weights(&folder)?;
+        let Weights {
+            format,
+            files,
+            per_file,
+        } = read_weights(&folder)?;
         let mut index = TensorIndex::build(per_file)?;
         add_tied_head(&mut index, &config);
         Ok(Checkpoint {
@@ -254,9 +259,15 @@ impl Checkpoint {
     }
 }
 
+/// The weight files of a folder and the tensors each one holds.
+struct Weights {
+    format: SourceFormat,
+    files: Vec<PathBuf>,
+    per_file: Vec<Vec<TensorInfo>>,
+}
+
 /// Finds the weight files of `folder` and parses each one's tensor list.
-#[allow(clippy::type_complexity)]
-fn read_weights(folder: &Path) -> Result<(SourceFormat, Vec<PathBuf>, Vec<Vec<TensorInfo>>)> {
+fn read_weights(folder: &Path) -> Result<Weights> {
     let candidates = [
         (
             "model.safetensors.index.json",
@@ -285,7 +296,11 @@ fn read_weights(folder: &Path) -> Result<(SourceFormat, Vec<PathBuf>, Vec<Vec<Te
     match format {
         SourceFormat::Safetensors | SourceFormat::TorchBin => {
             let tensors = read_one(&path)?;
-            Ok((format, vec![path], vec![tensors]))
+            Ok(Weights {
+                format,
+                files: vec![path],
+                per_file: vec![tensors],
+            })
         }
         SourceFormat::ShardedSafetensors | SourceFormat::ShardedTorchBin => {
             let shards = read_shard_index(folder, &path)?;
@@ -297,7 +312,11 @@ fn read_weights(folder: &Path) -> Result<(SourceFormat, Vec<PathBuf>, Vec<Vec<Te
                 files.push(shard);
                 per_file.push(tensors);
             }
-            Ok((format, files, per_file))
+            Ok(Weights {
+                format,
+                files,
+                per_file,
+            })
         }
     }
 }
