@@ -352,10 +352,19 @@ impl StageLoader {
     fn load(&self, index: usize) -> Result<LayerWeights, RunError> {
         let stage = &self.stages[index];
         let names: Vec<&str> = stage.tensor_names().collect();
-        let mut reader = self.checkpoint.reader(self.strategy);
-        let data = reader.read_tensors(&names)?;
-        let tensors = data.to_candle_tensors(Some(stored_dtype(self.dtype)), &self.device)?;
-        // `data` drops here: the mapped pages of this stage are released before it runs.
+        let compute = Some(stored_dtype(self.dtype));
+        let tensors = match (self.strategy, &self.device) {
+            // pread straight into each tensor's storage: the stage costs its weights once.
+            (ReadStrategy::Pread, Device::Cpu) => {
+                self.checkpoint.load_candle_tensors(&names, compute)?
+            }
+            _ => {
+                let mut reader = self.checkpoint.reader(self.strategy);
+                let data = reader.read_tensors(&names)?;
+                data.to_candle_tensors(compute, &self.device)?
+                // `data` drops here: mapped pages are released before the stage runs.
+            }
+        };
         Ok(LayerWeights {
             name: stage.name().to_owned(),
             index,

@@ -80,6 +80,106 @@ impl LayerData<'_> {
     }
 }
 
+impl crate::checkpoint::Checkpoint {
+    /// Reads the named tensors straight into candle tensors on the CPU, converting floats to
+    /// `compute`. A tensor already stored in its compute dtype is read with `pread` directly
+    /// into the tensor's own storage, with no staging buffer, so a stage costs its weights
+    /// once and not twice; a converted one stages only its own stored bytes.
+    ///
+    /// ```
+    /// use memwise_model::{Checkpoint, DType};
+    ///
+    /// let folder = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-llama-safetensors");
+    /// let checkpoint = Checkpoint::open(folder)?;
+    /// let tensors = checkpoint.load_candle_tensors(&["model.norm.weight"], Some(DType::F32))?;
+    /// assert_eq!(tensors["model.norm.weight"].dtype(), candle_core::DType::F32);
+    /// # Ok::<(), memwise_model::Error>(())
+    /// ```
+    pub fn load_candle_tensors(
+        &self,
+        names: &[&str],
+        compute: Option<DType>,
+    ) -> Result<HashMap<String, candle_core::Tensor>> {
+        let mut files: HashMap<&std::path::Path, std::fs::File> = HashMap::new();
+        let mut out = HashMap::with_capacity(names.len());
+        for &name in names {
+            let info = self.index().get(name).ok_or_else(|| Error::NotFound {
+                name: name.to_owned(),
+                folder: self.folder().to_owned(),
+            })?;
+            let file = match files.entry(info.file.as_path()) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => e.insert(
+                    std::fs::File::open(&info.file)
+                        .map_err(|err| Error::io("opening", &info.file, err))?,
+                ),
+            };
+            out.insert(name.to_owned(), read_direct(file, info, compute)?);
+        }
+        Ok(out)
+    }
+}
+
+/// One tensor from `file` into candle storage; see `load_candle_tensors`.
+fn read_direct(
+    file: &std::fs::File,
+    info: &crate::checkpoint::TensorInfo,
+    compute: Option<DType>,
+) -> Result<candle_core::Tensor> {
+    use std::os::unix::fs::FileExt;
+
+    let target = match compute {
+        Some(compute) if info.dtype.is_float() && compute.is_float() => compute,
+        _ => info.dtype,
+    };
+    let len = usize::try_from(info.byte_len()).map_err(|_| Error::Conversion {
+        tensor: info.name.clone(),
+        from: info.dtype.to_string(),
+        to: "a size this platform can address".into(),
+    })?;
+    let fill = |bytes: &mut [u8]| {
+        file.read_exact_at(bytes, info.data.start)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => Error::Truncated {
+                    file: info.file.clone(),
+                    tensor: info.name.clone(),
+                    needed: info.data.end,
+                    actual: file.metadata().map_or(0, |m| m.len()),
+                },
+                _ => Error::io("reading", &info.file, e),
+            })
+    };
+    let candle_error = |source| Error::Candle {
+        tensor: info.name.clone(),
+        source: Box::new(source),
+    };
+    let cpu = candle_core::Device::Cpu;
+    // Read straight into the storage candle will own, when no conversion is needed.
+    macro_rules! direct {
+        ($t:ty) => {{
+            let mut values = vec![<$t>::default(); len / std::mem::size_of::<$t>()];
+            // SAFETY: the vector's bytes are initialized (zeroed above) and every bit pattern
+            // is a valid value of these plain numeric types.
+            let bytes =
+                unsafe { std::slice::from_raw_parts_mut(values.as_mut_ptr().cast::<u8>(), len) };
+            fill(bytes)?;
+            candle_core::Tensor::from_vec(values, info.shape.as_slice(), &cpu).map_err(candle_error)
+        }};
+    }
+    if target == info.dtype && cfg!(target_endian = "little") {
+        match target {
+            DType::F32 => return direct!(f32),
+            DType::F16 => return direct!(half::f16),
+            DType::BF16 => return direct!(half::bf16),
+            _ => {}
+        }
+    }
+    let mut stored = vec![0u8; len];
+    fill(&mut stored)?;
+    let view = TensorView::detached(info, &stored);
+    view.to_candle_tensor(compute, &cpu)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,5 +197,79 @@ mod tests {
         }
         assert_eq!(candle_dtype(DType::Bool), None);
         assert_eq!(candle_dtype(DType::U64), None);
+    }
+
+    #[test]
+    fn direct_loads_equal_the_layer_reader_for_every_dtype() {
+        for fixture in ["tiny-llama-safetensors", "tiny-llama-sharded", "tiny-bert"] {
+            let folder =
+                concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/").to_owned() + fixture;
+            let checkpoint = crate::Checkpoint::open(&folder).unwrap();
+            let names: Vec<&str> = checkpoint
+                .index()
+                .tensors()
+                .iter()
+                .map(|t| t.name.as_str())
+                .collect();
+            for compute in [None, Some(DType::F32), Some(DType::F16)] {
+                let direct = checkpoint.load_candle_tensors(&names, compute).unwrap();
+                let mut reader = checkpoint.reader(crate::ReadStrategy::Pread);
+                let staged = reader
+                    .read_tensors(&names)
+                    .unwrap()
+                    .to_candle_tensors(compute, &candle_core::Device::Cpu)
+                    .unwrap();
+                for name in &names {
+                    let (a, b) = (&direct[*name], &staged[*name]);
+                    assert_eq!(
+                        (a.dtype(), a.dims()),
+                        (b.dtype(), b.dims()),
+                        "{fixture} {name}"
+                    );
+                    let bytes = |t: &candle_core::Tensor| {
+                        t.flatten_all()
+                            .unwrap()
+                            .to_dtype(candle_core::DType::F64)
+                            .unwrap()
+                            .to_vec1::<f64>()
+                            .unwrap()
+                    };
+                    assert_eq!(bytes(a), bytes(b), "{fixture} {name} {compute:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_direct_load_from_a_truncated_file_names_file_and_tensor() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/tiny-llama-safetensors"
+        );
+        for entry in std::fs::read_dir(source).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+        }
+        let checkpoint = crate::Checkpoint::open(dir.path()).unwrap();
+        let last = checkpoint
+            .index()
+            .tensors()
+            .iter()
+            .max_by_key(|t| t.data.end)
+            .unwrap();
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&last.file)
+            .unwrap();
+        file.set_len(last.data.end - 1).unwrap();
+        let err = checkpoint
+            .load_candle_tensors(&[last.name.as_str()], Some(DType::F32))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&last.name) && err.contains("model.safetensors"),
+            "{err}"
+        );
     }
 }

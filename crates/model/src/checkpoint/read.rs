@@ -360,6 +360,13 @@ pub struct TensorView<'r> {
     bytes: &'r [u8],
 }
 
+impl<'r> TensorView<'r> {
+    /// A view of `bytes` read for `info` outside a [`LayerReader`].
+    pub(crate) fn detached(info: &'r TensorInfo, bytes: &'r [u8]) -> Self {
+        TensorView { info, bytes }
+    }
+}
+
 impl TensorView<'_> {
     /// Its name.
     pub fn name(&self) -> &str {
