@@ -57,6 +57,24 @@ pub enum RunError {
         /// What it said.
         message: String,
     },
+    /// A single stage needs more memory than the budget allows, so the model cannot run
+    /// within it. Found before any weight is read.
+    #[error(
+        "{device}: stage {stage} needs {need} bytes of weights but the budget is {budget} \
+         bytes ({deficit} short); raise memory.max_memory.{device} or use a smaller dtype"
+    )]
+    OverBudget {
+        /// The device whose budget is exceeded (`cpu`).
+        device: String,
+        /// The stage that does not fit.
+        stage: String,
+        /// Bytes it needs.
+        need: u64,
+        /// The budget.
+        budget: u64,
+        /// `need - budget`.
+        deficit: u64,
+    },
     /// The prefetch thread could not be started.
     #[error("starting the prefetch thread: {0}")]
     Prefetch(#[source] std::io::Error),
@@ -196,14 +214,16 @@ pub struct ModelConverter {
     dtype: CandleDType,
     workspace: Option<PathBuf>,
     prefetch_depth: usize,
+    budget: Option<u64>,
     strategy: ReadStrategy,
     hooks: Vec<Arc<dyn LayerHook>>,
 }
 
 impl ModelConverter {
     /// A converter for the Hugging Face model folder at `path`, with defaults from
-    /// [`memwise::get_config`]: `memory.prefetch_depth`, and the workspace
-    /// `memory.workspace_dir` when it already exists. Computes on the CPU in f32.
+    /// [`memwise::get_config`]: `memory.prefetch_depth`, the budget `memory.max_memory.cpu`,
+    /// and the workspace `memory.workspace_dir` when it already exists. Computes on the CPU
+    /// in f32.
     pub fn new(path: impl AsRef<Path>) -> Self {
         let config = memwise::get_config();
         let workspace = Some(config.memory.workspace_dir.clone()).filter(|dir| dir.is_dir());
@@ -213,6 +233,7 @@ impl ModelConverter {
             dtype: CandleDType::F32,
             workspace,
             prefetch_depth: config.memory.prefetch_depth,
+            budget: config.memory.budget("cpu").map(|b| b.bytes()),
             strategy: ReadStrategy::default(),
             hooks: Vec::new(),
         }
@@ -241,6 +262,14 @@ impl ModelConverter {
     /// Stages read ahead on a background thread; 0 reads each stage when it is due.
     pub fn prefetch_depth(mut self, depth: usize) -> Self {
         self.prefetch_depth = depth;
+        self
+    }
+
+    /// Bytes the weights of the stages in memory at once may take (`None`: no limit). Read-
+    /// ahead waits while the next stage would not fit beside the current one, and a model
+    /// with a stage larger than the budget is refused before any weight is read.
+    pub fn budget(mut self, bytes: Option<u64>) -> Self {
+        self.budget = bytes;
         self
     }
 
@@ -293,6 +322,20 @@ impl ModelConverter {
                 }
             }
         }
+        if let Some(budget) = self.budget {
+            if let Some(stage) = stages.iter().max_by_key(|s| s.weight_bytes(self.dtype)) {
+                let need = stage.weight_bytes(self.dtype);
+                if need > budget {
+                    return Err(RunError::OverBudget {
+                        device: "cpu".into(),
+                        stage: stage.name().to_owned(),
+                        need,
+                        budget,
+                        deficit: need - budget,
+                    });
+                }
+            }
+        }
         let resident = match &skeleton {
             Skeleton::Decoder(_) => Resident::Decoder(vec![None; stages.len()]),
             Skeleton::Encoder(_) => Resident::Encoder(vec![None; stages.len()]),
@@ -309,6 +352,7 @@ impl ModelConverter {
                 }),
                 clean_weights,
                 prefetch_depth: self.prefetch_depth,
+                budget: self.budget,
                 hooks: self.hooks,
                 workspace,
             },
@@ -602,6 +646,7 @@ struct Streamer {
     loader: Arc<StageLoader>,
     clean_weights: bool,
     prefetch_depth: usize,
+    budget: Option<u64>,
     hooks: Vec<Arc<dyn LayerHook>>,
     workspace: Option<Workspace>,
 }
@@ -662,10 +707,19 @@ impl Streamer {
             .collect();
         let stream_loader = Arc::clone(loader);
         let order = missing.clone();
-        let mut stream = LayerStream::new(missing.len(), self.prefetch_depth, move |k| {
-            stream_loader.load(order[k])
-        })
-        .map_err(RunError::Prefetch)?;
+        let budget = self.budget.map(|limit| {
+            let sizes = missing
+                .iter()
+                .map(|&i| loader.stages[i].weight_bytes(loader.dtype))
+                .collect();
+            (limit, sizes)
+        });
+        let mut stream =
+            LayerStream::with_budget(missing.len(), self.prefetch_depth, budget, move |k| {
+                stream_loader.load(order[k])
+            })
+            .map_err(RunError::Prefetch)?;
+        let mut streamed = 0;
 
         for (index, slot) in resident.iter_mut().enumerate() {
             let name = loader.stages[index].name().to_owned();
@@ -691,11 +745,17 @@ impl Streamer {
             for hook in hooks {
                 hook.after_layer(&name, index)?;
             }
-            if !self.clean_weights && fresh.is_some() {
-                *slot = fresh;
+            if fresh.is_some() {
+                if !self.clean_weights {
+                    *slot = fresh;
+                } else {
+                    // The block and its weights go now, inside the stage's scope, so the
+                    // scope records the release and the budget can admit the next stage.
+                    drop(fresh);
+                }
+                stream.release(streamed);
+                streamed += 1;
             }
-            // With clean_weights, `fresh` (the block and its weights) drops here, inside the
-            // stage's scope, so the scope records the release.
         }
         Ok(())
     }

@@ -257,3 +257,32 @@ fn a_missing_tensor_is_refused_before_any_weight_is_read() {
         .to_string();
     assert!(err.contains("model.layers.2."), "{err}");
 }
+
+#[test]
+fn a_budget_keeps_results_exact_and_refuses_a_stage_that_cannot_fit() {
+    let folder = fixture("tiny-llama");
+    let ids = token_ids(&reference(&folder)["input_ids"]);
+    let mut unbounded = converter(&folder, 2).load_model_with_hooks(true).unwrap();
+    let expected = unbounded.forward(&ids).unwrap();
+    let stage_bytes: Vec<u64> = unbounded
+        .stages()
+        .iter()
+        .map(|s| s.weight_bytes(DType::F32))
+        .collect();
+    let largest = *stage_bytes.iter().max().unwrap();
+
+    // Room for the largest stage alone: read-ahead waits, results do not change.
+    let mut tight = converter(&folder, 2)
+        .budget(Some(largest))
+        .load_model_with_hooks(true)
+        .unwrap();
+    assert!(bitwise_equal(&tight.forward(&ids).unwrap(), &expected));
+
+    let err = converter(&folder, 1)
+        .budget(Some(largest - 1))
+        .load_model_with_hooks(true)
+        .err()
+        .expect("a stage larger than the budget is refused");
+    let message = err.to_string();
+    assert!(message.contains("cpu") && message.contains("1 short"), "{message}");
+}

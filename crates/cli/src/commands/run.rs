@@ -39,6 +39,10 @@ pub struct Args {
     /// Layers read ahead on a background thread (default: memory.prefetch_depth).
     #[arg(long, value_name = "N")]
     prefetch: Option<usize>,
+    /// Bytes the weights in memory at once may take, e.g. 400MiB (default:
+    /// memory.max_memory.cpu). Read-ahead waits while the next layer would not fit.
+    #[arg(long, value_name = "SIZE")]
+    budget: Option<memwise::ByteSize>,
     /// Write the final logits (decoders) or embeddings (encoders) here: .json or .safetensors.
     #[arg(long, value_name = "FILE")]
     output: Option<PathBuf>,
@@ -56,6 +60,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut converter = ModelConverter::new(&args.model).device(Device::Cpu);
     if let Some(depth) = args.prefetch {
         converter = converter.prefetch_depth(depth);
+    }
+    if let Some(budget) = args.budget {
+        converter = converter.budget(Some(budget.bytes()));
     }
     let mut model = converter
         .load_model_with_hooks(!args.keep_weights)
