@@ -145,6 +145,10 @@ struct Run {
     forward_s: f64,
     vm_hwm: f64,
     peak_anon: f64,
+    /// CPU seconds in user space and in the kernel, and minor page faults (whole child).
+    user_s: f64,
+    sys_s: f64,
+    minor_faults: u64,
     checksum: String,
     phases: Vec<(String, PhasePeak)>,
 }
@@ -249,6 +253,9 @@ fn measure(cache: &'static str, mode: &'static str, folder: &Path) -> Run {
         forward_s: v["forward_s"].as_f64().unwrap(),
         vm_hwm: v["vm_hwm"].as_u64().unwrap() as f64 / MIB,
         peak_anon: v["peak_anon"].as_u64().unwrap() as f64 / MIB,
+        user_s: v["user_s"].as_f64().unwrap(),
+        sys_s: v["sys_s"].as_f64().unwrap(),
+        minor_faults: v["minor_faults"].as_u64().unwrap(),
         checksum: v["checksum"].as_str().unwrap().to_owned(),
         phases,
     }
@@ -268,7 +275,7 @@ fn find<'a>(runs: &'a [Run], cache: &str, mode: &str) -> &'a Run {
 
 fn report(runs: &[Run]) {
     println!(
-        "\n{:<8} {:<10} {:>7} {:>9} {:>7} {:>9} {:>10} {:>7} {:>10} {:>7}",
+        "\n{:<8} {:<10} {:>7} {:>9} {:>7} {:>9} {:>10} {:>7} {:>10} {:>7} {:>7} {:>7} {:>9}",
         "cache",
         "mode",
         "load s",
@@ -278,12 +285,15 @@ fn report(runs: &[Run]) {
         "VmHWM MiB",
         "/full",
         "anon MiB",
-        "/full"
+        "/full",
+        "user s",
+        "sys s",
+        "faults k"
     );
     for run in runs {
         let full = find(runs, run.cache, "full");
         println!(
-            "{:<8} {:<10} {:>7.3} {:>9.3} {:>7.3} {:>8.2}x {:>10.0} {:>6.2}x {:>10.0} {:>6.2}x",
+            "{:<8} {:<10} {:>7.3} {:>9.3} {:>7.3} {:>8.2}x {:>10.0} {:>6.2}x {:>10.0} {:>6.2}x {:>7.2} {:>7.2} {:>9}",
             run.cache,
             run.mode,
             run.load_s,
@@ -294,9 +304,13 @@ fn report(runs: &[Run]) {
             run.vm_hwm / full.vm_hwm,
             run.peak_anon,
             run.peak_anon / full.peak_anon,
+            run.user_s,
+            run.sys_s,
+            run.minor_faults / 1000,
         );
     }
-    println!("(streamed: load = building the skeleton; forward includes reading every stage)");
+    println!("(streamed: load = building the skeleton; forward includes reading every stage;");
+    println!(" user, sys and minor faults are the whole child's, from getrusage)");
 
     let reference = &runs[0].checksum;
     let equal = runs.iter().all(|r| &r.checksum == reference);
@@ -530,6 +544,7 @@ fn child(args: &[String]) {
     let values = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let bits: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
     let memory = ProcessMemory::read().unwrap();
+    let usage = cpu_usage();
     let phases: Vec<_> = names
         .iter()
         .zip(&peaks)
@@ -543,6 +558,9 @@ fn child(args: &[String]) {
             "forward_s": forward_s,
             "vm_hwm": memory.rss_peak,
             "peak_anon": peaks.iter().map(|p| p.anon).max().unwrap_or(0).max(memory.rss_anon),
+            "user_s": usage.0,
+            "sys_s": usage.1,
+            "minor_faults": usage.2,
             "checksum": format!("{:016x} {:?}", fold(&bits, 0), logits.dims()),
             "phases": phases,
         })
@@ -565,4 +583,18 @@ fn read_all(folder: &Path) -> VarBuilder<'static> {
         }
     }
     VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu)
+}
+
+/// This process's user and system CPU seconds and minor page faults so far.
+fn cpu_usage() -> (f64, f64, u64) {
+    // SAFETY: `rusage` is plain data, so all zeros is a valid value for getrusage to fill.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid pointer to a `rusage` that lives across the call.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    (
+        seconds(usage.ru_utime),
+        seconds(usage.ru_stime),
+        usage.ru_minflt as u64,
+    )
 }
