@@ -16,14 +16,16 @@
 //! - `mmap (no release)`: the files mapped and read without releasing anything: what the
 //!   two strategies avoid.
 
+mod common;
+
 use std::fs::File;
-use std::io::{Read, Write};
-use std::os::unix::io::AsRawFd;
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Instant;
 
 use memwise_model::{Checkpoint, DType, LayerId, ReadStrategy};
+
+use common::{evict, fold, read_files, run_child};
 
 const MIB: u64 = 1 << 20;
 const HIDDEN: usize = 2048;
@@ -36,19 +38,11 @@ const RSS_ALLOWANCE: u64 = 64 * MIB;
 const MODES: [&str; 4] = ["sequential", "pread", "mmap+release", "mmap (no release)"];
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if let Some(i) = args.iter().position(|a| a == "--child") {
-        let mode = &args[i + 1];
-        let dir = Path::new(&args[i + 2]);
-        child(mode, dir);
-        return;
-    }
-    // `cargo bench` passes `--bench`; `cargo test --benches` would pass nothing to run.
-    if !args.iter().any(|a| a == "--bench") {
-        println!("layer_stream: run with `cargo bench -p memwise-model --bench layer_stream`");
-        return;
-    }
-    orchestrate();
+    common::dispatch(
+        "layer_stream",
+        |args| child(&args[0], Path::new(&args[1])),
+        orchestrate,
+    );
 }
 
 /// One tensor of the generated model.
@@ -142,34 +136,14 @@ fn generate(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
-/// Drops the files' clean pages from the page cache, so the next read comes from disk.
-fn evict(files: &[PathBuf]) {
-    for path in files {
-        let file = File::open(path).unwrap();
-        // SAFETY: a valid open descriptor; offset 0 and length 0 mean the whole file.
-        unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-    }
-}
-
 struct Measured {
     bytes: u64,
     seconds: f64,
     peak_rss: u64,
 }
 
-fn run_child(mode: &str, dir: &Path) -> Measured {
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args(["--child", mode, dir.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    let line = stdout.lines().find(|l| l.starts_with('{')).unwrap();
-    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+fn measure(mode: &str, dir: &Path) -> Measured {
+    let v = run_child(&[mode, dir.to_str().unwrap()]);
     Measured {
         bytes: v["bytes"].as_u64().unwrap(),
         seconds: v["seconds"].as_f64().unwrap(),
@@ -213,9 +187,9 @@ fn orchestrate() {
                 if cache == "cold" {
                     evict(&files);
                 } else {
-                    run_child("sequential", dir.path()); // warm the cache
+                    measure("sequential", dir.path()); // warm the cache
                 }
-                let m = run_child(mode, dir.path());
+                let m = measure(mode, dir.path());
                 if best.as_ref().is_none_or(|b| m.seconds < b.seconds) {
                     best = Some(m);
                 }
@@ -241,18 +215,6 @@ fn orchestrate() {
     );
 }
 
-/// Folds bytes into a checksum so every byte is really read (and every mapped page touched).
-fn fold(bytes: &[u8], mut acc: u64) -> u64 {
-    let mut words = bytes.chunks_exact(8);
-    for word in &mut words {
-        acc = acc.rotate_left(5) ^ u64::from_le_bytes(word.try_into().unwrap());
-    }
-    for &b in words.remainder() {
-        acc = acc.rotate_left(5) ^ u64::from(b);
-    }
-    acc
-}
-
 fn child(mode: &str, dir: &Path) {
     let checkpoint = Checkpoint::open(dir).unwrap();
     let ids: Vec<LayerId> = checkpoint.layers().iter().map(|l| l.id.clone()).collect();
@@ -262,18 +224,7 @@ fn child(mode: &str, dir: &Path) {
     let mut bytes = 0u64;
     match mode {
         "sequential" => {
-            let mut buffer = vec![0u8; 8 * MIB as usize];
-            for path in checkpoint.files() {
-                let mut file = File::open(path).unwrap();
-                loop {
-                    let n = file.read(&mut buffer).unwrap();
-                    if n == 0 {
-                        break;
-                    }
-                    acc = fold(&buffer[..n], acc);
-                    bytes += n as u64;
-                }
-            }
+            bytes = read_files(checkpoint.files(), |chunk| acc = fold(chunk, acc));
         }
         "pread" | "mmap+release" => {
             let strategy = if mode == "pread" {

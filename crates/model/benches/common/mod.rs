@@ -1,0 +1,92 @@
+//! What the whole-process benchmarks share: running this binary again as a measuring child,
+//! evicting files from the page cache or warming them into it, and folding bytes into a
+//! checksum.
+//!
+//! Each bench includes it with `mod common;`; a folder below `benches/` is not a bench of
+//! its own.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::io::AsRawFd;
+use std::path::PathBuf;
+use std::process::Command;
+
+/// Runs `child` with the arguments after `--child` when this process is a child, and
+/// `orchestrate` when `cargo bench` started it. `cargo test --benches` passes neither flag,
+/// and only the bench's name is printed.
+pub fn dispatch(name: &str, child: fn(&[String]), orchestrate: fn()) {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--child") {
+        child(&args[i + 1..]);
+    } else if args.iter().any(|a| a == "--bench") {
+        orchestrate();
+    } else {
+        println!("{name}: run with `cargo bench -p memwise-model --bench {name}`");
+    }
+}
+
+/// Runs this binary again with `--child` and `args` in a fresh process (so its `VmHWM` is
+/// its own) and returns the first line of its output that is a JSON object.
+///
+/// The bench's own `MEMWISE_BENCH_*` variables are not passed on: memwise reads every
+/// `MEMWISE_*` variable as configuration and refuses keys it does not know.
+pub fn run_child(args: &[&str]) -> serde_json::Value {
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("MEMWISE_BENCH_") {
+            command.env_remove(key);
+        }
+    }
+    let out = command.arg("--child").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "child {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let line = stdout.lines().find(|l| l.starts_with('{')).unwrap();
+    serde_json::from_str(line).unwrap()
+}
+
+/// Drops the files' clean pages from the page cache, so the next read comes from disk.
+/// Dirty pages cannot be dropped, so everything is written back (`sync`) first.
+pub fn evict(files: &[PathBuf]) {
+    // SAFETY: `sync` takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+    for path in files {
+        let file = File::open(path).unwrap();
+        // SAFETY: a valid open descriptor; offset 0 and length 0 mean the whole file.
+        unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    }
+}
+
+/// Reads the files front to back through one 8 MiB buffer, handing each chunk to `each`;
+/// returns the bytes read. Reading them all is also how a bench warms the page cache.
+pub fn read_files(files: &[PathBuf], mut each: impl FnMut(&[u8])) -> u64 {
+    let mut buffer = vec![0u8; 8 << 20];
+    let mut bytes = 0;
+    for path in files {
+        let mut file = File::open(path).unwrap();
+        loop {
+            let n = file.read(&mut buffer).unwrap();
+            if n == 0 {
+                break;
+            }
+            each(&buffer[..n]);
+            bytes += n as u64;
+        }
+    }
+    bytes
+}
+
+/// Folds bytes into a checksum so every byte is really read (and every mapped page touched).
+pub fn fold(bytes: &[u8], mut acc: u64) -> u64 {
+    let mut words = bytes.chunks_exact(8);
+    for word in &mut words {
+        acc = acc.rotate_left(5) ^ u64::from_le_bytes(word.try_into().unwrap());
+    }
+    for &b in words.remainder() {
+        acc = acc.rotate_left(5) ^ u64::from(b);
+    }
+    acc
+}
