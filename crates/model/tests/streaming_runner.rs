@@ -284,5 +284,8 @@ fn a_budget_keeps_results_exact_and_refuses_a_stage_that_cannot_fit() {
         .err()
         .expect("a stage larger than the budget is refused");
     let message = err.to_string();
-    assert!(message.contains("cpu") && message.contains("1 short"), "{message}");
+    assert!(
+        message.contains("cpu") && message.contains("1 short"),
+        "{message}"
+    );
 }
