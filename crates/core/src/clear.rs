@@ -171,6 +171,10 @@ pub fn clear_memory_with<T>(value: T, options: ClearOptions) -> ClearReport {
             hooks.push((name, hook()));
         }
     }
+    if options.trim_allocator {
+        // Blocks kept for reuse are memory no one holds: give them back before trimming.
+        crate::block_cache::release_block_cache();
+    }
     let trimmed = options.trim_allocator && process::trim_allocator();
     let mut errors = Vec::new();
     if options.empty_device_cache {

@@ -101,6 +101,7 @@
 #![deny(missing_docs)]
 
 mod alloc;
+mod block_cache;
 mod clear;
 mod device;
 mod error;
@@ -111,6 +112,10 @@ mod stats;
 pub use crate::alloc::{
     heap_totals, thread_heap_totals, tracking_allocator_installed, HeapTotals, TrackingAllocator,
     EXACT_THRESHOLD, FLUSH_BYTES, FLUSH_OPS,
+};
+pub use crate::block_cache::{
+    block_cache_bytes, block_cache_capacity, release_block_cache, set_block_cache_capacity,
+    BlockCache, BLOCK_CACHE_MIN,
 };
 pub use crate::clear::{
     clear_memory, clear_memory_with, register_reclaim_hook, unregister_reclaim_hook, ClearOptions,

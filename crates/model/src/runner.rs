@@ -336,6 +336,8 @@ impl ModelConverter {
                 }
             }
         }
+        let layer_bytes = repeated_stage_bytes(&stages, self.dtype);
+        reserve_block_cache(layer_bytes);
         let resident = match &skeleton {
             Skeleton::Decoder(_) => Resident::Decoder(vec![None; stages.len()]),
             Skeleton::Encoder(_) => Resident::Encoder(vec![None; stages.len()]),
@@ -346,6 +348,7 @@ impl ModelConverter {
                     source,
                     checkpoint,
                     stages,
+                    layer_bytes,
                     strategy: self.strategy,
                     dtype: self.dtype,
                     device: self.device,
@@ -359,6 +362,31 @@ impl ModelConverter {
             skeleton,
             resident,
         })
+    }
+}
+
+/// The weight bytes of the stage that repeats most (the decoder or encoder layer; the larger
+/// on a tie), if any stage repeats.
+fn repeated_stage_bytes(stages: &[Stage], dtype: CandleDType) -> Option<u64> {
+    let sizes: Vec<u64> = stages.iter().map(|s| s.weight_bytes(dtype)).collect();
+    sizes
+        .iter()
+        .map(|&b| (sizes.iter().filter(|&&o| o == b).count(), b))
+        .filter(|&(count, _)| count > 1)
+        .max()
+        .map(|(_, bytes)| bytes)
+}
+
+/// Repeated layers allocate the same tensor sizes one after another: let a
+/// [`memwise::BlockCache`] (where the program installed one) keep one layer's blocks, plus a
+/// quarter for activations, so the next layer reuses resident memory instead of faulting in
+/// fresh pages.
+fn reserve_block_cache(layer_bytes: Option<u64>) {
+    if let Some(bytes) = layer_bytes {
+        let wanted = usize::try_from(bytes + bytes / 4).unwrap_or(usize::MAX);
+        if memwise::block_cache_capacity() < wanted {
+            memwise::set_block_cache_capacity(wanted);
+        }
     }
 }
 
@@ -387,6 +415,8 @@ struct StageLoader {
     source: Checkpoint,
     checkpoint: Checkpoint,
     stages: Vec<Stage>,
+    /// Weight bytes of the repeated layer, the size the block cache is kept for.
+    layer_bytes: Option<u64>,
     strategy: ReadStrategy,
     dtype: CandleDType,
     device: Device,
@@ -395,6 +425,11 @@ struct StageLoader {
 impl StageLoader {
     fn load(&self, index: usize) -> Result<LayerWeights, RunError> {
         let stage = &self.stages[index];
+        if self.layer_bytes != Some(stage.weight_bytes(self.dtype)) {
+            // Not a repeated layer (embeddings, head): the cached layer blocks would only
+            // sit beside it, so give them back first.
+            memwise::release_block_cache();
+        }
         let names: Vec<&str> = stage.tensor_names().collect();
         let compute = Some(stored_dtype(self.dtype));
         let tensors = match (self.strategy, &self.device) {

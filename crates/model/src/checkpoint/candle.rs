@@ -120,6 +120,50 @@ impl crate::checkpoint::Checkpoint {
     }
 }
 
+/// Fills `len` bytes at `dest` with the tensor's bytes, with `pread` through a raw pointer so
+/// that no reference to uninitialized memory is ever made.
+fn read_into_uninit(
+    file: &std::fs::File,
+    info: &crate::checkpoint::TensorInfo,
+    dest: *mut u8,
+    len: usize,
+) -> Result<()> {
+    use std::os::fd::AsRawFd;
+
+    let mut done = 0usize;
+    while done < len {
+        let offset = info.data.start + done as u64;
+        // SAFETY: `dest` points to at least `len` writable bytes (the vector's capacity),
+        // and `done < len` keeps the write in bounds.
+        let read = unsafe {
+            libc::pread(
+                file.as_raw_fd(),
+                dest.add(done).cast(),
+                len - done,
+                offset as libc::off_t,
+            )
+        };
+        match read {
+            0 => {
+                return Err(Error::Truncated {
+                    file: info.file.clone(),
+                    tensor: info.name.clone(),
+                    needed: info.data.end,
+                    actual: file.metadata().map_or(0, |m| m.len()),
+                })
+            }
+            n if n > 0 => done += n as usize,
+            _ => {
+                let err = std::io::Error::last_os_error();
+                if err.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(Error::io("reading", &info.file, err));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// One tensor from `file` into candle storage; see `load_candle_tensors`.
 fn read_direct(
     file: &std::fs::File,
@@ -154,15 +198,16 @@ fn read_direct(
         source: Box::new(source),
     };
     let cpu = candle_core::Device::Cpu;
-    // Read straight into the storage candle will own, when no conversion is needed.
+    // Read straight into the storage candle will own, when no conversion is needed. The
+    // vector is not zeroed first: a reused block stays as it is until the read fills it.
     macro_rules! direct {
         ($t:ty) => {{
-            let mut values = vec![<$t>::default(); len / std::mem::size_of::<$t>()];
-            // SAFETY: the vector's bytes are initialized (zeroed above) and every bit pattern
-            // is a valid value of these plain numeric types.
-            let bytes =
-                unsafe { std::slice::from_raw_parts_mut(values.as_mut_ptr().cast::<u8>(), len) };
-            fill(bytes)?;
+            let count = len / std::mem::size_of::<$t>();
+            let mut values: Vec<$t> = Vec::with_capacity(count);
+            read_into_uninit(file, info, values.as_mut_ptr().cast::<u8>(), len)?;
+            // SAFETY: `read_into_uninit` filled all `len` bytes, and every bit pattern is a
+            // valid value of these plain numeric types.
+            unsafe { values.set_len(count) };
             candle_core::Tensor::from_vec(values, info.shape.as_slice(), &cpu).map_err(candle_error)
         }};
     }
