@@ -1,25 +1,4 @@
 //! `BlockCache`: keep large freed blocks for the next allocation of the same size.
-//!
-//! Streaming a model allocates the same tensor sizes layer after layer. Giving each freed
-//! layer back to the OS and asking for fresh pages for the next one costs a page fault per
-//! 4 KiB: on a 2-core VM, first-touching 2 GiB takes about 2 s, more than reading it from
-//! the page cache. The cache keeps freed blocks of at least [`BLOCK_CACHE_MIN`] bytes, up
-//! to a byte capacity, and hands them back for an allocation of exactly the same size and
-//! alignment: already resident, no fault. The capacity starts at 0 (off); set it with
-//! [`set_block_cache_capacity`] to about one layer. [`clear_memory`](crate::clear_memory)
-//! empties it, so cached blocks are never memory the user cannot get back.
-//!
-//! Install it under the tracking allocator:
-//!
-//! ```
-//! use memwise::{BlockCache, TrackingAllocator};
-//!
-//! #[global_allocator]
-//! static ALLOC: TrackingAllocator<BlockCache> = TrackingAllocator::new(BlockCache::new());
-//! ```
-//!
-//! The heap figures then count cached blocks as freed (no program holds them), while RSS
-//! includes them; [`block_cache_bytes`] says how much that is.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -32,7 +11,27 @@ const MAX_ALIGN: usize = 4096;
 const SLOTS: usize = 64;
 
 /// A global allocator over the system allocator that keeps large freed blocks for reuse.
-/// See the [module documentation](self) for when it helps.
+///
+/// Streaming a model allocates the same tensor sizes layer after layer. Giving each freed
+/// layer back to the OS and asking for fresh pages for the next one costs a page fault per
+/// 4 KiB: on a 2-core VM, first-touching 2 GiB takes about 2 s, more than reading it from
+/// the page cache. The cache keeps freed blocks of at least [`BLOCK_CACHE_MIN`] bytes, up
+/// to a byte capacity, and hands them back for an allocation of exactly the same size and
+/// alignment: already resident, no fault. The capacity starts at 0 (off); set it with
+/// [`set_block_cache_capacity`] to about one layer. [`clear_memory`](crate::clear_memory)
+/// empties it, so cached blocks are never memory the user cannot get back.
+///
+/// Install it under the tracking allocator:
+///
+/// ```
+/// use memwise::{BlockCache, TrackingAllocator};
+///
+/// #[global_allocator]
+/// static ALLOC: TrackingAllocator<BlockCache> = TrackingAllocator::new(BlockCache::new());
+/// ```
+///
+/// The heap figures then count cached blocks as freed (no program holds them), while RSS
+/// includes them; [`block_cache_bytes`] says how much that is.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct BlockCache;
 
