@@ -298,19 +298,22 @@ impl ModelConverter {
         };
         let arch = ArchitectureConfig::from_file(&self.path)?;
         let names = checkpoint.index().tensors().iter().map(|t| t.name.as_str());
-        let skeleton = match arch {
+        let model = match arch {
             ArchitectureConfig::Decoder(cfg) => {
-                Skeleton::Decoder(DecoderModel::new(&cfg, self.dtype, &self.device)?)
+                let model = DecoderModel::new(&cfg, self.dtype, &self.device)?;
+                let resident = vec![None; model.stages().len()];
+                Staged::Decoder(model, resident)
             }
             ArchitectureConfig::Encoder(cfg) => {
                 let mut model = EncoderModel::new(&cfg, self.dtype, &self.device)?;
                 if let Some(prefix) = EncoderModel::detect_weight_prefix(names) {
                     model = model.with_weight_prefix(prefix);
                 }
-                Skeleton::Encoder(model)
+                let resident = vec![None; model.stages().len()];
+                Staged::Encoder(model, resident)
             }
         };
-        let stages = skeleton.stages().to_vec();
+        let stages = model.stages().to_vec();
         for stage in &stages {
             for name in stage.tensor_names() {
                 if checkpoint.index().get(name).is_none() {
@@ -338,10 +341,6 @@ impl ModelConverter {
         }
         let layer_bytes = repeated_stage_bytes(&stages, self.dtype);
         reserve_block_cache(layer_bytes);
-        let resident = match &skeleton {
-            Skeleton::Decoder(_) => Resident::Decoder(vec![None; stages.len()]),
-            Skeleton::Encoder(_) => Resident::Encoder(vec![None; stages.len()]),
-        };
         Ok(StreamedModel {
             streamer: Streamer {
                 loader: Arc::new(StageLoader {
@@ -359,8 +358,7 @@ impl ModelConverter {
                 hooks: self.hooks,
                 workspace,
             },
-            skeleton,
-            resident,
+            model,
         })
     }
 }
@@ -390,24 +388,20 @@ fn reserve_block_cache(layer_bytes: Option<u64>) {
     }
 }
 
-enum Skeleton {
-    Decoder(DecoderModel),
-    Encoder(EncoderModel),
+/// The model's skeleton, with one slot per stage for the blocks kept resident between
+/// passes (when weights are not cleaned).
+enum Staged {
+    Decoder(DecoderModel, Vec<Option<DecoderBlock>>),
+    Encoder(EncoderModel, Vec<Option<EncoderBlock>>),
 }
 
-impl Skeleton {
+impl Staged {
     fn stages(&self) -> &[Stage] {
         match self {
-            Skeleton::Decoder(m) => m.stages(),
-            Skeleton::Encoder(m) => m.stages(),
+            Staged::Decoder(m, _) => m.stages(),
+            Staged::Encoder(m, _) => m.stages(),
         }
     }
-}
-
-/// Blocks kept after a pass when weights are not cleaned.
-enum Resident {
-    Decoder(Vec<Option<DecoderBlock>>),
-    Encoder(Vec<Option<EncoderBlock>>),
 }
 
 /// Reads one stage's tensors as compute tensors. Shared with the prefetch thread.
@@ -515,8 +509,7 @@ fn tensor_bytes(tensor: &Tensor) -> candle_core::Result<Vec<u8>> {
 /// A model whose forward pass loads each stage just before it runs (see [`ModelConverter`]).
 pub struct StreamedModel {
     streamer: Streamer,
-    skeleton: Skeleton,
-    resident: Resident,
+    model: Staged,
 }
 
 impl StreamedModel {
@@ -527,7 +520,7 @@ impl StreamedModel {
 
     /// Whether this is a decoder (generates tokens) rather than an encoder.
     pub fn is_decoder(&self) -> bool {
-        matches!(self.skeleton, Skeleton::Decoder(_))
+        matches!(self.model, Staged::Decoder(..))
     }
 
     /// The checkpoint the weights come from.
@@ -538,9 +531,9 @@ impl StreamedModel {
     /// Decoders: the logits `(batch, seq_len, vocab)` of `input_ids` (`u32`).
     /// Encoders: the last hidden state, with every token attended and of type 0.
     pub fn forward(&mut self, input_ids: &Tensor) -> Result<Tensor, RunError> {
-        match &self.skeleton {
-            Skeleton::Decoder(_) => self.decode(input_ids, None, false),
-            Skeleton::Encoder(_) => self.encode(input_ids, None, None),
+        match &self.model {
+            Staged::Decoder(..) => self.decode(input_ids, None, false),
+            Staged::Encoder(..) => self.encode(input_ids, None, None),
         }
     }
 
@@ -553,13 +546,11 @@ impl StreamedModel {
         token_type_ids: Option<&Tensor>,
         attention_mask: Option<&Tensor>,
     ) -> Result<Tensor, RunError> {
-        let Skeleton::Encoder(model) = &self.skeleton else {
+        let Staged::Encoder(model, resident) = &mut self.model else {
             return Err(RunError::Usage("encode needs an encoder model".into()));
         };
+        let model = &*model;
         let mut pass = model.pass(input_ids, token_type_ids, attention_mask)?;
-        let Resident::Encoder(resident) = &mut self.resident else {
-            unreachable!("skeleton and resident blocks are built together")
-        };
         self.streamer.run_stages(
             resident,
             |i, vb| model.load_stage(i, vb),
@@ -588,7 +579,7 @@ impl StreamedModel {
         max_new_tokens: usize,
         eos: Option<u32>,
     ) -> Result<Generated, RunError> {
-        let Skeleton::Decoder(model) = &self.skeleton else {
+        let Staged::Decoder(model, _) = &self.model else {
             return Err(RunError::Usage("generate needs a decoder model".into()));
         };
         let mut cache = KvCache::new(model);
@@ -621,14 +612,17 @@ impl StreamedModel {
     /// comparison with streaming (later passes read nothing from disk).
     pub fn load_all(&mut self) -> Result<(), RunError> {
         self.streamer.clean_weights = false;
-        match (&self.skeleton, &mut self.resident) {
-            (Skeleton::Decoder(model), Resident::Decoder(resident)) => self
-                .streamer
-                .load_all(resident, |i, vb| model.load_stage(i, vb)),
-            (Skeleton::Encoder(model), Resident::Encoder(resident)) => self
-                .streamer
-                .load_all(resident, |i, vb| model.load_stage(i, vb)),
-            _ => unreachable!("skeleton and resident blocks are built together"),
+        match &mut self.model {
+            Staged::Decoder(model, resident) => {
+                let model = &*model;
+                self.streamer
+                    .load_all(resident, |i, vb| model.load_stage(i, vb))
+            }
+            Staged::Encoder(model, resident) => {
+                let model = &*model;
+                self.streamer
+                    .load_all(resident, |i, vb| model.load_stage(i, vb))
+            }
         }
     }
 
@@ -638,16 +632,14 @@ impl StreamedModel {
         cache: Option<&mut KvCache>,
         last_only: bool,
     ) -> Result<Tensor, RunError> {
-        let Skeleton::Decoder(model) = &self.skeleton else {
+        let Staged::Decoder(model, resident) = &mut self.model else {
             return Err(RunError::Usage("decoding needs a decoder model".into()));
         };
+        let model = &*model;
         let mut pass = model.pass(input_ids, cache)?;
         if last_only {
             pass = pass.last_position_only();
         }
-        let Resident::Decoder(resident) = &mut self.resident else {
-            unreachable!("skeleton and resident blocks are built together")
-        };
         self.streamer.run_stages(
             resident,
             |i, vb| model.load_stage(i, vb),
