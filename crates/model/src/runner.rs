@@ -57,6 +57,9 @@ pub enum RunError {
         /// What it said.
         message: String,
     },
+    /// The memwise configuration (environment or `MEMWISE_CONFIG` file) holds a bad value.
+    #[error(transparent)]
+    Config(Box<memwise::ConfigError>),
     /// A single stage needs more memory than the budget allows, so the model cannot run
     /// within it. Found before any weight is read.
     #[error(
@@ -217,6 +220,8 @@ pub struct ModelConverter {
     budget: Option<u64>,
     strategy: ReadStrategy,
     hooks: Vec<Arc<dyn LayerHook>>,
+    /// Why the configuration could not be read, reported when the model is loaded.
+    config_error: Option<memwise::ConfigError>,
 }
 
 impl ModelConverter {
@@ -224,8 +229,14 @@ impl ModelConverter {
     /// [`memwise::get_config`]: `memory.prefetch_depth`, the budget `memory.max_memory.cpu`,
     /// and the workspace `memory.workspace_dir` when it already exists. Computes on the CPU
     /// in f32.
+    ///
+    /// A bad value in the environment or `MEMWISE_CONFIG` does not panic here: it is
+    /// returned, naming the key and its source, by [`ModelConverter::load_model_with_hooks`].
     pub fn new(path: impl AsRef<Path>) -> Self {
-        let config = memwise::get_config();
+        let (config, config_error) = match memwise::init_config() {
+            Ok(config) => (config, None),
+            Err(error) => (Arc::new(memwise::Config::default()), Some(error)),
+        };
         let workspace = Some(config.memory.workspace_dir.clone()).filter(|dir| dir.is_dir());
         ModelConverter {
             path: path.as_ref().to_owned(),
@@ -236,6 +247,7 @@ impl ModelConverter {
             budget: config.memory.budget("cpu").map(|b| b.bytes()),
             strategy: ReadStrategy::default(),
             hooks: Vec::new(),
+            config_error,
         }
     }
 
@@ -289,6 +301,9 @@ impl ModelConverter {
     /// weight. With `clean_weights`, each stage's weights are freed right after it runs;
     /// without, they stay resident after the first pass.
     pub fn load_model_with_hooks(self, clean_weights: bool) -> Result<StreamedModel, RunError> {
+        if let Some(error) = self.config_error {
+            return Err(RunError::Config(Box::new(error)));
+        }
         let source = Checkpoint::open(&self.path)?;
         let workspace = self.workspace.as_deref().map(Workspace::new).transpose()?;
         // Layers a hook persisted earlier are read from the workspace.
