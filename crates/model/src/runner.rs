@@ -300,6 +300,11 @@ impl ModelConverter {
     /// Builds the model's skeleton from `config.json` and the checkpoint index, reading no
     /// weight. With `clean_weights`, each stage's weights are freed right after it runs;
     /// without, they stay resident after the first pass.
+    ///
+    /// Where the program installed a [`memwise::BlockCache`], this raises its capacity to
+    /// one repeated layer (plus a quarter), so each layer reuses the blocks the previous one
+    /// freed; up to that much freed memory stays resident until
+    /// [`memwise::clear_memory`] or [`memwise::set_block_cache_capacity`]`(0)`.
     pub fn load_model_with_hooks(self, clean_weights: bool) -> Result<StreamedModel, RunError> {
         if let Some(error) = self.config_error {
             return Err(RunError::Config(Box::new(error)));
