@@ -166,7 +166,7 @@ pub use crate::models::{
 pub use crate::runner::{
     Generated, LayerHook, LayerWeights, ModelConverter, RunError, StreamedModel,
 };
-pub use crate::stream::LayerStream;
+pub use crate::stream::{LayerStream, StageLease};
 pub use crate::synth::{write_synthetic_checkpoint, SynthError, SynthReport, SynthSpec};
 pub use crate::workspace::{
     needs_workspace, ConvertEvent, ConvertOptions, ConvertProgress, ConvertReport, LayerOrigin,

@@ -20,7 +20,7 @@ use candle_core::{DType as CandleDType, Device, Tensor};
 use candle_nn::VarBuilder;
 use memwise::MemoryTracker;
 
-use crate::checkpoint::{Checkpoint, DType, LayerId, ReadStrategy};
+use crate::checkpoint::{stored_dtype, tensor_bytes, Checkpoint, LayerId, ReadStrategy};
 use crate::models::{
     ArchitectureConfig, DecoderBlock, DecoderModel, EncoderBlock, EncoderModel, KvCache,
     ModelError, Stage,
@@ -445,7 +445,7 @@ impl StageLoader {
             memwise::release_block_cache();
         }
         let names: Vec<&str> = stage.tensor_names().collect();
-        let compute = Some(stored_dtype(self.dtype));
+        let compute = stored_dtype(self.dtype);
         let tensors = match (self.strategy, &self.device) {
             // pread straight into each tensor's storage: the stage costs its weights once.
             (ReadStrategy::Pread, Device::Cpu) => {
@@ -470,60 +470,18 @@ impl StageLoader {
     fn persist(&self, workspace: &Workspace, layer: &LayerWeights) -> Result<(), RunError> {
         let mut owned = Vec::with_capacity(layer.tensors.len());
         for (name, tensor) in &layer.tensors {
-            let bytes = tensor_bytes(tensor).map_err(|source| RunError::Tensor {
-                tensor: name.clone(),
-                source: Box::new(source),
-            })?;
-            owned.push((name.as_str(), tensor.dims().to_vec(), bytes));
+            let (dtype, bytes) = tensor_bytes(name, tensor)?;
+            owned.push((name.as_str(), dtype, tensor.dims().to_vec(), bytes));
         }
         let views: Vec<TensorBytes<'_>> = owned
             .iter()
-            .map(|(name, shape, bytes)| {
-                TensorBytes::new(name, stored_dtype(self.dtype), shape, bytes)
-            })
+            .map(|(name, dtype, shape, bytes)| TensorBytes::new(name, *dtype, shape, bytes))
             .collect();
         let first = layer.tensors.keys().next().map_or("", String::as_str);
-        let options = ConvertOptions::with_dtype(Some(stored_dtype(self.dtype)));
+        let options = ConvertOptions::with_dtype(stored_dtype(self.dtype));
         workspace.write_layer(&self.source, &options, &LayerId::of_tensor(first), &views)?;
         Ok(())
     }
-}
-
-fn stored_dtype(dtype: CandleDType) -> DType {
-    match dtype {
-        CandleDType::F16 => DType::F16,
-        CandleDType::BF16 => DType::BF16,
-        CandleDType::F64 => DType::F64,
-        _ => DType::F32,
-    }
-}
-
-/// The tensor's elements as little-endian bytes.
-fn tensor_bytes(tensor: &Tensor) -> candle_core::Result<Vec<u8>> {
-    let flat = tensor.flatten_all()?;
-    Ok(match tensor.dtype() {
-        CandleDType::F16 => flat
-            .to_vec1::<half::f16>()?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        CandleDType::BF16 => flat
-            .to_vec1::<half::bf16>()?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        CandleDType::F64 => flat
-            .to_vec1::<f64>()?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        _ => flat
-            .to_dtype(CandleDType::F32)?
-            .to_vec1::<f32>()?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-    })
 }
 
 /// A model whose forward pass loads each stage just before it runs (see [`ModelConverter`]).
@@ -766,15 +724,13 @@ impl Streamer {
                 stream_loader.load(order[k])
             })
             .map_err(RunError::Prefetch)?;
-        let mut streamed = 0;
-
         for (index, slot) in resident.iter_mut().enumerate() {
             let name = loader.stages[index].name().to_owned();
             let _scope = MemoryTracker::new(name.clone());
-            let fresh = match slot {
-                Some(_) => None,
+            let (fresh, lease) = match slot {
+                Some(_) => (None, None),
                 None => {
-                    let weights = match stream.next_stage() {
+                    let (weights, lease) = match stream.next_stage() {
                         Some(loaded) => loaded?,
                         None => {
                             return Err(RunError::Usage(format!(
@@ -782,7 +738,10 @@ impl Streamer {
                             )))
                         }
                     };
-                    Some(self.materialize(index, weights, &mut build)?)
+                    (
+                        Some(self.materialize(index, weights, &mut build)?),
+                        Some(lease),
+                    )
                 }
             };
             let Some(block) = slot.as_ref().or(fresh.as_ref()) else {
@@ -800,8 +759,7 @@ impl Streamer {
                     // scope records the release and the budget can admit the next stage.
                     drop(fresh);
                 }
-                stream.release(streamed);
-                streamed += 1;
+                drop(lease);
             }
         }
         Ok(())

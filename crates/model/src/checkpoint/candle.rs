@@ -22,6 +22,56 @@ fn candle_dtype(dtype: DType) -> Option<candle_core::DType> {
     }
 }
 
+/// The stored dtype a candle dtype is written as: the inverse of [`candle_dtype`]. `None`
+/// for candle's 8-, 6- and 4-bit floats, which no format memwise writes stores.
+pub(crate) fn stored_dtype(dtype: candle_core::DType) -> Option<DType> {
+    super::dtype::ALL
+        .into_iter()
+        .find(|&stored| candle_dtype(stored) == Some(dtype))
+}
+
+/// The elements of `tensor` (named `name` in errors) as little-endian bytes, with the stored
+/// dtype they are in. A dtype memwise cannot store is an error naming the tensor, never a
+/// silent conversion.
+pub(crate) fn tensor_bytes(name: &str, tensor: &candle_core::Tensor) -> Result<(DType, Vec<u8>)> {
+    use candle_core::DType as C;
+    let candle = |source| Error::Candle {
+        tensor: name.to_owned(),
+        source: Box::new(source),
+    };
+    let flat = tensor.flatten_all().map_err(candle)?;
+    macro_rules! le_bytes {
+        ($stored:ident, $t:ty) => {
+            (
+                DType::$stored,
+                flat.to_vec1::<$t>()
+                    .map_err(candle)?
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            )
+        };
+    }
+    Ok(match tensor.dtype() {
+        C::U8 => le_bytes!(U8, u8),
+        C::U32 => le_bytes!(U32, u32),
+        C::I16 => le_bytes!(I16, i16),
+        C::I32 => le_bytes!(I32, i32),
+        C::I64 => le_bytes!(I64, i64),
+        C::F16 => le_bytes!(F16, half::f16),
+        C::BF16 => le_bytes!(BF16, half::bf16),
+        C::F32 => le_bytes!(F32, f32),
+        C::F64 => le_bytes!(F64, f64),
+        other => {
+            return Err(Error::Conversion {
+                tensor: name.to_owned(),
+                from: format!("candle {other:?}"),
+                to: "a dtype checkpoints store (integers, f16, bf16, f32, f64)".into(),
+            })
+        }
+    })
+}
+
 impl TensorView<'_> {
     /// This tensor as a candle `Tensor` on `device`. A float tensor is converted to
     /// `compute` when given (with the same rounding as the workspace); other tensors keep
@@ -228,6 +278,29 @@ fn read_direct(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tensor_bytes_round_trip_and_refuse_a_dtype_checkpoints_cannot_store() {
+        let device = candle_core::Device::Cpu;
+        let t = candle_core::Tensor::new(&[1.5f32, -2.0], &device).unwrap();
+        let (dtype, bytes) =
+            tensor_bytes("w", &t.to_dtype(candle_core::DType::BF16).unwrap()).unwrap();
+        assert_eq!(dtype, DType::BF16);
+        assert_eq!(bytes, [0xc0, 0x3f, 0x00, 0xc0]);
+        let (dtype, bytes) = tensor_bytes("w", &t).unwrap();
+        assert_eq!((dtype, bytes.len()), (DType::F32, 8));
+
+        let fp8 = t.to_dtype(candle_core::DType::F8E4M3).unwrap();
+        let err = tensor_bytes("model.norm.weight", &fp8)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("tensor model.norm.weight: cannot convert candle F8E4M3"),
+            "{err}"
+        );
+        assert_eq!(stored_dtype(candle_core::DType::F8E4M3), None);
+        assert_eq!(stored_dtype(candle_core::DType::F16), Some(DType::F16));
+    }
 
     #[test]
     fn every_dtype_memwise_and_candle_share_maps() {

@@ -41,7 +41,7 @@ pub enum DType {
     F64,
 }
 
-const ALL: [DType; 13] = [
+pub(super) const ALL: [DType; 13] = [
     DType::Bool,
     DType::U8,
     DType::I8,

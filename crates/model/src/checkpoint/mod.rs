@@ -19,6 +19,7 @@ use std::path::{Component, Path, PathBuf};
 use serde::Serialize;
 use serde_json::Value;
 
+pub(crate) use self::candle::{stored_dtype, tensor_bytes};
 pub use self::dtype::{convert_into, to_f32_vec, DType};
 pub use self::index::{Layer, LayerId, TensorIndex, TensorInfo, TiedWeight};
 pub use self::read::{LayerData, LayerReader, ReadStrategy, TensorView};
