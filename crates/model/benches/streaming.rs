@@ -35,8 +35,8 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use memwise::ProcessMemory;
 use memwise_model::{
-    write_synthetic_checkpoint, Architecture, ArchitectureConfig, Checkpoint, DecoderModel,
-    LayerHook, LayerWeights, ModelConverter, ReadStrategy, RunError, SynthSpec,
+    write_synthetic_checkpoint, Architecture, ArchitectureConfig, Checkpoint, DecoderModel, Family,
+    HookError, Inputs, LayerHook, LayerWeights, ModelConverter, ReadStrategy, SynthSpec,
 };
 use serde_json::json;
 
@@ -494,12 +494,12 @@ impl Sampler {
 struct PhaseHook(Arc<Probe>);
 
 impl LayerHook for PhaseHook {
-    fn before_layer(&self, layer: &mut LayerWeights) -> Result<(), RunError> {
+    fn before_layer(&self, layer: &mut LayerWeights) -> Result<(), HookError> {
         self.0.enter(2 * layer.index() + 1);
         Ok(())
     }
 
-    fn after_layer(&self, _name: &str, index: usize) -> Result<(), RunError> {
+    fn after_layer(&self, _name: &str, index: usize) -> Result<(), HookError> {
         self.0.enter(2 * index + 2);
         Ok(())
     }
@@ -528,7 +528,7 @@ fn child(args: &[String]) {
         let load_s = started.elapsed().as_secs_f64();
         sampler.probe.enter(1);
         let started = Instant::now();
-        let logits = loaded.forward(&input_ids, None).unwrap();
+        let logits = loaded.forward(Inputs::new(&input_ids)).unwrap();
         let forward_s = started.elapsed().as_secs_f64();
         sampler.probe.enter(2);
         (names, load_s, forward_s, sampler.finish(), logits)

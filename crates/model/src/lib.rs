@@ -80,14 +80,15 @@
 //!
 //! Our own blocks on candle-nn for Llama, Mistral and Qwen2 decoders ([`DecoderModel`]) and
 //! BERT-style encoders ([`EncoderModel`]). A model is first a skeleton, built from its
-//! config alone; its [`Stage`]s list, in execution order, the Hugging Face names and shapes
+//! config alone; its [`Stage`](models::Stage)s list, in execution order, the Hugging Face names and shapes
 //! of the tensors each one reads. A runner streams a model by building one stage at a time
 //! from a [`candle_nn::VarBuilder`] that holds only that stage's tensors:
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor};
 //! use candle_nn::VarBuilder;
-//! use memwise_model::{write_synthetic_checkpoint, Architecture, DecoderModel, ArchitectureConfig, SynthSpec};
+//! use memwise_model::models::{DecoderModel, Family, Inputs};
+//! use memwise_model::{write_synthetic_checkpoint, Architecture, ArchitectureConfig, SynthSpec};
 //!
 //! // A seeded random-weight checkpoint in the Hugging Face layout.
 //! let dir = tempfile::tempdir()?;
@@ -98,7 +99,7 @@
 //! let model = DecoderModel::new(&config, DType::F32, &Device::Cpu)?;
 //! let input_ids = Tensor::new(&[[1u32, 5, 9]], &Device::Cpu)?;
 //! let checkpoint = candle_core::safetensors::BufferedSafetensors::new(std::fs::read(&shard)?)?;
-//! let mut pass = model.pass(&input_ids, None)?;
+//! let mut pass = model.pass(Inputs::new(&input_ids))?;
 //! for (index, stage) in model.stages().iter().enumerate() {
 //!     // Only this stage's tensors are read, and they are dropped once it has run.
 //!     let tensors = stage
@@ -112,7 +113,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
-//! The same model loaded whole ([`DecoderModel::forward_full`], [`DecoderModel::load`])
+//! The same model loaded whole ([`Family::forward_full`], [`Family::load`])
 //! gives bitwise the same outputs; both match Hugging Face transformers within 1e-4 on the
 //! fixtures in `tests/fixtures/reference/`.
 //!
@@ -146,7 +147,7 @@
 
 mod checkpoint;
 mod error;
-mod models;
+pub mod models;
 mod runner;
 mod stream;
 mod synth;
@@ -159,12 +160,10 @@ pub use crate::checkpoint::{
 };
 pub use crate::error::{Error, Result};
 pub use crate::models::{
-    mean_pool, Architecture, ArchitectureConfig, BertConfig, DecoderBlock, DecoderModel,
-    DecoderPass, EncoderBlock, EncoderModel, EncoderPass, Generation, KvCache, LlamaConfig,
-    LoadedDecoder, LoadedEncoder, ModelError, RopeScaling, Stage, TensorSpec,
+    Architecture, ArchitectureConfig, DecoderModel, EncoderModel, Family, Inputs, ModelError,
 };
 pub use crate::runner::{
-    Generated, LayerHook, LayerWeights, ModelConverter, RunError, StreamedModel,
+    HookError, LayerHook, LayerWeights, ModelConverter, RunError, StreamedModel,
 };
 pub use crate::stream::{LayerStream, StageLease};
 pub use crate::synth::{write_synthetic_checkpoint, SynthError, SynthReport, SynthSpec};

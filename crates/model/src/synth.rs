@@ -14,7 +14,8 @@ use candle_core::{DType, Device};
 use serde::Serialize;
 
 use crate::models::{
-    Architecture, BertConfig, DecoderModel, EncoderModel, LlamaConfig, ModelError, TensorSpec,
+    Architecture, BertConfig, DecoderModel, EncoderModel, Family, LlamaConfig, ModelError,
+    TensorSpec,
 };
 
 /// What model [`write_synthetic_checkpoint`] writes.

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use fixture_support::*;
-use memwise_model::{mean_pool, EncoderModel};
+use memwise_model::models::{mean_pool, EncoderModel, Family, Inputs};
 
 struct Fixture {
     model: EncoderModel,
@@ -34,9 +34,9 @@ impl Fixture {
         self.model
             .forward_full(
                 full_weights(&self.weights),
-                &self.input("input_ids"),
-                Some(&self.input("token_type_ids")),
-                Some(&self.reference["attention_mask"]),
+                Inputs::new(&self.input("input_ids"))
+                    .token_type_ids(&self.input("token_type_ids"))
+                    .attention_mask(&self.reference["attention_mask"]),
             )
             .expect("full-load forward runs")
     }
@@ -68,9 +68,9 @@ fn streamed_hidden_states_equal_full_load_bitwise() {
     let (ids, types) = (fixture.input("input_ids"), fixture.input("token_type_ids"));
     let mut pass = model
         .pass(
-            &ids,
-            Some(&types),
-            Some(&fixture.reference["attention_mask"]),
+            Inputs::new(&ids)
+                .token_type_ids(&types)
+                .attention_mask(&fixture.reference["attention_mask"]),
         )
         .expect("pass starts");
     for (index, stage) in model.stages().iter().enumerate() {
@@ -119,13 +119,13 @@ fn a_bert_prefixed_checkpoint_is_followed() {
         EncoderModel::detect_weight_prefix(fixture.weights.keys().map(String::as_str)),
         None
     );
-    let model = fixture.model.clone().with_weight_prefix("bert");
+    let model = fixture.model.clone().with_weight_prefix("bert").unwrap();
     let hidden = model
         .forward_full(
             full_weights(&prefixed),
-            &fixture.input("input_ids"),
-            Some(&fixture.input("token_type_ids")),
-            Some(&fixture.reference["attention_mask"]),
+            Inputs::new(&fixture.input("input_ids"))
+                .token_type_ids(&fixture.input("token_type_ids"))
+                .attention_mask(&fixture.reference["attention_mask"]),
         )
         .expect("prefixed forward runs");
     assert!(bitwise_equal(&hidden, &fixture.full_hidden()));

@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 
 use candle_core::{DType, Device, Tensor};
 use fixture_support::*;
-use memwise_model::{DecoderModel, KvCache, LlamaConfig};
+use memwise_model::models::{DecoderModel, Family, Inputs, KvCache, LlamaConfig};
 
 struct Fixture {
     name: &'static str,
@@ -44,13 +44,14 @@ impl Fixture {
 
     fn full_logits(&self) -> Tensor {
         self.model()
-            .forward_full(full_weights(&self.weights), &self.input_ids())
+            .forward_full(full_weights(&self.weights), Inputs::new(&self.input_ids()))
             .expect("full-load forward runs")
     }
 
     fn streamed_logits(&self) -> Tensor {
         let model = self.model();
-        let mut pass = model.pass(&self.input_ids(), None).expect("pass starts");
+        let ids = self.input_ids();
+        let mut pass = model.pass(Inputs::new(&ids)).expect("pass starts");
         for (index, stage) in model.stages().iter().enumerate() {
             pass.run_stage(index, stage_weights(stage, &self.weights))
                 .expect("stage runs from its own tensors");
@@ -153,7 +154,10 @@ fn config_variants_match_transformers() {
         let logits_of = |config: &LlamaConfig| {
             DecoderModel::new(config, DType::F32, &Device::Cpu)
                 .expect("skeleton")
-                .forward_full(full_weights(&fixture.weights), &fixture.input_ids())
+                .forward_full(
+                    full_weights(&fixture.weights),
+                    Inputs::new(&fixture.input_ids()),
+                )
                 .expect("forward")
         };
         let logits = logits_of(&config);
@@ -179,7 +183,7 @@ fn config_variants_match_transformers() {
 fn unsupported_rope_scaling_is_a_clear_error() {
     let mut config = Fixture::load("tiny-llama").config;
     config.rope_parameters = None;
-    config.rope_scaling = Some(memwise_model::RopeScaling {
+    config.rope_scaling = Some(memwise_model::models::RopeScaling {
         rope_type: Some("yarn".into()),
         factor: Some(4.0),
         ..Default::default()
@@ -208,7 +212,7 @@ fn greedy_generation_matches_transformers_with_and_without_cache() {
             .reference("generate_eos_token_id")
             .to_vec1::<i64>()
             .expect("eos")[0];
-        let eos = u32::try_from(eos).ok();
+        let eos: Vec<u32> = u32::try_from(eos).into_iter().collect();
         let new_tokens = expected.len() - prompt.len();
         let model = fixture
             .model()
@@ -216,17 +220,19 @@ fn greedy_generation_matches_transformers_with_and_without_cache() {
             .expect("loads");
 
         let cached = model
-            .generate_greedy(&prompt, new_tokens, eos, true)
+            .generate_greedy(&prompt, new_tokens, &eos, true)
             .expect("generates with cache");
         let recomputed = model
-            .generate_greedy(&prompt, new_tokens, eos, false)
+            .generate_greedy(&prompt, new_tokens, &eos, false)
             .expect("generates without cache");
         assert_eq!(
-            cached.tokens, expected,
+            cached.tokens,
+            expected[prompt.len()..],
             "{name}: cached generation vs transformers"
         );
         assert_eq!(
-            recomputed.tokens, expected,
+            recomputed.tokens,
+            expected[prompt.len()..],
             "{name}: recomputed generation vs transformers"
         );
 
@@ -251,14 +257,14 @@ fn cached_logits_equal_recomputed_logits() {
         .load(full_weights(&fixture.weights))
         .expect("loads");
     let ids = fixture.input_ids();
-    let full = model.forward(&ids, None).expect("forward");
+    let full = model.forward(Inputs::new(&ids)).expect("forward");
     // Feed the same tokens in two chunks through a cache: the window mask must follow.
     let mut cache = KvCache::new(model.model());
     let first = model
-        .forward(&ids.narrow(1, 0, 7).unwrap(), Some(&mut cache))
+        .forward(Inputs::new(&ids.narrow(1, 0, 7).unwrap()).cache(&mut cache))
         .unwrap();
     let second = model
-        .forward(&ids.narrow(1, 7, 3).unwrap(), Some(&mut cache))
+        .forward(Inputs::new(&ids.narrow(1, 7, 3).unwrap()).cache(&mut cache))
         .unwrap();
     assert_eq!(cache.seq_len(), 10);
     let chunked = Tensor::cat(&[&first, &second], 1).unwrap();
@@ -270,7 +276,8 @@ fn cached_logits_equal_recomputed_logits() {
 fn stages_run_out_of_order_are_refused() {
     let fixture = Fixture::load("tiny-llama");
     let model = fixture.model();
-    let mut pass = model.pass(&fixture.input_ids(), None).unwrap();
+    let ids = fixture.input_ids();
+    let mut pass = model.pass(Inputs::new(&ids)).unwrap();
     let layer = &model.stages()[1];
     let err = pass
         .run_stage(1, stage_weights(layer, &fixture.weights))
@@ -288,7 +295,7 @@ fn a_missing_tensor_names_its_stage_and_path() {
     let mut weights = fixture.weights.clone();
     weights.remove("model.layers.1.mlp.up_proj.weight");
     let err = model
-        .forward_full(full_weights(&weights), &fixture.input_ids())
+        .forward_full(full_weights(&weights), Inputs::new(&fixture.input_ids()))
         .unwrap_err();
     let chain = format!("{err}: {}", std::error::Error::source(&err).unwrap());
     assert!(chain.contains("model.layers.1"), "{chain}");
@@ -312,13 +319,17 @@ fn streamed_generation_steps_fill_the_cache_like_full_load() {
     let (mut streamed_cache, mut full_cache) = (KvCache::new(&model), KvCache::new(&model));
     for (start, len) in [(0, 6), (6, 1), (7, 3)] {
         let chunk = ids.narrow(1, start, len).unwrap();
-        let mut pass = model.pass(&chunk, Some(&mut streamed_cache)).unwrap();
+        let mut pass = model
+            .pass(Inputs::new(&chunk).cache(&mut streamed_cache))
+            .unwrap();
         for (index, stage) in model.stages().iter().enumerate() {
             pass.run_stage(index, stage_weights(stage, &fixture.weights))
                 .unwrap();
         }
         let streamed = pass.finish().unwrap();
-        let full = loaded.forward(&chunk, Some(&mut full_cache)).unwrap();
+        let full = loaded
+            .forward(Inputs::new(&chunk).cache(&mut full_cache))
+            .unwrap();
         assert!(bitwise_equal(&streamed, &full), "chunk at {start}");
     }
     assert_eq!(streamed_cache.seq_len(), 10);
@@ -357,8 +368,10 @@ fn last_position_logits_are_the_last_row_of_all_logits() {
             .load(full_weights(&fixture.weights))
             .expect("loads");
         let ids = fixture.input_ids();
-        let all = model.forward(&ids, None).expect("forward");
-        let last = model.forward_last(&ids, None).expect("forward_last");
+        let all = model.forward(Inputs::new(&ids)).expect("forward");
+        let last = model
+            .forward(Inputs::new(&ids).last_position_only())
+            .expect("last position");
         let seq_len = ids.dim(1).unwrap();
         assert_eq!(last.dims(), [2, 1, model.model().vocab_size()]);
         let diff = max_abs_diff(&last, &all.narrow(1, seq_len - 1, 1).unwrap());

@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use candle_core::{DType, Device, Tensor};
 use memwise::{enable_memory_tracking, get_memory_stats, reset_memory_stats, TrackingAllocator};
 use memwise_model::{
-    write_synthetic_checkpoint, Architecture, LayerHook, LayerWeights, ModelConverter, RunError,
+    write_synthetic_checkpoint, Architecture, HookError, LayerHook, LayerWeights, ModelConverter,
     SynthSpec,
 };
 
@@ -20,7 +20,7 @@ static ALLOC: TrackingAllocator = TrackingAllocator::system();
 struct KeepClones(Mutex<Vec<Tensor>>);
 
 impl LayerHook for KeepClones {
-    fn before_layer(&self, layer: &mut LayerWeights) -> Result<(), RunError> {
+    fn before_layer(&self, layer: &mut LayerWeights) -> Result<(), HookError> {
         self.0
             .lock()
             .unwrap()

@@ -11,9 +11,8 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor};
 use fixture_support::*;
-use memwise_model::{
-    DecoderModel, EncoderModel, LayerHook, LayerWeights, ModelConverter, RunError,
-};
+use memwise_model::models::{DecoderModel, EncoderModel, Family, Inputs};
+use memwise_model::{HookError, LayerHook, LayerWeights, ModelConverter, RunError};
 
 const DECODERS: [&str; 3] = ["tiny-llama", "tiny-qwen2", "tiny-mistral"];
 
@@ -37,7 +36,7 @@ fn streamed_decoders_equal_full_load_and_match_transformers() {
             .unwrap()
             .forward_full(
                 full_weights(&load_tensors(&folder.join("model.safetensors"))),
-                &ids,
+                Inputs::new(&ids),
             )
             .unwrap();
         for depth in [0, 1, 2] {
@@ -73,9 +72,9 @@ fn streamed_encoder_matches_transformers() {
         .unwrap()
         .forward_full(
             full_weights(&load_tensors(&folder.join("model.safetensors"))),
-            &ids,
-            Some(&types),
-            Some(mask),
+            Inputs::new(&ids)
+                .token_type_ids(&types)
+                .attention_mask(mask),
         )
         .unwrap();
     let mut model = converter(&folder, 1).load_model_with_hooks(true).unwrap();
@@ -124,7 +123,7 @@ struct ScaleLayer {
 }
 
 impl LayerHook for ScaleLayer {
-    fn before_layer(&self, layer: &mut LayerWeights) -> Result<(), RunError> {
+    fn before_layer(&self, layer: &mut LayerWeights) -> Result<(), HookError> {
         self.seen.lock().unwrap().push(layer.name().to_owned());
         if let Some(t) = layer.tensors().get(self.tensor) {
             let scaled = (t * self.factor).unwrap();
@@ -156,7 +155,7 @@ fn hooks_see_every_stage_and_replaced_layers_persist_to_the_workspace() {
     });
     struct Shared(Arc<ScaleLayer>);
     impl LayerHook for Shared {
-        fn before_layer(&self, layer: &mut LayerWeights) -> Result<(), RunError> {
+        fn before_layer(&self, layer: &mut LayerWeights) -> Result<(), HookError> {
             self.0.before_layer(layer)
         }
     }
@@ -190,34 +189,52 @@ fn hooks_see_every_stage_and_replaced_layers_persist_to_the_workspace() {
 }
 
 #[test]
-fn a_failing_hook_names_itself_and_the_layer() {
-    struct Refuse;
+fn a_failing_hook_reaches_the_caller_with_hook_and_stage_named() {
+    /// Refuses one stage before it runs, or after, saying only why.
+    struct Refuse {
+        after: bool,
+    }
     impl LayerHook for Refuse {
         fn name(&self) -> &str {
             "refuse"
         }
-        fn before_layer(&self, layer: &mut LayerWeights) -> Result<(), RunError> {
-            if layer.name() == "model.layers.1" {
-                return Err(RunError::Hook {
-                    hook: self.name().into(),
-                    layer: layer.name().into(),
-                    message: "not today".into(),
-                });
+        fn before_layer(&self, layer: &mut LayerWeights) -> Result<(), HookError> {
+            if !self.after && layer.name() == "model.layers.1" {
+                return Err("not today".into());
+            }
+            Ok(())
+        }
+        fn after_layer(&self, name: &str, _index: usize) -> Result<(), HookError> {
+            if self.after && name == "model.norm" {
+                return Err("not now".into());
             }
             Ok(())
         }
     }
     let folder = fixture("tiny-llama");
     let ids = token_ids(&reference(&folder)["input_ids"]);
-    let mut model = converter(&folder, 2)
-        .hook(Refuse)
-        .load_model_with_hooks(true)
-        .unwrap();
-    let err = model.forward(&ids).unwrap_err().to_string();
-    assert!(
-        err.contains("refuse") && err.contains("model.layers.1"),
-        "{err}"
-    );
+    for (after, stage, why) in [
+        (false, "model.layers.1", "not today"),
+        (true, "model.norm", "not now"),
+    ] {
+        let mut model = converter(&folder, 2)
+            .hook(Refuse { after })
+            .load_model_with_hooks(true)
+            .unwrap();
+        let err = model.forward(&ids).unwrap_err();
+        // The hook said only why: the runner adds which hook and which stage.
+        assert_eq!(
+            err.to_string(),
+            format!("hook refuse on stage {stage}: {why}")
+        );
+        let RunError::Hook {
+            hook, stage: at, ..
+        } = &err
+        else {
+            panic!("not a hook error: {err:?}")
+        };
+        assert_eq!((hook.as_str(), at.as_str()), ("refuse", stage));
+    }
 }
 
 #[test]
@@ -225,18 +242,21 @@ fn streamed_generation_matches_transformers() {
     for name in DECODERS {
         let folder = fixture(name);
         let reference = reference(&folder);
-        let prompt = token_ids(&reference["generate_prompt"]);
+        let prompt: Vec<u32> = token_ids(&reference["generate_prompt"])
+            .squeeze(0)
+            .and_then(|t| t.to_vec1())
+            .unwrap();
         let expected: Vec<u32> = token_ids(&reference["generate_output"])
             .squeeze(0)
             .and_then(|t| t.to_vec1())
             .unwrap();
         let eos = reference["generate_eos_token_id"].to_vec1::<i64>().unwrap()[0];
-        let new_tokens = expected.len() - prompt.dim(1).unwrap();
+        let new_tokens = expected.len() - prompt.len();
         let mut model = converter(&folder, 1).load_model_with_hooks(true).unwrap();
         let out = model
-            .generate(&prompt, new_tokens, u32::try_from(eos).ok())
+            .generate(&prompt, new_tokens, &Vec::from_iter(u32::try_from(eos)))
             .unwrap();
-        assert_eq!(out.tokens, expected[prompt.dim(1).unwrap()..], "{name}");
+        assert_eq!(out.tokens, expected[prompt.len()..], "{name}");
         assert!(out.kv_cache_bytes > 0);
     }
 }

@@ -8,6 +8,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use fixture_support::*;
+use memwise_model::models::{Family, Inputs};
 use memwise_model::{
     write_synthetic_checkpoint, Architecture, DecoderModel, EncoderModel, SynthError, SynthSpec,
 };
@@ -78,12 +79,14 @@ fn a_sharded_llama_reads_back_and_runs_streamed_and_full() {
     assert_eq!(config.num_key_value_heads, Some(2));
     let model = DecoderModel::new(&config, DType::F32, &Device::Cpu).unwrap();
     let ids = Tensor::new(&[[3u32, 1, 4, 1, 5, 9, 2, 6]], &Device::Cpu).unwrap();
-    let full = model.forward_full(full_weights(&tensors), &ids).unwrap();
+    let full = model
+        .forward_full(full_weights(&tensors), Inputs::new(&ids))
+        .unwrap();
     assert!(all_finite(&full));
     // Weights of scale 1/sqrt(fan_in) keep the logits varied, not all equal.
     assert!(max_abs(&full) > 0.1, "logits are flat");
 
-    let mut pass = model.pass(&ids, None).unwrap();
+    let mut pass = model.pass(Inputs::new(&ids)).unwrap();
     for (index, stage) in model.stages().iter().enumerate() {
         pass.run_stage(index, stage_weights(stage, &tensors))
             .unwrap();
@@ -172,13 +175,15 @@ fn half_precision_checkpoints_run() {
     // Computing in f32 from bf16 weights: the builder converts each tensor as it is read.
     let model = DecoderModel::new(&config, DType::F32, &Device::Cpu).unwrap();
     let ids = Tensor::new(&[[1u32, 2, 3]], &Device::Cpu).unwrap();
-    let logits = model.forward_full(full_weights(&tensors), &ids).unwrap();
+    let logits = model
+        .forward_full(full_weights(&tensors), Inputs::new(&ids))
+        .unwrap();
     assert!(all_finite(&logits));
 
     // Computing in bf16 too: the same logits up to bf16's 8 bits of mantissa.
     let half = DecoderModel::new(&config, DType::BF16, &Device::Cpu).unwrap();
     let weights = candle_nn::VarBuilder::from_tensors(tensors, DType::BF16, &Device::Cpu);
-    let half_logits = half.forward_full(weights, &ids).unwrap();
+    let half_logits = half.forward_full(weights, Inputs::new(&ids)).unwrap();
     assert_eq!(half_logits.dtype(), DType::BF16);
     let half_logits = half_logits.to_dtype(DType::F32).unwrap();
     let diff = max_abs_diff(&half_logits, &logits);
@@ -201,7 +206,7 @@ fn a_bert_reads_back_and_runs() {
     let model = EncoderModel::new(&config, DType::F32, &Device::Cpu).unwrap();
     let ids = Tensor::new(&[[2u32, 7, 1, 8]], &Device::Cpu).unwrap();
     let hidden = model
-        .forward_full(full_weights(&tensors), &ids, None, None)
+        .forward_full(full_weights(&tensors), Inputs::new(&ids))
         .unwrap();
     assert_eq!(hidden.dims(), [1, 4, 64]);
     assert!(all_finite(&hidden));

@@ -108,8 +108,9 @@ fn decoder(
         println!("next token after the input: {next}");
         return Ok(logits);
     }
+    let prompt = input.flatten_all()?.to_vec1::<u32>()?;
     let generated = track("generate", || {
-        model.generate(input, args.max_new_tokens, None)
+        model.generate(&prompt, args.max_new_tokens, &[])
     })?;
     let ids: Vec<String> = generated.tokens.iter().map(u32::to_string).collect();
     println!("generated token ids: {}", ids.join(","));

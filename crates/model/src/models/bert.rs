@@ -11,7 +11,8 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use super::{head_dim, stage_for, ModelError, Stage, StageCursor};
+use super::stage::previous_output;
+use super::{head_dim, Family, Inputs, ModelError, Stage};
 
 /// `config.json` of a BERT-style encoder, with Hugging Face's keys and defaults.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -304,19 +305,19 @@ pub struct EncoderBlock {
 
 /// A BERT-style encoder as a skeleton: its config and stages, no weights.
 ///
-/// Like [`crate::DecoderModel`], it runs stage by stage from each stage's own tensors
-/// ([`EncoderModel::pass`]) or loaded whole ([`EncoderModel::forward_full`]), with bitwise
+/// Like [`super::DecoderModel`], it runs stage by stage from each stage's own tensors
+/// ([`Family::pass`]) or loaded whole ([`Family::forward_full`]), with bitwise
 /// equal results.
 ///
 /// ```
 /// use candle_core::{DType, Device};
-/// use memwise_model::{BertConfig, EncoderModel};
+/// use memwise_model::models::{BertConfig, EncoderModel, Family};
 ///
 /// let config: BertConfig = serde_json::from_str(r#"{
 ///     "model_type": "bert", "vocab_size": 30, "hidden_size": 8,
 ///     "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 16
 /// }"#)?;
-/// let model = EncoderModel::new(&config, DType::F32, &Device::Cpu)?.with_weight_prefix("bert");
+/// let model = EncoderModel::new(&config, DType::F32, &Device::Cpu)?.with_weight_prefix("bert")?;
 /// assert_eq!(model.layer_names().collect::<Vec<_>>(), ["bert.embeddings", "bert.encoder.layer.0"]);
 /// assert!(model.stages()[1]
 ///     .tensor_names()
@@ -343,17 +344,16 @@ impl EncoderModel {
             dtype,
             device: device.clone(),
         };
-        model.trace_stages()?;
+        model.retrace()?;
         Ok(model)
     }
 
     /// Names every tensor `{prefix}.…`, as checkpoints saved from a task model
     /// (`BertForMaskedLM`, …) do with `bert`. See [`EncoderModel::detect_weight_prefix`].
-    pub fn with_weight_prefix(mut self, prefix: &str) -> Self {
+    pub fn with_weight_prefix(mut self, prefix: &str) -> Result<Self, ModelError> {
         self.prefix = Some(prefix.to_owned()).filter(|p| !p.is_empty());
-        self.trace_stages()
-            .expect("renaming only changes names, and these stages traced before");
-        self
+        self.retrace()?;
+        Ok(self)
     }
 
     /// The prefix a checkpoint's tensor names use: `Some("bert")` when its embeddings are
@@ -367,36 +367,16 @@ impl EncoderModel {
             .then_some("bert")
     }
 
-    fn trace_stages(&mut self) -> Result<(), ModelError> {
-        self.stages = (0..=self.cfg.num_layers)
-            .map(|index| {
-                Stage::trace(self.stage_name(index), self.dtype, |vb| {
-                    self.load_block(index, vb)
-                })
-            })
-            .collect::<Result<_, _>>()?;
+    fn retrace(&mut self) -> Result<(), ModelError> {
+        let names = (0..=self.cfg.num_layers).map(|index| self.stage_name(index));
+        self.stages = self.trace_stages(names)?;
         Ok(())
-    }
-
-    /// The stages in execution order.
-    pub fn stages(&self) -> &[Stage] {
-        &self.stages
     }
 
     /// The stages' names in execution order: `embeddings`, `encoder.layer.{i}`, each after
     /// the weight prefix if there is one.
     pub fn layer_names(&self) -> impl Iterator<Item = &str> {
         self.stages.iter().map(Stage::name)
-    }
-
-    /// The dtype the model computes in.
-    pub fn dtype(&self) -> DType {
-        self.dtype
-    }
-
-    /// The device the model computes on.
-    pub fn device(&self) -> &Device {
-        &self.device
     }
 
     fn stage_name(&self, index: usize) -> String {
@@ -409,16 +389,33 @@ impl EncoderModel {
             None => local,
         }
     }
+}
 
-    /// Builds stage `index` from `vb`, a builder at the checkpoint's root yielding the
-    /// model's dtype.
-    pub fn load_stage(&self, index: usize, vb: VarBuilder) -> Result<EncoderBlock, ModelError> {
-        let stage = stage_for(&self.stages, index, &vb, self.dtype)?;
-        self.load_block(index, vb)
-            .map_err(ModelError::stage(stage.name()))
+/// What an encoder pass carries from one stage to the next: the ids, token types and the
+/// additive padding mask.
+pub struct EncoderState {
+    input_ids: Tensor,
+    token_type_ids: Tensor,
+    mask: Tensor,
+}
+
+impl Family for EncoderModel {
+    type Block = EncoderBlock;
+    type State<'a> = EncoderState;
+
+    fn stages(&self) -> &[Stage] {
+        &self.stages
     }
 
-    fn load_block(&self, index: usize, vb: VarBuilder) -> candle_core::Result<EncoderBlock> {
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn build_block(&self, index: usize, vb: VarBuilder) -> candle_core::Result<EncoderBlock> {
         let vb = vb.pp(self.stage_name(index));
         let block = match index {
             0 => Block::Embeddings(BertEmbeddings::load(vb, &self.cfg)?),
@@ -427,24 +424,19 @@ impl EncoderModel {
         Ok(EncoderBlock { index, block })
     }
 
-    /// Starts a forward pass. `input_ids` and the optional `token_type_ids` are
-    /// `(batch, seq_len)` `u32`; `attention_mask` is `(batch, seq_len)` with 1 for tokens
-    /// and 0 for padding, in any dtype (all ones when absent).
-    pub fn pass(
-        &self,
-        input_ids: &Tensor,
-        token_type_ids: Option<&Tensor>,
-        attention_mask: Option<&Tensor>,
-    ) -> Result<EncoderPass<'_>, ModelError> {
-        let dims = input_ids
-            .dims2()
-            .map_err(|e| ModelError::Input(format!("input_ids must be (batch, seq_len): {e}")))?;
-        if input_ids.dtype() != DType::U32 || dims.1 == 0 {
-            return Err(ModelError::Input(format!(
-                "input_ids must be non-empty u32, got {:?} {:?}",
-                input_ids.dtype(),
-                input_ids.shape()
-            )));
+    fn block_index(block: &EncoderBlock) -> usize {
+        block.index
+    }
+
+    /// `token_type_ids` default to 0; `attention_mask` (1 for tokens, 0 for padding, any
+    /// dtype) to all ones.
+    fn begin<'a>(&'a self, inputs: Inputs<'a>) -> Result<EncoderState, ModelError> {
+        let input_ids = inputs.input_ids;
+        let dims = inputs.dims()?;
+        if inputs.cache.is_some() || inputs.last_position_only {
+            return Err(ModelError::Input(
+                "an encoder pass takes no KV cache and returns every position".into(),
+            ));
         }
         if dims.1 > self.cfg.max_position_embeddings {
             return Err(ModelError::Input(format!(
@@ -453,8 +445,8 @@ impl EncoderModel {
             )));
         }
         for (name, tensor) in [
-            ("token_type_ids", token_type_ids),
-            ("attention_mask", attention_mask),
+            ("token_type_ids", inputs.token_type_ids),
+            ("attention_mask", inputs.attention_mask),
         ] {
             if let Some(tensor) = tensor {
                 if tensor.dims() != [dims.0, dims.1] {
@@ -468,13 +460,13 @@ impl EncoderModel {
         }
         let setup = |e| ModelError::stage("pass setup")(e);
         let device = &self.device;
-        let token_type_ids = match token_type_ids {
+        let token_type_ids = match inputs.token_type_ids {
             Some(ids) => ids.to_device(device).and_then(|t| t.to_dtype(DType::U32)),
             None => Tensor::zeros(dims, DType::U32, device),
         }
         .map_err(setup)?;
         // Padding gets the most negative f32 added to its scores, as transformers does.
-        let mask = match attention_mask {
+        let mask = match inputs.attention_mask {
             Some(mask) => mask
                 .to_device(device)
                 .and_then(|m| m.to_dtype(DType::F32))
@@ -483,113 +475,26 @@ impl EncoderModel {
             None => Tensor::zeros((dims.0, 1, 1, dims.1), DType::F32, device),
         }
         .map_err(setup)?;
-        Ok(EncoderPass {
-            model: self,
+        Ok(EncoderState {
             input_ids: input_ids.to_device(device).map_err(setup)?,
             token_type_ids,
             mask,
-            cursor: StageCursor::new(self.stages.len()),
         })
     }
 
-    /// Loads every stage from `vb` into a model that can run many passes.
-    pub fn load(self, vb: VarBuilder) -> Result<LoadedEncoder, ModelError> {
-        let blocks = (0..self.stages.len())
-            .map(|index| self.load_stage(index, vb.clone()))
-            .collect::<Result<_, _>>()?;
-        Ok(LoadedEncoder {
-            model: self,
-            blocks,
-        })
-    }
-
-    /// Loads the whole model from `vb` and returns the last hidden states
-    /// `(batch, seq_len, hidden)`: the full-load path the streamed one is checked against.
-    pub fn forward_full(
+    fn run_block(
         &self,
-        vb: VarBuilder,
-        input_ids: &Tensor,
-        token_type_ids: Option<&Tensor>,
-        attention_mask: Option<&Tensor>,
-    ) -> Result<Tensor, ModelError> {
-        self.clone()
-            .load(vb)?
-            .forward(input_ids, token_type_ids, attention_mask)
-    }
-}
-
-/// One forward pass of an [`EncoderModel`], run a stage at a time, in order.
-pub struct EncoderPass<'a> {
-    model: &'a EncoderModel,
-    input_ids: Tensor,
-    token_type_ids: Tensor,
-    mask: Tensor,
-    cursor: StageCursor,
-}
-
-impl EncoderPass<'_> {
-    /// Index of the stage due next.
-    pub fn next_stage(&self) -> usize {
-        self.cursor.next
-    }
-
-    /// Builds stage `index` from `weights` (which may hold only that stage's tensors), runs
-    /// it, and drops its weights.
-    pub fn run_stage(&mut self, index: usize, weights: VarBuilder) -> Result<(), ModelError> {
-        self.cursor.check(index)?;
-        let block = self.model.load_stage(index, weights)?;
-        self.run_block(&block)
-    }
-
-    /// Runs a stage that is already loaded.
-    pub fn run_block(&mut self, block: &EncoderBlock) -> Result<(), ModelError> {
-        self.cursor.check(block.index)?;
-        let stage = self.model.stages[block.index].name();
-        let hidden = match &block.block {
+        state: &mut EncoderState,
+        _index: usize,
+        block: &EncoderBlock,
+        hidden: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        match &block.block {
             Block::Embeddings(embeddings) => {
-                embeddings.forward(&self.input_ids, &self.token_type_ids)
+                embeddings.forward(&state.input_ids, &state.token_type_ids)
             }
-            Block::Layer(layer) => self
-                .cursor
-                .hidden()
-                .and_then(|hidden| layer.forward(hidden, &self.mask)),
+            Block::Layer(layer) => layer.forward(previous_output(hidden)?, &state.mask),
         }
-        .map_err(ModelError::stage(stage))?;
-        self.cursor.advance(hidden);
-        Ok(())
-    }
-
-    /// The last hidden states `(batch, seq_len, hidden)`, once every stage has run.
-    pub fn finish(self) -> Result<Tensor, ModelError> {
-        self.cursor.finish()
-    }
-}
-
-/// An [`EncoderModel`] with every stage loaded.
-#[derive(Debug, Clone)]
-pub struct LoadedEncoder {
-    model: EncoderModel,
-    blocks: Vec<EncoderBlock>,
-}
-
-impl LoadedEncoder {
-    /// The skeleton.
-    pub fn model(&self) -> &EncoderModel {
-        &self.model
-    }
-
-    /// The last hidden states `(batch, seq_len, hidden)`; see [`EncoderModel::pass`].
-    pub fn forward(
-        &self,
-        input_ids: &Tensor,
-        token_type_ids: Option<&Tensor>,
-        attention_mask: Option<&Tensor>,
-    ) -> Result<Tensor, ModelError> {
-        let mut pass = self.model.pass(input_ids, token_type_ids, attention_mask)?;
-        for block in &self.blocks {
-            pass.run_block(block)?;
-        }
-        pass.finish()
     }
 }
 

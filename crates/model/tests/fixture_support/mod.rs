@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use memwise_model::Stage;
+use memwise_model::models::{BertConfig, LlamaConfig, Stage};
 
 /// Tolerance against transformers' outputs: both compute in f32, in different orders.
 pub const REFERENCE_TOLERANCE: f32 = 1e-4;
@@ -82,7 +82,7 @@ pub fn bitwise_equal(a: &Tensor, b: &Tensor) -> bool {
 }
 
 /// The decoder config of a model folder or config file.
-pub fn decoder_config(path: &Path) -> memwise_model::LlamaConfig {
+pub fn decoder_config(path: &Path) -> LlamaConfig {
     match memwise_model::ArchitectureConfig::from_file(path).expect("config parses") {
         memwise_model::ArchitectureConfig::Decoder(config) => *config,
         other => panic!("{} is not a decoder: {other:?}", path.display()),
@@ -90,7 +90,7 @@ pub fn decoder_config(path: &Path) -> memwise_model::LlamaConfig {
 }
 
 /// The encoder config of a model folder or config file.
-pub fn encoder_config(path: &Path) -> memwise_model::BertConfig {
+pub fn encoder_config(path: &Path) -> BertConfig {
     match memwise_model::ArchitectureConfig::from_file(path).expect("config parses") {
         memwise_model::ArchitectureConfig::Encoder(config) => config,
         other => panic!("{} is not an encoder: {other:?}", path.display()),

@@ -1,0 +1,241 @@
+//! The decoder's building blocks: RoPE, masks, grouped-query attention, the gated MLP and
+//! the pre-norm layer that holds them.
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{Linear, RmsNorm, VarBuilder};
+
+use super::config::DecoderConfig;
+
+/// A linear layer with or without a bias, named as Hugging Face names it.
+fn linear(
+    in_dim: usize,
+    out_dim: usize,
+    bias: bool,
+    vb: VarBuilder,
+) -> candle_core::Result<Linear> {
+    if bias {
+        candle_nn::linear(in_dim, out_dim, vb)
+    } else {
+        candle_nn::linear_no_bias(in_dim, out_dim, vb)
+    }
+}
+
+/// The cos and sin tables of the positions one pass covers, each `(seq_len, head_dim / 2)`.
+pub(super) struct RotaryTables {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl RotaryTables {
+    pub(super) fn new(
+        inverse_frequencies: &[f32],
+        positions: std::ops::Range<usize>,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        let half = inverse_frequencies.len();
+        let angles: Vec<f32> = positions
+            .clone()
+            .flat_map(|p| inverse_frequencies.iter().map(move |f| p as f32 * f))
+            .collect();
+        let angles = Tensor::from_vec(angles, (positions.len(), half), device)?;
+        Ok(Self {
+            cos: angles.cos()?.to_dtype(dtype)?,
+            sin: angles.sin()?.to_dtype(dtype)?,
+        })
+    }
+}
+
+/// Additive attention mask `(seq_len, offset + seq_len)`: 0 where a query may look, -inf
+/// elsewhere. `None` when nothing is hidden (a single new token inside its window).
+pub(super) fn attention_mask(
+    seq_len: usize,
+    offset: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> candle_core::Result<Option<Tensor>> {
+    let total = offset + seq_len;
+    let visible = |query: usize, key: usize| key <= query && window.is_none_or(|w| query - key < w);
+    let hides_any = (0..seq_len).any(|i| (0..total).any(|key| !visible(offset + i, key)));
+    if !hides_any {
+        return Ok(None);
+    }
+    let mask: Vec<f32> = (0..seq_len)
+        .flat_map(|i| {
+            (0..total).map(move |key| {
+                if visible(offset + i, key) {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    Tensor::from_vec(mask, (seq_len, total), device).map(Some)
+}
+
+/// `(batch, kv_heads, seq, dim)` → `(batch, kv_heads * repeats, seq, dim)`, each key/value
+/// head repeated for the query heads of its group, as transformers' `repeat_kv` does.
+fn repeat_kv(xs: Tensor, repeats: usize) -> candle_core::Result<Tensor> {
+    if repeats == 1 {
+        return Ok(xs);
+    }
+    let (batch, kv_heads, seq_len, dim) = xs.dims4()?;
+    xs.unsqueeze(2)?
+        .broadcast_as((batch, kv_heads, repeats, seq_len, dim))?
+        .reshape((batch, kv_heads * repeats, seq_len, dim))
+}
+
+/// Grouped-query self-attention with RoPE.
+#[derive(Debug, Clone)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn load(vb: VarBuilder, cfg: &DecoderConfig) -> candle_core::Result<Self> {
+        let (hidden, dim) = (cfg.hidden_size, cfg.head_dim);
+        Ok(Self {
+            q_proj: linear(hidden, cfg.num_heads * dim, cfg.qkv_bias, vb.pp("q_proj"))?,
+            k_proj: linear(
+                hidden,
+                cfg.num_kv_heads * dim,
+                cfg.qkv_bias,
+                vb.pp("k_proj"),
+            )?,
+            v_proj: linear(
+                hidden,
+                cfg.num_kv_heads * dim,
+                cfg.qkv_bias,
+                vb.pp("v_proj"),
+            )?,
+            o_proj: linear(cfg.num_heads * dim, hidden, cfg.o_bias, vb.pp("o_proj"))?,
+            num_heads: cfg.num_heads,
+            num_kv_heads: cfg.num_kv_heads,
+            head_dim: dim,
+        })
+    }
+
+    /// `cache` holds this layer's keys and values of earlier passes; the new ones are
+    /// appended to it.
+    fn forward(
+        &self,
+        xs: &Tensor,
+        rotary: &RotaryTables,
+        mask: Option<&Tensor>,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> candle_core::Result<Tensor> {
+        let (batch, seq_len, _) = xs.dims3()?;
+        let heads = |proj: &Linear, count: usize| -> candle_core::Result<Tensor> {
+            proj.forward(xs)?
+                .reshape((batch, seq_len, count, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = heads(&self.q_proj, self.num_heads)?;
+        let k = heads(&self.k_proj, self.num_kv_heads)?;
+        let v = heads(&self.v_proj, self.num_kv_heads)?;
+        let q = candle_nn::rotary_emb::rope(&q, &rotary.cos, &rotary.sin)?;
+        let k = candle_nn::rotary_emb::rope(&k, &rotary.cos, &rotary.sin)?;
+        let (k, v) = match cache {
+            None => (k, v),
+            Some(slot) => {
+                let (k, v) = match slot.take() {
+                    None => (k, v),
+                    Some((past_k, past_v)) => (
+                        Tensor::cat(&[&past_k, &k], 2)?,
+                        Tensor::cat(&[&past_v, &v], 2)?,
+                    ),
+                };
+                *slot = Some((k.clone(), v.clone()));
+                (k, v)
+            }
+        };
+        let repeats = self.num_heads / self.num_kv_heads;
+        let k = repeat_kv(k, repeats)?;
+        let v = repeat_kv(v, repeats)?;
+        let dtype = q.dtype();
+        // Softmax in f32 whatever the weights' dtype, as transformers does.
+        let scores =
+            (q.matmul(&k.t()?)? * (1.0 / (self.head_dim as f64).sqrt()))?.to_dtype(DType::F32)?;
+        let scores = match mask {
+            Some(mask) => scores.broadcast_add(mask)?,
+            None => scores,
+        };
+        let weights = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
+        let out = weights.matmul(&v)?.transpose(1, 2)?.reshape((
+            batch,
+            seq_len,
+            self.num_heads * self.head_dim,
+        ))?;
+        self.o_proj.forward(&out)
+    }
+}
+
+/// `down(silu(gate(x)) * up(x))`.
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn load(vb: VarBuilder, cfg: &DecoderConfig) -> candle_core::Result<Self> {
+        let (hidden, inner, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
+        Ok(Self {
+            gate_proj: linear(hidden, inner, bias, vb.pp("gate_proj"))?,
+            up_proj: linear(hidden, inner, bias, vb.pp("up_proj"))?,
+            down_proj: linear(inner, hidden, bias, vb.pp("down_proj"))?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let gate = self.gate_proj.forward(xs)?.silu()?;
+        self.down_proj.forward(&(gate * self.up_proj.forward(xs)?)?)
+    }
+}
+
+/// Pre-norm decoder layer: `x + attn(norm(x))`, then `x + mlp(norm(x))`.
+#[derive(Debug, Clone)]
+pub(super) struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl DecoderLayer {
+    pub(super) fn load(vb: VarBuilder, cfg: &DecoderConfig) -> candle_core::Result<Self> {
+        let norm = |name| candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp(name));
+        Ok(Self {
+            input_layernorm: norm("input_layernorm")?,
+            self_attn: Attention::load(vb.pp("self_attn"), cfg)?,
+            post_attention_layernorm: norm("post_attention_layernorm")?,
+            mlp: Mlp::load(vb.pp("mlp"), cfg)?,
+        })
+    }
+
+    pub(super) fn forward(
+        &self,
+        xs: &Tensor,
+        rotary: &RotaryTables,
+        mask: Option<&Tensor>,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> candle_core::Result<Tensor> {
+        let attended =
+            self.self_attn
+                .forward(&self.input_layernorm.forward(xs)?, rotary, mask, cache)?;
+        let xs = (xs + attended)?;
+        let mlp = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&xs)?)?;
+        xs + mlp
+    }
+}

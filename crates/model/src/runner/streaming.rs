@@ -1,0 +1,210 @@
+//! The one streaming loop: stages come off disk (read ahead on a background thread, within
+//! the budget), hooks see them, each runs in a scope of its name and is freed after.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use memwise::MemoryTracker;
+
+use super::{LayerHook, LayerWeights, RunError};
+use crate::checkpoint::{tensor_bytes, Checkpoint, LayerId, ReadStrategy};
+use crate::models::{Family, Inputs, Stage};
+use crate::stream::LayerStream;
+use crate::workspace::{ConvertOptions, TensorBytes, Workspace};
+
+/// Reads one stage's tensors as compute tensors. Shared with the prefetch thread.
+pub(super) struct StageReader {
+    /// The model folder as the user gave it.
+    pub(super) source: Checkpoint,
+    /// Where weights are read: `source`, or the workspace when stages were persisted.
+    pub(super) checkpoint: Checkpoint,
+    pub(super) stages: Vec<Stage>,
+    /// Weight bytes of the repeated layer, the size the block cache is kept for.
+    pub(super) layer_bytes: Option<u64>,
+    pub(super) strategy: ReadStrategy,
+    pub(super) dtype: DType,
+    /// `dtype` as checkpoints store it.
+    pub(super) stored: crate::checkpoint::DType,
+    pub(super) device: Device,
+}
+
+impl StageReader {
+    fn read(&self, index: usize) -> Result<LayerWeights, RunError> {
+        let stage = &self.stages[index];
+        if self.layer_bytes != Some(stage.weight_bytes(self.dtype)) {
+            // Not a repeated layer (embeddings, head): the cached layer blocks would only
+            // sit beside it, so give them back first.
+            memwise::release_block_cache();
+        }
+        let names: Vec<&str> = stage.tensor_names().collect();
+        let compute = Some(self.stored);
+        let tensors = match (self.strategy, &self.device) {
+            // pread straight into each tensor's storage: the stage costs its weights once.
+            (ReadStrategy::Pread, Device::Cpu) => {
+                self.checkpoint.load_candle_tensors(&names, compute)?
+            }
+            _ => {
+                let mut reader = self.checkpoint.reader(self.strategy);
+                let data = reader.read_tensors(&names)?;
+                data.to_candle_tensors(compute, &self.device)?
+                // `data` drops here: mapped pages are released before the stage runs.
+            }
+        };
+        Ok(LayerWeights {
+            name: stage.name().to_owned(),
+            index,
+            tensors,
+            replaced: false,
+            persist: false,
+        })
+    }
+
+    /// Writes a stage a hook replaced to the workspace, under the stage's own name.
+    fn persist(&self, workspace: &Workspace, layer: &LayerWeights) -> Result<(), RunError> {
+        let mut owned = Vec::with_capacity(layer.tensors.len());
+        for (name, tensor) in &layer.tensors {
+            let (dtype, bytes) = tensor_bytes(name, tensor)?;
+            owned.push((name.as_str(), dtype, tensor.dims().to_vec(), bytes));
+        }
+        let views: Vec<TensorBytes<'_>> = owned
+            .iter()
+            .map(|(name, dtype, shape, bytes)| TensorBytes::new(name, *dtype, shape, bytes))
+            .collect();
+        let first = layer.tensors.keys().next().map_or("", String::as_str);
+        let options = ConvertOptions::with_dtype(Some(self.stored));
+        workspace.write_layer(&self.source, &options, &LayerId::of_tensor(first), &views)?;
+        Ok(())
+    }
+}
+
+/// How a [`super::StreamedModel`] gets its stages: the reader, the hooks and the settings.
+pub(super) struct Pipeline {
+    pub(super) reader: Arc<StageReader>,
+    pub(super) clean_weights: bool,
+    pub(super) prefetch_depth: usize,
+    pub(super) budget: Option<u64>,
+    pub(super) hooks: Vec<Arc<dyn LayerHook>>,
+    pub(super) workspace: Option<Workspace>,
+}
+
+impl Pipeline {
+    pub(super) fn checkpoint(&self) -> &Checkpoint {
+        &self.reader.checkpoint
+    }
+
+    /// From now on, blocks stay resident after they run.
+    pub(super) fn keep_weights(&mut self) {
+        self.clean_weights = false;
+    }
+
+    /// Lets the hooks see a stage's weights, persists them if a hook asked, and builds the
+    /// stage's block from them.
+    fn materialize<F: Family>(
+        &self,
+        model: &F,
+        index: usize,
+        mut weights: LayerWeights,
+    ) -> Result<F::Block, RunError> {
+        for hook in &self.hooks {
+            hook.before_layer(&mut weights)
+                .map_err(|source| RunError::Hook {
+                    hook: hook.name().to_owned(),
+                    stage: weights.name.clone(),
+                    source,
+                })?;
+        }
+        if weights.persist && weights.replaced {
+            let Some(workspace) = &self.workspace else {
+                return Err(RunError::NoWorkspace {
+                    stage: weights.name,
+                });
+            };
+            self.reader.persist(workspace, &weights)?;
+        }
+        let reader = &self.reader;
+        let vb = VarBuilder::from_tensors(weights.tensors, reader.dtype, &reader.device);
+        Ok(model.load_stage(index, vb)?)
+    }
+
+    /// Loads and builds every stage not yet resident, without running any.
+    pub(super) fn load_all<F: Family>(
+        &self,
+        model: &F,
+        resident: &mut [Option<F::Block>],
+    ) -> Result<(), RunError> {
+        for (index, slot) in resident.iter_mut().enumerate() {
+            if slot.is_none() {
+                let weights = self.reader.read(index)?;
+                *slot = Some(self.materialize(model, index, weights)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// One pass of `model` over `inputs`: stages come from a prefetching stream (skipping
+    /// resident ones), hooks see them, each runs in a scope of its name.
+    pub(super) fn run<F: Family>(
+        &self,
+        model: &F,
+        resident: &mut [Option<F::Block>],
+        inputs: Inputs<'_>,
+    ) -> Result<Tensor, RunError> {
+        let mut pass = model.pass(inputs)?;
+        let reader = &self.reader;
+        let missing: Vec<usize> = (0..resident.len())
+            .filter(|&i| resident[i].is_none())
+            .collect();
+        let budget = self.budget.map(|limit| {
+            let sizes = missing
+                .iter()
+                .map(|&i| reader.stages[i].weight_bytes(reader.dtype))
+                .collect();
+            (limit, sizes)
+        });
+        let stream_reader = Arc::clone(reader);
+        let order = missing.clone();
+        let mut stream =
+            LayerStream::with_budget(missing.len(), self.prefetch_depth, budget, move |k| {
+                stream_reader.read(order[k])
+            })
+            .map_err(RunError::Prefetch)?;
+        for (index, slot) in resident.iter_mut().enumerate() {
+            let name = reader.stages[index].name();
+            let _scope = MemoryTracker::new(name.to_owned());
+            let (fresh, lease) = match slot {
+                Some(_) => (None, None),
+                None => {
+                    let (weights, lease) =
+                        stream
+                            .next_stage()
+                            .ok_or_else(|| RunError::PrefetchStopped {
+                                stage: name.to_owned(),
+                            })??;
+                    (Some(self.materialize(model, index, weights)?), Some(lease))
+                }
+            };
+            let Some(block) = slot.as_ref().or(fresh.as_ref()) else {
+                unreachable!("a stage is either resident or freshly loaded")
+            };
+            pass.run_block(block)?;
+            for hook in &self.hooks {
+                hook.after_layer(name, index)
+                    .map_err(|source| RunError::Hook {
+                        hook: hook.name().to_owned(),
+                        stage: name.to_owned(),
+                        source,
+                    })?;
+            }
+            if !self.clean_weights && fresh.is_some() {
+                *slot = fresh;
+            } else {
+                // The block and its weights go now, inside the stage's scope, so the scope
+                // records the release; then the lease lets the budget admit the next stage.
+                drop(fresh);
+            }
+            drop(lease);
+        }
+        Ok(pass.finish()?)
+    }
+}
