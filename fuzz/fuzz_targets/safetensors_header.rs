@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use memwise_model::{parse_safetensors, parse_shard_index, ModelConfig};
+use memwise_model::checkpoint::{parse_safetensors, parse_shard_index, ModelConfig};
 
 fuzz_target!(|data: &[u8]| {
     let file = Path::new("fuzz.safetensors");

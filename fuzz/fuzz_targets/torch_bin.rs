@@ -10,7 +10,7 @@ use std::io::{Cursor, Write};
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use memwise_model::parse_torch_zip;
+use memwise_model::checkpoint::parse_torch_zip;
 use zip::write::SimpleFileOptions;
 
 fn archive_around(pickle: &[u8]) -> Vec<u8> {

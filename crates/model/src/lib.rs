@@ -10,7 +10,8 @@
 //! # Reading a layer
 //!
 //! ```
-//! use memwise_model::{Checkpoint, DType, LayerId, ReadStrategy};
+//! use memwise_model::checkpoint::StoredDType;
+//! use memwise_model::{Checkpoint, ReadStrategy};
 //!
 //! let folder = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-llama-sharded");
 //! let checkpoint = Checkpoint::open(folder)?;
@@ -18,55 +19,37 @@
 //! for layer in checkpoint.layers() {
 //!     let data = reader.read_layer(&layer.id)?; // this layer's bytes, in a reused buffer
 //!     for tensor in data.tensors() {
-//!         let compute = tensor.to_dtype(DType::F32)?; // f16 on disk, f32 to compute
-//!         assert_eq!(compute.len() as u64, DType::F32.byte_len(tensor.shape()).unwrap());
+//!         let compute = tensor.to_dtype(StoredDType::F32)?; // f16 on disk, f32 to compute
+//!         assert_eq!(compute.len() as u64, StoredDType::F32.byte_len(tensor.shape()).unwrap());
 //!     }
 //! } // dropping `data` releases the layer before the next is read
 //! # Ok::<(), memwise_model::Error>(())
 //! ```
 //!
-//! [`TensorView::to_candle_tensor`] (and [`LayerData::to_candle_tensors`], the map
+//! [`TensorView::to_candle_tensor`](checkpoint::TensorView::to_candle_tensor) (and [`LayerData::to_candle_tensors`](checkpoint::LayerData::to_candle_tensors), the map
 //! candle-nn's `VarBuilder::from_tensors` takes) hand a layer to candle, converting floats
-//! to the compute dtype on the way; [`TensorView::bytes`], [`TensorView::dtype`] and
-//! [`TensorView::shape`] serve any other backend.
+//! to the compute dtype on the way; [`TensorView::bytes`](checkpoint::TensorView::bytes), [`TensorView::dtype`](checkpoint::TensorView::dtype) and
+//! [`TensorView::shape`](checkpoint::TensorView::shape) serve any other backend.
 //!
-//! # Reading without pinning memory, measured
+//! # Reading without pinning memory
 //!
 //! A mapped file is zero-copy, but every page it touches stays in RSS until released, so a
 //! plain mapping streams the whole model into RSS. [`ReadStrategy`] offers two ways out:
 //! a mapping whose layer pages are faulted in at once (`MADV_POPULATE_READ`) and released
-//! when the layer drops (`MADV_DONTNEED`), and `pread` into one reused buffer.
-//! `cargo bench -p memwise-model --bench layer_stream` generates a 1 GiB bf16 Llama-shaped
-//! checkpoint (two shards; 10 blocks of 98 MiB, 32 MiB embeddings and head), then reads it
-//! in fresh processes, every byte folded into a checksum, cold (pages evicted with
-//! `posix_fadvise`) and warm. Best of 3 on the shared 2-core development VM (Linux 6.18),
-//! in its quietest run:
-//!
-//! | mode | cold MiB/s | warm MiB/s | peak RSS (whole process) |
-//! | --- | ---: | ---: | ---: |
-//! | plain sequential `read`, 8 MiB buffer | 1157 (100%) | 1704 (100%) | 10 MiB |
-//! | [`ReadStrategy::Pread`], layer by layer | 1280 (111%) | 2874 (169%) | 100.4 MiB |
-//! | [`ReadStrategy::MmapRelease`], layer by layer | 1952 (169%) | 8868 (520%) | 102.5 MiB |
-//! | mmap, nothing released (what both avoid) | 1782 | 9124 | 524 MiB, one shard |
-//!
-//! The largest layer is 98 MiB, so the budget of largest layer + 64 MiB is 162 MiB: both
-//! strategies peak at 0.62–0.63 of it in every run. Across five runs under varying load,
-//! `Pread` read at 101–158% of the sequential read cold and 142–169% warm. The mapping
-//! read at 404–520% warm, but cold at 67–169% when faulting in with
-//! `MADV_POPULATE_READ` (below the 80% target in one of three runs) and 74–89% with only a
-//! `MADV_WILLNEED` hint. `Pread` has the lower peak RSS (by the mapping's 2 MiB of page
-//! tables) and met the throughput target in every run, so it is the default; the mapping
-//! is the faster choice for checkpoints that stay in the page cache.
+//! when the layer drops (`MADV_DONTNEED`), and `pread` into one reused buffer (the
+//! default). Measured side by side by `cargo bench -p memwise-model --bench layer_stream`
+//! (figures in that bench's docs and the README).
 //!
 //! # Untrusted input
 //!
-//! Safetensors headers are capped at [`MAX_HEADER_BYTES`]; offsets must lie inside the
+//! Safetensors headers are capped at [`checkpoint::MAX_HEADER_BYTES`]; offsets must lie inside the
 //! file, in order, without overlap; dtype × shape must equal the byte length (checked
 //! multiplication). Shard names must resolve inside the model folder (no `..`, no absolute
 //! paths, no symlink leading out; a hub-cache snapshot may point into its own `blobs`).
 //! PyTorch files are read through a pickle reader that knows only what `torch.save` writes
-//! for a state dict and runs nothing. The parsers behind [`parse_safetensors`],
-//! [`parse_shard_index`] and [`parse_torch_zip`] are fuzzed (`fuzz/` in the repository).
+//! for a state dict and runs nothing. The parsers behind [`checkpoint::parse_safetensors`],
+//! [`checkpoint::parse_shard_index`] and [`checkpoint::parse_torch_zip`] are fuzzed (`fuzz/`
+//! in the repository).
 //!
 //! # The workspace
 //!
@@ -74,12 +57,12 @@
 //! streamed as it is (a `.bin` source, a conversion to another compute dtype, a layer a
 //! hook changed), a [`Workspace`] keeps one safetensors file per layer with a checksummed
 //! manifest, written atomically and resumable after a crash; [`Workspace::checkpoint`]
-//! serves those layers through the same [`LayerReader`].
+//! serves those layers through the same [`LayerReader`](checkpoint::LayerReader).
 //!
 //! # Model blocks
 //!
-//! Our own blocks on candle-nn for Llama, Mistral and Qwen2 decoders ([`DecoderModel`]) and
-//! BERT-style encoders ([`EncoderModel`]). A model is first a skeleton, built from its
+//! Our own blocks on candle-nn for Llama, Mistral and Qwen2 decoders ([`DecoderModel`](models::DecoderModel)) and
+//! BERT-style encoders ([`EncoderModel`](models::EncoderModel)). A model is first a skeleton, built from its
 //! config alone; its [`Stage`](models::Stage)s list, in execution order, the Hugging Face names and shapes
 //! of the tensors each one reads. A runner streams a model by building one stage at a time
 //! from a [`candle_nn::VarBuilder`] that holds only that stage's tensors:
@@ -88,7 +71,8 @@
 //! use candle_core::{DType, Device, Tensor};
 //! use candle_nn::VarBuilder;
 //! use memwise_model::models::{DecoderModel, Family, Inputs};
-//! use memwise_model::{write_synthetic_checkpoint, Architecture, ArchitectureConfig, SynthSpec};
+//! use memwise_model::models::ArchitectureConfig;
+//! use memwise_model::{write_synthetic_checkpoint, Architecture, SynthSpec};
 //!
 //! // A seeded random-weight checkpoint in the Hugging Face layout.
 //! let dir = tempfile::tempdir()?;
@@ -117,58 +101,30 @@
 //! gives bitwise the same outputs; both match Hugging Face transformers within 1e-4 on the
 //! fixtures in `tests/fixtures/reference/`.
 //!
-//! # Streaming a model, measured
+//! # Streaming a model
 //!
 //! [`ModelConverter`] builds the skeleton from `config.json` and the index, then streams
 //! each stage in just before it runs and frees it right after, reading the next stage on a
-//! background thread within a byte budget. `cargo bench -p memwise-model --bench streaming`
-//! runs the 2.11 GB fp32 Llama (hidden 2048, intermediate 5632, 9 layers, 32/4 heads, vocab
-//! 32000; made by [`write_synthetic_checkpoint`]) on 1×128 tokens, each mode in a fresh
-//! process, best of 2, on the 2-core development VM (load average about 1):
-//!
-//! | mode | forward | vs full | peak RSS (VmHWM) | peak anon |
-//! | --- | ---: | ---: | ---: | ---: |
-//! | full load (load 2.4 s, then forward), warm | 1.77 s | 1.00× | 2267 MiB | 2263 MiB |
-//! | streamed, no prefetch, warm | 2.57 s | 1.45× | 276 MiB | 271 MiB |
-//! | streamed, prefetch 1, 400 MiB budget, warm | 2.43 s | 1.37× | 366 MiB | 361 MiB |
-//! | full load (load 4.5 s), files evicted | 1.80 s | 1.00× | 2267 MiB | 2263 MiB |
-//! | streamed, no prefetch, evicted | 3.67 s | 2.04× | 277 MiB | 272 MiB |
-//! | streamed, prefetch 1, evicted | 3.74 s | 2.08× | 366 MiB | 361 MiB |
-//!
-//! The logits are bitwise equal in every mode. Streaming needs 0.16× the full load's
-//! memory; counting the full load's loading time, it is also faster end to end (2.4 s
-//! against 4.2 s warm). On two cores, reading is CPU work (copying out of the page cache)
-//! that competes with the two compute threads, so prefetch gains only 5% over reading
-//! each stage when it is due. Two things keep streaming cheap: tensors are read with
-//! `pread` straight into their own storage ([`Checkpoint::load_candle_tensors`]), and a
-//! [`memwise::BlockCache`] hands each layer the resident blocks the previous one freed,
-//! instead of faulting in fresh pages (which cost more than the reads: 2 s per 2 GiB here).
+//! background thread within a byte budget. Tensors are read with `pread` straight into their
+//! own storage ([`Checkpoint::load_candle_tensors`]), and a [`memwise::BlockCache`] hands
+//! each layer the resident blocks the previous one freed instead of fresh pages.
+//! `cargo bench -p memwise-model --bench streaming` measures it against a full load, whole
+//! process (figures in that bench's docs and the README).
 #![deny(missing_docs)]
 
-mod checkpoint;
+pub mod checkpoint;
 mod error;
 pub mod models;
 mod runner;
-mod stream;
-mod synth;
-mod workspace;
+pub mod stream;
+pub mod synth;
+pub mod workspace;
 
-pub use crate::checkpoint::{
-    convert_into, parse_safetensors, parse_shard_index, parse_torch_zip, to_f32_vec, Checkpoint,
-    CheckpointSummary, DType, Layer, LayerData, LayerId, LayerReader, LayerSummary, ModelConfig,
-    ReadStrategy, SourceFormat, TensorIndex, TensorInfo, TensorView, TiedWeight, MAX_HEADER_BYTES,
-};
+pub use crate::checkpoint::{Checkpoint, ReadStrategy};
 pub use crate::error::{Error, Result};
-pub use crate::models::{
-    Architecture, ArchitectureConfig, DecoderModel, EncoderModel, Family, Inputs, ModelError,
-};
+pub use crate::models::{Architecture, Family, Inputs, ModelError};
 pub use crate::runner::{
     HookError, LayerHook, LayerWeights, ModelConverter, RunError, StreamedModel,
 };
-pub use crate::stream::{LayerStream, StageLease};
-pub use crate::synth::{write_synthetic_checkpoint, SynthError, SynthReport, SynthSpec};
-pub use crate::workspace::{
-    needs_workspace, ConvertEvent, ConvertOptions, ConvertProgress, ConvertReport, LayerOrigin,
-    Manifest, ManifestLayer, ManifestTensor, SourceFile, SourceFingerprint, TensorBytes, Workspace,
-    MANIFEST_FILE, MANIFEST_VERSION,
-};
+pub use crate::synth::{write_synthetic_checkpoint, SynthSpec};
+pub use crate::workspace::Workspace;

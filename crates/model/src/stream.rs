@@ -113,7 +113,7 @@ impl<T: Send + 'static, E: Send + 'static> LayerStream<T, E> {
     /// Fails only if the operating system refuses to start the loader thread.
     ///
     /// ```
-    /// use memwise_model::LayerStream;
+    /// use memwise_model::stream::LayerStream;
     ///
     /// let mut stream = LayerStream::new(3, 1, |i| Ok::<_, String>(vec![i as f32; 4]))?;
     /// let mut seen = Vec::new();
@@ -137,7 +137,7 @@ impl<T: Send + 'static, E: Send + 'static> LayerStream<T, E> {
     /// from when its load starts until its [`StageLease`] drops.
     ///
     /// ```
-    /// use memwise_model::LayerStream;
+    /// use memwise_model::stream::LayerStream;
     ///
     /// // Stage 1 is large: it is not read while stage 0 is alive.
     /// let sizes = vec![60, 80, 10];

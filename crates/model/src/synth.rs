@@ -1,7 +1,7 @@
 //! Seeded random-weight checkpoints in the Hugging Face layout, so tests, benchmarks and
 //! demos never download a model.
 //!
-//! The tensors written are exactly those the blocks read ([`crate::Stage::tensors`]), in
+//! The tensors written are exactly those the blocks read ([`crate::models::Stage::tensors`]), in
 //! stage order, so each layer lands in one shard (or two at a boundary) as in real
 //! checkpoints. Each tensor's values depend only on the seed and its name, so the shard
 //! size changes the files, never the weights.
@@ -220,7 +220,8 @@ pub struct SynthReport {
 /// small chunks: memory use does not grow with the model.
 ///
 /// ```
-/// use memwise_model::{write_synthetic_checkpoint, Architecture, ArchitectureConfig, SynthSpec};
+/// use memwise_model::{write_synthetic_checkpoint, Architecture, SynthSpec};
+/// use memwise_model::models::ArchitectureConfig;
 ///
 /// let dir = tempfile::tempdir()?;
 /// let spec = SynthSpec { seed: 7, ..SynthSpec::tiny(Architecture::Llama) };

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{
-    encode_header, read_safetensors, Checkpoint, DType, LayerId, ReadStrategy, TensorHeader,
+    encode_header, read_safetensors, Checkpoint, LayerId, ReadStrategy, StoredDType, TensorHeader,
     TensorInfo,
 };
 use crate::error::{Error, Result};
@@ -118,14 +118,14 @@ pub struct Manifest {
 #[non_exhaustive]
 pub struct ConvertOptions {
     /// Convert float tensors to this compute dtype. `None` keeps stored dtypes.
-    pub dtype: Option<DType>,
+    pub dtype: Option<StoredDType>,
     /// How to read the source.
     pub strategy: ReadStrategy,
 }
 
 impl ConvertOptions {
     /// Options converting floats to `dtype`.
-    pub fn with_dtype(dtype: Option<DType>) -> ConvertOptions {
+    pub fn with_dtype(dtype: Option<StoredDType>) -> ConvertOptions {
         ConvertOptions {
             dtype,
             ..ConvertOptions::default()
@@ -184,7 +184,7 @@ pub struct TensorBytes<'a> {
     /// Its name.
     pub name: &'a str,
     /// Its dtype.
-    pub dtype: DType,
+    pub dtype: StoredDType,
     /// Its shape.
     pub shape: &'a [usize],
     /// Its bytes, little-endian.
@@ -193,7 +193,7 @@ pub struct TensorBytes<'a> {
 
 impl<'a> TensorBytes<'a> {
     /// A tensor to write.
-    pub fn new(name: &'a str, dtype: DType, shape: &'a [usize], bytes: &'a [u8]) -> Self {
+    pub fn new(name: &'a str, dtype: StoredDType, shape: &'a [usize], bytes: &'a [u8]) -> Self {
         TensorBytes {
             name,
             dtype,
@@ -206,7 +206,9 @@ impl<'a> TensorBytes<'a> {
 /// A workspace folder (`config.memory.workspace_dir`).
 ///
 /// ```
-/// use memwise_model::{Checkpoint, ConvertOptions, LayerId, ReadStrategy, Workspace};
+/// use memwise_model::{Checkpoint, ReadStrategy, Workspace};
+/// use memwise_model::checkpoint::LayerId;
+/// use memwise_model::workspace::ConvertOptions;
 ///
 /// let folder = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-llama-bin");
 /// let source = Checkpoint::open(folder)?;
@@ -274,7 +276,7 @@ impl Workspace {
     /// The manifest for `source` and `options`: the existing one if it was built from the
     /// same source and conversion, a fresh one (old layer files removed) if the same folder
     /// changed since, and an error if it belongs to another model.
-    fn manifest_for(&self, source: &Checkpoint, dtype: Option<DType>) -> Result<Manifest> {
+    fn manifest_for(&self, source: &Checkpoint, dtype: Option<StoredDType>) -> Result<Manifest> {
         let fingerprint = fingerprint(source, dtype)?;
         let fresh = Manifest {
             format_version: MANIFEST_VERSION,
@@ -507,7 +509,7 @@ impl Workspace {
             .source
             .dtype
             .as_deref()
-            .and_then(DType::from_safetensors_name);
+            .and_then(StoredDType::from_safetensors_name);
         if manifest.source != fingerprint(source, dtype)? {
             return Err(Error::Workspace {
                 manifest: path,
@@ -568,7 +570,7 @@ impl Workspace {
         &self,
         source: &Checkpoint,
         layers: &[LayerId],
-        dtype: Option<DType>,
+        dtype: Option<StoredDType>,
     ) -> Result<()> {
         let needed: u64 = layers
             .iter()
@@ -603,7 +605,7 @@ fn refuse_shortfall(dir: &Path, needed: u64, available: u64) -> Result<()> {
 }
 
 /// Whether layer `id` of `source` must be written to a workspace to be run in `dtype`.
-pub fn needs_workspace(source: &Checkpoint, id: &LayerId, dtype: Option<DType>) -> bool {
+pub fn needs_workspace(source: &Checkpoint, id: &LayerId, dtype: Option<StoredDType>) -> bool {
     let Some(layer) = source.index().layer(id) else {
         return false;
     };
@@ -622,14 +624,14 @@ pub fn needs_workspace(source: &Checkpoint, id: &LayerId, dtype: Option<DType>) 
             .any(|t| target_dtype(t.dtype, dtype) != t.dtype)
 }
 
-fn target_dtype(stored: DType, compute: Option<DType>) -> DType {
+fn target_dtype(stored: StoredDType, compute: Option<StoredDType>) -> StoredDType {
     match compute {
         Some(compute) if stored.is_float() && compute.is_float() => compute,
         _ => stored,
     }
 }
 
-fn converted_len(tensor: &TensorInfo, dtype: Option<DType>) -> u64 {
+fn converted_len(tensor: &TensorInfo, dtype: Option<StoredDType>) -> u64 {
     let target = target_dtype(tensor.dtype, dtype);
     target.byte_len(&tensor.shape).unwrap_or(u64::MAX)
 }
@@ -675,7 +677,7 @@ fn check_matches_manifest(
 }
 
 /// The source's files with sizes and modification times, and the conversion dtype.
-fn fingerprint(source: &Checkpoint, dtype: Option<DType>) -> Result<SourceFingerprint> {
+fn fingerprint(source: &Checkpoint, dtype: Option<StoredDType>) -> Result<SourceFingerprint> {
     let mut files = Vec::with_capacity(source.files().len());
     let mut hasher = crc32fast::Hasher::new();
     for path in source.files() {

@@ -7,7 +7,8 @@ use std::fs;
 use std::path::Path;
 
 use common::{copy_fixture, edit_header, edit_json};
-use memwise_model::{Checkpoint, Error, LayerId, ReadStrategy, MAX_HEADER_BYTES};
+use memwise_model::checkpoint::{LayerId, MAX_HEADER_BYTES};
+use memwise_model::{Checkpoint, Error, ReadStrategy};
 use serde_json::json;
 
 const SHARD_1: &str = "model-00001-of-00002.safetensors";

@@ -4,7 +4,8 @@
 mod common;
 
 use common::{fixture, read_all};
-use memwise_model::{convert_into, Checkpoint, DType, Error, LayerId, ReadStrategy, SourceFormat};
+use memwise_model::checkpoint::{convert_into, LayerId, SourceFormat, StoredDType};
+use memwise_model::{Checkpoint, Error, ReadStrategy};
 use serde_json::Value;
 
 const STRATEGIES: [ReadStrategy; 2] = [ReadStrategy::Pread, ReadStrategy::MmapRelease];
@@ -96,7 +97,14 @@ fn sharded_f16_equals_the_f32_weights_converted() {
         assert_eq!(half.0, single.0);
         assert_eq!(half.1, "f16");
         let mut converted = Vec::new();
-        convert_into(&single.0, &single.3, DType::F32, DType::F16, &mut converted).unwrap();
+        convert_into(
+            &single.0,
+            &single.3,
+            StoredDType::F32,
+            StoredDType::F16,
+            &mut converted,
+        )
+        .unwrap();
         // torch rounded these to f16 when it wrote the fixture; we must round identically.
         assert_eq!(converted, half.3, "{}", half.0);
     }
@@ -154,7 +162,7 @@ fn bert_encoder_layers_and_integer_passthrough() {
     let mut reader = bert.reader(ReadStrategy::Pread);
     let embeddings = reader.read_layer(&LayerId::Embeddings).unwrap();
     let ids = embeddings.get("bert.embeddings.position_ids").unwrap();
-    assert_eq!(ids.dtype(), DType::I64);
+    assert_eq!(ids.dtype(), StoredDType::I64);
     let positions: Vec<i64> = ids
         .bytes()
         .chunks_exact(8)
@@ -162,8 +170,8 @@ fn bert_encoder_layers_and_integer_passthrough() {
         .collect();
     assert_eq!(positions, (0..8).collect::<Vec<i64>>());
     // Integers pass through a compute-dtype conversion untouched, and are never cast.
-    assert_eq!(&*ids.to_dtype(DType::I64).unwrap(), ids.bytes());
-    let err = ids.to_dtype(DType::F32).unwrap_err();
+    assert_eq!(&*ids.to_dtype(StoredDType::I64).unwrap(), ids.bytes());
+    let err = ids.to_dtype(StoredDType::F32).unwrap_err();
     assert!(
         err.to_string().contains("bert.embeddings.position_ids"),
         "{err}"
@@ -172,8 +180,8 @@ fn bert_encoder_layers_and_integer_passthrough() {
     let word = embeddings
         .get("bert.embeddings.word_embeddings.weight")
         .unwrap();
-    assert_eq!(word.dtype(), DType::BF16);
-    let as_f32 = word.to_dtype(DType::F32).unwrap();
+    assert_eq!(word.dtype(), StoredDType::BF16);
+    let as_f32 = word.to_dtype(StoredDType::F32).unwrap();
     assert_eq!(as_f32.len(), word.bytes().len() * 2);
 }
 
@@ -206,7 +214,9 @@ fn layers_convert_to_candle_tensors() {
     let mut reader = checkpoint.reader(ReadStrategy::Pread);
     let layer = reader.read_layer(&LayerId::Block(0)).unwrap();
     let cpu = candle_core::Device::Cpu;
-    let tensors = layer.to_candle_tensors(Some(DType::F32), &cpu).unwrap();
+    let tensors = layer
+        .to_candle_tensors(Some(StoredDType::F32), &cpu)
+        .unwrap();
     assert_eq!(tensors.len(), 9);
     for view in layer.tensors() {
         let tensor = &tensors[view.name()];
@@ -223,7 +233,7 @@ fn layers_convert_to_candle_tensors() {
     let mut reader = bert.reader(ReadStrategy::MmapRelease);
     let embeddings = reader.read_layer(&LayerId::Embeddings).unwrap();
     let ids = embeddings.get("bert.embeddings.position_ids").unwrap();
-    let ids = ids.to_candle_tensor(Some(DType::F16), &cpu).unwrap();
+    let ids = ids.to_candle_tensor(Some(StoredDType::F16), &cpu).unwrap();
     assert_eq!(ids.dtype(), candle_core::DType::I64);
     assert_eq!(
         ids.to_vec2::<i64>().unwrap(),

@@ -8,10 +8,10 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use fixture_support::*;
+use memwise_model::models::{DecoderModel, EncoderModel};
 use memwise_model::models::{Family, Inputs};
-use memwise_model::{
-    write_synthetic_checkpoint, Architecture, DecoderModel, EncoderModel, SynthError, SynthSpec,
-};
+use memwise_model::synth::SynthError;
+use memwise_model::{write_synthetic_checkpoint, Architecture, SynthSpec};
 
 /// Every tensor of a sharded checkpoint, checking the index against the shards.
 fn read_checkpoint(folder: &Path) -> HashMap<String, Tensor> {

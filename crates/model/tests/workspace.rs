@@ -9,10 +9,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use common::{copy_fixture, fixture, read_all};
-use memwise_model::{
-    Checkpoint, ConvertEvent, ConvertOptions, DType, Error, LayerId, LayerOrigin, ReadStrategy,
-    TensorBytes, Workspace, MANIFEST_FILE, MANIFEST_VERSION,
+use memwise_model::checkpoint::{LayerId, StoredDType};
+use memwise_model::workspace::{
+    ConvertEvent, ConvertOptions, LayerOrigin, TensorBytes, MANIFEST_FILE, MANIFEST_VERSION,
 };
+use memwise_model::{Checkpoint, Error, ReadStrategy, Workspace};
 
 fn layer_files(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = fs::read_dir(dir)
@@ -93,7 +94,7 @@ fn safetensors_sources_are_never_copied() {
         .all(|t| t.file.starts_with(source.folder())));
 
     // Converting to f16 writes converted layers, and they match torch's own f16 save.
-    let f16 = ConvertOptions::with_dtype(Some(DType::F16));
+    let f16 = ConvertOptions::with_dtype(Some(StoredDType::F16));
     let report = workspace.convert(&source, &f16, &mut |_| {}).unwrap();
     assert_eq!(report.written.len(), 5);
     let converted = workspace.checkpoint(&source).unwrap();
@@ -146,7 +147,7 @@ fn hook_layers_are_served_and_kept() {
     let options = ConvertOptions::default();
     let doubled: Vec<u8> = [2.0f32; 8].iter().flat_map(|v| v.to_le_bytes()).collect();
     let shape = [8usize];
-    let tensor = TensorBytes::new("model.norm.weight", DType::F32, &shape, &doubled);
+    let tensor = TensorBytes::new("model.norm.weight", StoredDType::F32, &shape, &doubled);
     workspace
         .write_layer(&source, &options, &LayerId::FinalNorm, &[tensor])
         .unwrap();

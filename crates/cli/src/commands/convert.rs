@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use indicatif::{ProgressBar, ProgressStyle};
-use memwise_model::{Checkpoint, ConvertEvent, ConvertOptions, DType, Workspace};
+use memwise_model::checkpoint::StoredDType;
+use memwise_model::workspace::{ConvertEvent, ConvertOptions};
+use memwise_model::{Checkpoint, Workspace};
 
 use super::inspect::human_bytes;
 
@@ -19,11 +21,11 @@ pub struct Args {
     workspace: PathBuf,
     /// Convert float tensors to this compute dtype (f32, f16, bf16). Default: keep them.
     #[arg(long, value_parser = parse_dtype)]
-    dtype: Option<DType>,
+    dtype: Option<StoredDType>,
 }
 
-fn parse_dtype(name: &str) -> Result<DType, String> {
-    DType::parse(name)
+fn parse_dtype(name: &str) -> Result<StoredDType, String> {
+    StoredDType::parse(name)
         .filter(|d| d.is_float())
         .ok_or_else(|| format!("{name:?} is not a float dtype (f32, f16, bf16, f64)"))
 }

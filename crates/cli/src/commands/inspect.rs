@@ -4,7 +4,8 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use memwise_model::{Checkpoint, CheckpointSummary};
+use memwise_model::checkpoint::CheckpointSummary;
+use memwise_model::Checkpoint;
 
 /// Options for `memwise inspect`.
 #[derive(Debug, clap::Args)]

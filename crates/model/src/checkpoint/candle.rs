@@ -2,29 +2,29 @@
 
 use std::collections::HashMap;
 
-use crate::checkpoint::dtype::DType;
+use crate::checkpoint::dtype::StoredDType;
 use crate::checkpoint::read::{LayerData, TensorView};
 use crate::error::{Error, Result};
 
 /// The candle dtype with the same bytes, where candle has one.
-fn candle_dtype(dtype: DType) -> Option<candle_core::DType> {
+fn candle_dtype(dtype: StoredDType) -> Option<candle_core::DType> {
     match dtype {
-        DType::U8 => Some(candle_core::DType::U8),
-        DType::U32 => Some(candle_core::DType::U32),
-        DType::I16 => Some(candle_core::DType::I16),
-        DType::I32 => Some(candle_core::DType::I32),
-        DType::I64 => Some(candle_core::DType::I64),
-        DType::BF16 => Some(candle_core::DType::BF16),
-        DType::F16 => Some(candle_core::DType::F16),
-        DType::F32 => Some(candle_core::DType::F32),
-        DType::F64 => Some(candle_core::DType::F64),
+        StoredDType::U8 => Some(candle_core::DType::U8),
+        StoredDType::U32 => Some(candle_core::DType::U32),
+        StoredDType::I16 => Some(candle_core::DType::I16),
+        StoredDType::I32 => Some(candle_core::DType::I32),
+        StoredDType::I64 => Some(candle_core::DType::I64),
+        StoredDType::BF16 => Some(candle_core::DType::BF16),
+        StoredDType::F16 => Some(candle_core::DType::F16),
+        StoredDType::F32 => Some(candle_core::DType::F32),
+        StoredDType::F64 => Some(candle_core::DType::F64),
         _ => None,
     }
 }
 
 /// The stored dtype a candle dtype is written as: the inverse of [`candle_dtype`]. `None`
 /// for candle's 8-, 6- and 4-bit floats, which no format memwise writes stores.
-pub(crate) fn stored_dtype(dtype: candle_core::DType) -> Option<DType> {
+pub(crate) fn stored_dtype(dtype: candle_core::DType) -> Option<StoredDType> {
     super::dtype::ALL
         .into_iter()
         .find(|&stored| candle_dtype(stored) == Some(dtype))
@@ -33,7 +33,10 @@ pub(crate) fn stored_dtype(dtype: candle_core::DType) -> Option<DType> {
 /// The elements of `tensor` (named `name` in errors) as little-endian bytes, with the stored
 /// dtype they are in. A dtype memwise cannot store is an error naming the tensor, never a
 /// silent conversion.
-pub(crate) fn tensor_bytes(name: &str, tensor: &candle_core::Tensor) -> Result<(DType, Vec<u8>)> {
+pub(crate) fn tensor_bytes(
+    name: &str,
+    tensor: &candle_core::Tensor,
+) -> Result<(StoredDType, Vec<u8>)> {
     use candle_core::DType as C;
     let candle = |source| Error::Candle {
         tensor: name.to_owned(),
@@ -43,7 +46,7 @@ pub(crate) fn tensor_bytes(name: &str, tensor: &candle_core::Tensor) -> Result<(
     macro_rules! le_bytes {
         ($stored:ident, $t:ty) => {
             (
-                DType::$stored,
+                StoredDType::$stored,
                 flat.to_vec1::<$t>()
                     .map_err(candle)?
                     .iter()
@@ -79,21 +82,22 @@ impl TensorView<'_> {
     /// the layer it was read from.
     ///
     /// ```
-    /// use memwise_model::{Checkpoint, DType, LayerId, ReadStrategy};
+    /// use memwise_model::{Checkpoint, ReadStrategy};
+    /// use memwise_model::checkpoint::{StoredDType, LayerId};
     ///
     /// let folder = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-bert");
     /// let checkpoint = Checkpoint::open(folder)?;
     /// let mut reader = checkpoint.reader(ReadStrategy::default());
     /// let layer = reader.read_layer(&LayerId::Embeddings)?;
     /// let word = layer.get("bert.embeddings.word_embeddings.weight").unwrap();
-    /// let tensor = word.to_candle_tensor(Some(DType::F32), &candle_core::Device::Cpu)?;
+    /// let tensor = word.to_candle_tensor(Some(StoredDType::F32), &candle_core::Device::Cpu)?;
     /// assert_eq!(tensor.dims(), [16, 8]);
     /// assert_eq!(tensor.dtype(), candle_core::DType::F32);
     /// # Ok::<(), memwise_model::Error>(())
     /// ```
     pub fn to_candle_tensor(
         &self,
-        compute: Option<DType>,
+        compute: Option<StoredDType>,
         device: &candle_core::Device,
     ) -> Result<candle_core::Tensor> {
         let target = match compute {
@@ -120,7 +124,7 @@ impl LayerData<'_> {
     /// `VarBuilder::from_tensors` takes. See [`TensorView::to_candle_tensor`].
     pub fn to_candle_tensors(
         &self,
-        compute: Option<DType>,
+        compute: Option<StoredDType>,
         device: &candle_core::Device,
     ) -> Result<HashMap<String, candle_core::Tensor>> {
         self.tensors()
@@ -137,18 +141,19 @@ impl crate::checkpoint::Checkpoint {
     /// once and not twice; a converted one stages only its own stored bytes.
     ///
     /// ```
-    /// use memwise_model::{Checkpoint, DType};
+    /// use memwise_model::Checkpoint;
+    /// use memwise_model::checkpoint::StoredDType;
     ///
     /// let folder = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-llama-safetensors");
     /// let checkpoint = Checkpoint::open(folder)?;
-    /// let tensors = checkpoint.load_candle_tensors(&["model.norm.weight"], Some(DType::F32))?;
+    /// let tensors = checkpoint.load_candle_tensors(&["model.norm.weight"], Some(StoredDType::F32))?;
     /// assert_eq!(tensors["model.norm.weight"].dtype(), candle_core::DType::F32);
     /// # Ok::<(), memwise_model::Error>(())
     /// ```
     pub fn load_candle_tensors(
         &self,
         names: &[&str],
-        compute: Option<DType>,
+        compute: Option<StoredDType>,
     ) -> Result<HashMap<String, candle_core::Tensor>> {
         let mut files: HashMap<&std::path::Path, std::fs::File> = HashMap::new();
         let mut out = HashMap::with_capacity(names.len());
@@ -218,7 +223,7 @@ fn read_into_uninit(
 fn read_direct(
     file: &std::fs::File,
     info: &crate::checkpoint::TensorInfo,
-    compute: Option<DType>,
+    compute: Option<StoredDType>,
 ) -> Result<candle_core::Tensor> {
     use std::os::unix::fs::FileExt;
 
@@ -263,9 +268,9 @@ fn read_direct(
     }
     if target == info.dtype && cfg!(target_endian = "little") {
         match target {
-            DType::F32 => return direct!(f32),
-            DType::F16 => return direct!(half::f16),
-            DType::BF16 => return direct!(half::bf16),
+            StoredDType::F32 => return direct!(f32),
+            StoredDType::F16 => return direct!(half::f16),
+            StoredDType::BF16 => return direct!(half::bf16),
             _ => {}
         }
     }
@@ -285,10 +290,10 @@ mod tests {
         let t = candle_core::Tensor::new(&[1.5f32, -2.0], &device).unwrap();
         let (dtype, bytes) =
             tensor_bytes("w", &t.to_dtype(candle_core::DType::BF16).unwrap()).unwrap();
-        assert_eq!(dtype, DType::BF16);
+        assert_eq!(dtype, StoredDType::BF16);
         assert_eq!(bytes, [0xc0, 0x3f, 0x00, 0xc0]);
         let (dtype, bytes) = tensor_bytes("w", &t).unwrap();
-        assert_eq!((dtype, bytes.len()), (DType::F32, 8));
+        assert_eq!((dtype, bytes.len()), (StoredDType::F32, 8));
 
         let fp8 = t.to_dtype(candle_core::DType::F8E4M3).unwrap();
         let err = tensor_bytes("model.norm.weight", &fp8)
@@ -299,22 +304,25 @@ mod tests {
             "{err}"
         );
         assert_eq!(stored_dtype(candle_core::DType::F8E4M3), None);
-        assert_eq!(stored_dtype(candle_core::DType::F16), Some(DType::F16));
+        assert_eq!(
+            stored_dtype(candle_core::DType::F16),
+            Some(StoredDType::F16)
+        );
     }
 
     #[test]
     fn every_dtype_memwise_and_candle_share_maps() {
         for (ours, theirs) in [
-            (DType::U8, candle_core::DType::U8),
-            (DType::I64, candle_core::DType::I64),
-            (DType::BF16, candle_core::DType::BF16),
-            (DType::F64, candle_core::DType::F64),
+            (StoredDType::U8, candle_core::DType::U8),
+            (StoredDType::I64, candle_core::DType::I64),
+            (StoredDType::BF16, candle_core::DType::BF16),
+            (StoredDType::F64, candle_core::DType::F64),
         ] {
             assert_eq!(candle_dtype(ours), Some(theirs));
             assert_eq!(ours.size_in_bytes(), theirs.size_in_bytes());
         }
-        assert_eq!(candle_dtype(DType::Bool), None);
-        assert_eq!(candle_dtype(DType::U64), None);
+        assert_eq!(candle_dtype(StoredDType::Bool), None);
+        assert_eq!(candle_dtype(StoredDType::U64), None);
     }
 
     #[test]
@@ -329,7 +337,7 @@ mod tests {
                 .iter()
                 .map(|t| t.name.as_str())
                 .collect();
-            for compute in [None, Some(DType::F32), Some(DType::F16)] {
+            for compute in [None, Some(StoredDType::F32), Some(StoredDType::F16)] {
                 let direct = checkpoint.load_candle_tensors(&names, compute).unwrap();
                 let mut reader = checkpoint.reader(crate::ReadStrategy::Pread);
                 let staged = reader
@@ -382,7 +390,7 @@ mod tests {
             .unwrap();
         file.set_len(last.data.end - 1).unwrap();
         let err = checkpoint
-            .load_candle_tensors(&[last.name.as_str()], Some(DType::F32))
+            .load_candle_tensors(&[last.name.as_str()], Some(StoredDType::F32))
             .unwrap_err()
             .to_string();
         assert!(

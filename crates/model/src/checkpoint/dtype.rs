@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 /// quantized payloads) are passed through untouched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[non_exhaustive]
-pub enum DType {
+pub enum StoredDType {
     /// `bool`, one byte per element.
     Bool,
     /// `uint8`.
@@ -41,65 +41,68 @@ pub enum DType {
     F64,
 }
 
-pub(super) const ALL: [DType; 13] = [
-    DType::Bool,
-    DType::U8,
-    DType::I8,
-    DType::I16,
-    DType::U16,
-    DType::I32,
-    DType::U32,
-    DType::I64,
-    DType::U64,
-    DType::F16,
-    DType::BF16,
-    DType::F32,
-    DType::F64,
+pub(super) const ALL: [StoredDType; 13] = [
+    StoredDType::Bool,
+    StoredDType::U8,
+    StoredDType::I8,
+    StoredDType::I16,
+    StoredDType::U16,
+    StoredDType::I32,
+    StoredDType::U32,
+    StoredDType::I64,
+    StoredDType::U64,
+    StoredDType::F16,
+    StoredDType::BF16,
+    StoredDType::F32,
+    StoredDType::F64,
 ];
 
-impl DType {
+impl StoredDType {
     /// Bytes per element.
     pub fn size_in_bytes(self) -> usize {
         match self {
-            DType::Bool | DType::U8 | DType::I8 => 1,
-            DType::I16 | DType::U16 | DType::F16 | DType::BF16 => 2,
-            DType::I32 | DType::U32 | DType::F32 => 4,
-            DType::I64 | DType::U64 | DType::F64 => 8,
+            StoredDType::Bool | StoredDType::U8 | StoredDType::I8 => 1,
+            StoredDType::I16 | StoredDType::U16 | StoredDType::F16 | StoredDType::BF16 => 2,
+            StoredDType::I32 | StoredDType::U32 | StoredDType::F32 => 4,
+            StoredDType::I64 | StoredDType::U64 | StoredDType::F64 => 8,
         }
     }
 
     /// Whether this is a floating-point type, which converts to a compute dtype.
     pub fn is_float(self) -> bool {
-        matches!(self, DType::F16 | DType::BF16 | DType::F32 | DType::F64)
+        matches!(
+            self,
+            StoredDType::F16 | StoredDType::BF16 | StoredDType::F32 | StoredDType::F64
+        )
     }
 
     /// The name the safetensors header uses (`"F32"`, `"BF16"`, ...).
     pub fn safetensors_name(self) -> &'static str {
         match self {
-            DType::Bool => "BOOL",
-            DType::U8 => "U8",
-            DType::I8 => "I8",
-            DType::I16 => "I16",
-            DType::U16 => "U16",
-            DType::I32 => "I32",
-            DType::U32 => "U32",
-            DType::I64 => "I64",
-            DType::U64 => "U64",
-            DType::F16 => "F16",
-            DType::BF16 => "BF16",
-            DType::F32 => "F32",
-            DType::F64 => "F64",
+            StoredDType::Bool => "BOOL",
+            StoredDType::U8 => "U8",
+            StoredDType::I8 => "I8",
+            StoredDType::I16 => "I16",
+            StoredDType::U16 => "U16",
+            StoredDType::I32 => "I32",
+            StoredDType::U32 => "U32",
+            StoredDType::I64 => "I64",
+            StoredDType::U64 => "U64",
+            StoredDType::F16 => "F16",
+            StoredDType::BF16 => "BF16",
+            StoredDType::F32 => "F32",
+            StoredDType::F64 => "F64",
         }
     }
 
     /// Parses a safetensors dtype name.
-    pub fn from_safetensors_name(name: &str) -> Option<DType> {
+    pub fn from_safetensors_name(name: &str) -> Option<StoredDType> {
         ALL.into_iter().find(|d| d.safetensors_name() == name)
     }
 
     /// Parses a user-facing name: `f32`, `f16`, `bf16` (any case), or a safetensors name.
-    pub fn parse(name: &str) -> Option<DType> {
-        DType::from_safetensors_name(&name.to_ascii_uppercase())
+    pub fn parse(name: &str) -> Option<StoredDType> {
+        StoredDType::from_safetensors_name(&name.to_ascii_uppercase())
     }
 
     /// Byte count of `shape` elements, or `None` if it overflows `u64`.
@@ -112,7 +115,7 @@ impl DType {
     }
 }
 
-impl fmt::Display for DType {
+impl fmt::Display for StoredDType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.safetensors_name().to_ascii_lowercase())
     }
@@ -125,8 +128,8 @@ impl fmt::Display for DType {
 pub fn convert_into(
     tensor: &str,
     bytes: &[u8],
-    from: DType,
-    to: DType,
+    from: StoredDType,
+    to: StoredDType,
     out: &mut Vec<u8>,
 ) -> Result<()> {
     if from == to {
@@ -151,12 +154,12 @@ pub fn convert_into(
 }
 
 /// Decodes little-endian float elements into `f32` values.
-pub fn to_f32_vec(tensor: &str, bytes: &[u8], dtype: DType) -> Result<Vec<f32>> {
+pub fn to_f32_vec(tensor: &str, bytes: &[u8], dtype: StoredDType) -> Result<Vec<f32>> {
     if !dtype.is_float() {
         return Err(Error::Conversion {
             tensor: tensor.to_owned(),
             from: dtype.to_string(),
-            to: DType::F32.to_string(),
+            to: StoredDType::F32.to_string(),
         });
     }
     Ok(bytes
@@ -165,23 +168,25 @@ pub fn to_f32_vec(tensor: &str, bytes: &[u8], dtype: DType) -> Result<Vec<f32>> 
         .collect())
 }
 
-fn read_float(element: &[u8], dtype: DType) -> f64 {
+fn read_float(element: &[u8], dtype: StoredDType) -> f64 {
     // `chunks_exact` hands over exactly `size_in_bytes` bytes, so one arm always matches.
     match (dtype, element) {
-        (DType::F16, &[a, b]) => f16::from_le_bytes([a, b]).to_f64(),
-        (DType::BF16, &[a, b]) => bf16::from_le_bytes([a, b]).to_f64(),
-        (DType::F32, &[a, b, c, d]) => f64::from(f32::from_le_bytes([a, b, c, d])),
-        (DType::F64, &[a, b, c, d, e, f, g, h]) => f64::from_le_bytes([a, b, c, d, e, f, g, h]),
+        (StoredDType::F16, &[a, b]) => f16::from_le_bytes([a, b]).to_f64(),
+        (StoredDType::BF16, &[a, b]) => bf16::from_le_bytes([a, b]).to_f64(),
+        (StoredDType::F32, &[a, b, c, d]) => f64::from(f32::from_le_bytes([a, b, c, d])),
+        (StoredDType::F64, &[a, b, c, d, e, f, g, h]) => {
+            f64::from_le_bytes([a, b, c, d, e, f, g, h])
+        }
         _ => f64::NAN,
     }
 }
 
-fn write_float(value: f64, dtype: DType, out: &mut Vec<u8>) {
+fn write_float(value: f64, dtype: StoredDType, out: &mut Vec<u8>) {
     match dtype {
-        DType::F16 => out.extend_from_slice(&f16::from_f64(value).to_le_bytes()),
-        DType::BF16 => out.extend_from_slice(&bf16::from_f64(value).to_le_bytes()),
-        DType::F32 => out.extend_from_slice(&(value as f32).to_le_bytes()),
-        DType::F64 => out.extend_from_slice(&value.to_le_bytes()),
+        StoredDType::F16 => out.extend_from_slice(&f16::from_f64(value).to_le_bytes()),
+        StoredDType::BF16 => out.extend_from_slice(&bf16::from_f64(value).to_le_bytes()),
+        StoredDType::F32 => out.extend_from_slice(&(value as f32).to_le_bytes()),
+        StoredDType::F64 => out.extend_from_slice(&value.to_le_bytes()),
         _ => {}
     }
 }
@@ -194,19 +199,19 @@ mod tests {
     fn names_round_trip() {
         for dtype in ALL {
             assert_eq!(
-                DType::from_safetensors_name(dtype.safetensors_name()),
+                StoredDType::from_safetensors_name(dtype.safetensors_name()),
                 Some(dtype)
             );
-            assert_eq!(DType::parse(&dtype.to_string()), Some(dtype));
+            assert_eq!(StoredDType::parse(&dtype.to_string()), Some(dtype));
         }
-        assert_eq!(DType::from_safetensors_name("F8_E4M3"), None);
+        assert_eq!(StoredDType::from_safetensors_name("F8_E4M3"), None);
     }
 
     #[test]
     fn byte_len_checks_overflow() {
-        assert_eq!(DType::BF16.byte_len(&[3, 4]), Some(24));
-        assert_eq!(DType::F32.byte_len(&[]), Some(4));
-        assert_eq!(DType::F64.byte_len(&[usize::MAX, 2]), None);
+        assert_eq!(StoredDType::BF16.byte_len(&[3, 4]), Some(24));
+        assert_eq!(StoredDType::F32.byte_len(&[]), Some(4));
+        assert_eq!(StoredDType::F64.byte_len(&[usize::MAX, 2]), None);
     }
 
     #[test]
@@ -216,15 +221,15 @@ mod tests {
             .flat_map(|v| v.to_le_bytes())
             .collect();
         let mut half = Vec::new();
-        convert_into("w", &source, DType::F32, DType::F16, &mut half).unwrap();
+        convert_into("w", &source, StoredDType::F32, StoredDType::F16, &mut half).unwrap();
         assert_eq!(
-            to_f32_vec("w", &half, DType::F16).unwrap(),
+            to_f32_vec("w", &half, StoredDType::F16).unwrap(),
             [1.5, -2.0, 65504.0]
         );
         let mut brain = Vec::new();
-        convert_into("w", &half, DType::F16, DType::BF16, &mut brain).unwrap();
+        convert_into("w", &half, StoredDType::F16, StoredDType::BF16, &mut brain).unwrap();
         assert_eq!(
-            to_f32_vec("w", &brain, DType::BF16).unwrap()[..2],
+            to_f32_vec("w", &brain, StoredDType::BF16).unwrap()[..2],
             [1.5, -2.0]
         );
     }
@@ -233,9 +238,10 @@ mod tests {
     fn integers_pass_through_but_never_cast() {
         let ids = 7i64.to_le_bytes();
         let mut out = Vec::new();
-        convert_into("ids", &ids, DType::I64, DType::I64, &mut out).unwrap();
+        convert_into("ids", &ids, StoredDType::I64, StoredDType::I64, &mut out).unwrap();
         assert_eq!(out, ids);
-        let err = convert_into("ids", &ids, DType::I64, DType::F16, &mut out).unwrap_err();
+        let err =
+            convert_into("ids", &ids, StoredDType::I64, StoredDType::F16, &mut out).unwrap_err();
         assert!(err.to_string().contains("ids"), "{err}");
     }
 }

@@ -9,7 +9,7 @@ use std::str::FromStr;
 
 use serde::Serialize;
 
-use crate::checkpoint::dtype::DType;
+use crate::checkpoint::dtype::StoredDType;
 use crate::error::{Error, Result};
 
 /// Where one tensor's bytes are.
@@ -21,7 +21,7 @@ pub struct TensorInfo {
     /// The file that holds its bytes.
     pub file: PathBuf,
     /// Its element type as stored.
-    pub dtype: DType,
+    pub dtype: StoredDType,
     /// Its shape, outermost dimension first.
     pub shape: Vec<usize>,
     /// Its bytes in `file`, as absolute offsets.
@@ -37,7 +37,7 @@ impl TensorInfo {
     pub(crate) fn new(
         name: &str,
         file: &Path,
-        dtype: DType,
+        dtype: StoredDType,
         shape: Vec<usize>,
         data: Range<u64>,
     ) -> TensorInfo {
@@ -103,7 +103,7 @@ impl LayerId {
     /// The layer a tensor name belongs to.
     ///
     /// ```
-    /// use memwise_model::LayerId;
+    /// use memwise_model::checkpoint::LayerId;
     ///
     /// assert_eq!(LayerId::of_tensor("model.layers.7.mlp.up_proj.weight"), LayerId::Block(7));
     /// assert_eq!(LayerId::of_tensor("bert.encoder.layer.2.output.dense.bias"), LayerId::Block(2));
@@ -347,7 +347,7 @@ mod tests {
     use super::*;
 
     fn tensor(name: &str, file: &str, data: Range<u64>) -> TensorInfo {
-        TensorInfo::new(name, Path::new(file), DType::U8, vec![1], data)
+        TensorInfo::new(name, Path::new(file), StoredDType::U8, vec![1], data)
     }
 
     #[test]

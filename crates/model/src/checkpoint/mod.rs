@@ -20,7 +20,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 pub(crate) use self::candle::{stored_dtype, tensor_bytes};
-pub use self::dtype::{convert_into, to_f32_vec, DType};
+pub use self::dtype::{convert_into, to_f32_vec, StoredDType};
 pub use self::index::{Layer, LayerId, TensorIndex, TensorInfo, TiedWeight};
 pub use self::read::{LayerData, LayerReader, ReadStrategy, TensorView};
 pub(crate) use self::safetensors::{encode_header, read_safetensors, TensorHeader};
@@ -86,7 +86,7 @@ impl ModelConfig {
     /// Parses the text of a `config.json`; `file` names it in errors.
     ///
     /// ```
-    /// use memwise_model::ModelConfig;
+    /// use memwise_model::checkpoint::ModelConfig;
     ///
     /// let json = br#"{"architectures":["LlamaForCausalLM"],"num_hidden_layers":2}"#;
     /// let config = ModelConfig::parse("config.json".as_ref(), json).unwrap();
@@ -152,7 +152,8 @@ impl ModelConfig {
 /// A model folder: its config, its weight files, and the index of every tensor in them.
 ///
 /// ```
-/// use memwise_model::{Checkpoint, LayerId, ReadStrategy};
+/// use memwise_model::{Checkpoint, ReadStrategy};
+/// use memwise_model::checkpoint::LayerId;
 ///
 /// let folder = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-llama-safetensors");
 /// let checkpoint = Checkpoint::open(folder)?;
@@ -333,7 +334,7 @@ fn read_shard_index(folder: &Path, index_path: &Path) -> Result<BTreeMap<PathBuf
 /// target drives. Each shard name must resolve inside the folder and exist.
 ///
 /// ```
-/// use memwise_model::parse_shard_index;
+/// use memwise_model::checkpoint::parse_shard_index;
 ///
 /// let folder = std::env::temp_dir();
 /// let json = br#"{"weight_map": {"w": "../../etc/passwd"}}"#;

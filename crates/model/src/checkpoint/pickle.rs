@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::rc::Rc;
 
-use crate::checkpoint::dtype::DType;
+use crate::checkpoint::dtype::StoredDType;
 
 /// Caps that keep a hostile pickle from using unbounded memory.
 const MAX_STACK: usize = 1 << 20;
@@ -23,7 +23,7 @@ const MAX_MEMO: usize = 1 << 22;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct StorageRef {
     pub key: String,
-    pub dtype: DType,
+    pub dtype: StoredDType,
     pub element_count: u64,
 }
 
@@ -71,7 +71,7 @@ enum Global {
     OrderedDict,
     RebuildTensorV2,
     RebuildParameter,
-    Storage(DType),
+    Storage(StoredDType),
 }
 
 impl Global {
@@ -81,16 +81,16 @@ impl Global {
             ("collections", "OrderedDict") => Some(Global::OrderedDict),
             ("torch._utils", "_rebuild_tensor_v2") => Some(Global::RebuildTensorV2),
             ("torch._utils", "_rebuild_parameter") => Some(Global::RebuildParameter),
-            ("torch", "FloatStorage") => storage(DType::F32),
-            ("torch", "HalfStorage") => storage(DType::F16),
-            ("torch", "BFloat16Storage") => storage(DType::BF16),
-            ("torch", "DoubleStorage") => storage(DType::F64),
-            ("torch", "LongStorage") => storage(DType::I64),
-            ("torch", "IntStorage") => storage(DType::I32),
-            ("torch", "ShortStorage") => storage(DType::I16),
-            ("torch", "CharStorage") => storage(DType::I8),
-            ("torch", "ByteStorage") => storage(DType::U8),
-            ("torch", "BoolStorage") => storage(DType::Bool),
+            ("torch", "FloatStorage") => storage(StoredDType::F32),
+            ("torch", "HalfStorage") => storage(StoredDType::F16),
+            ("torch", "BFloat16Storage") => storage(StoredDType::BF16),
+            ("torch", "DoubleStorage") => storage(StoredDType::F64),
+            ("torch", "LongStorage") => storage(StoredDType::I64),
+            ("torch", "IntStorage") => storage(StoredDType::I32),
+            ("torch", "ShortStorage") => storage(StoredDType::I16),
+            ("torch", "CharStorage") => storage(StoredDType::I8),
+            ("torch", "ByteStorage") => storage(StoredDType::U8),
+            ("torch", "BoolStorage") => storage(StoredDType::Bool),
             _ => None,
         }
     }
@@ -611,7 +611,7 @@ mod tests {
         assert_eq!(tensor.shape, [2, 3]);
         assert_eq!(tensor.stride, [3, 1]);
         assert_eq!(tensor.storage.key, "0");
-        assert_eq!(tensor.storage.dtype, DType::F32);
+        assert_eq!(tensor.storage.dtype, StoredDType::F32);
         assert_eq!(tensor.storage.element_count, 6);
     }
 

@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 
 use memmap2::{Advice, Mmap, UncheckedAdvice};
 
-use crate::checkpoint::dtype::{convert_into, to_f32_vec, DType};
+use crate::checkpoint::dtype::{convert_into, to_f32_vec, StoredDType};
 use crate::checkpoint::index::{LayerId, TensorInfo};
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
@@ -374,7 +374,7 @@ impl TensorView<'_> {
     }
 
     /// Its stored dtype.
-    pub fn dtype(&self) -> DType {
+    pub fn dtype(&self) -> StoredDType {
         self.info.dtype
     }
 
@@ -395,7 +395,7 @@ impl TensorView<'_> {
 
     /// Its bytes in `dtype`: borrowed when it is already stored so, converted when both are
     /// floats, refused otherwise (integer tensors are passed through, never cast).
-    pub fn to_dtype(&self, dtype: DType) -> Result<Cow<'_, [u8]>> {
+    pub fn to_dtype(&self, dtype: StoredDType) -> Result<Cow<'_, [u8]>> {
         if dtype == self.info.dtype {
             return Ok(Cow::Borrowed(self.bytes));
         }
@@ -416,16 +416,16 @@ mod tests {
 
     #[test]
     fn coalesces_neighbours_and_keeps_order() {
-        let a = TensorInfo::new("a", Path::new("f"), DType::U8, vec![4], 100..104);
-        let b = TensorInfo::new("b", Path::new("f"), DType::U8, vec![4], 0..4);
+        let a = TensorInfo::new("a", Path::new("f"), StoredDType::U8, vec![4], 100..104);
+        let b = TensorInfo::new("b", Path::new("f"), StoredDType::U8, vec![4], 0..4);
         let far = TensorInfo::new(
             "c",
             Path::new("f"),
-            DType::U8,
+            StoredDType::U8,
             vec![4],
             1 << 30..(1 << 30) + 4,
         );
-        let other = TensorInfo::new("d", Path::new("g"), DType::U8, vec![4], 0..4);
+        let other = TensorInfo::new("d", Path::new("g"), StoredDType::U8, vec![4], 0..4);
         let (runs, total, placements) = plan_runs(&[&a, &b, &far, &other]);
         assert_eq!(runs.len(), 3);
         assert_eq!(runs[0].range, 0..104);

@@ -13,7 +13,7 @@ use std::path::Path;
 
 use serde_json::{Map, Value};
 
-use crate::checkpoint::dtype::DType;
+use crate::checkpoint::dtype::StoredDType;
 use crate::checkpoint::index::TensorInfo;
 use crate::error::{Error, Result};
 
@@ -44,7 +44,7 @@ pub(crate) fn read_safetensors(path: &Path) -> Result<Vec<TensorInfo>> {
 /// in `file_len`): the entry point the fuzz target drives.
 ///
 /// ```
-/// use memwise_model::parse_safetensors;
+/// use memwise_model::checkpoint::parse_safetensors;
 ///
 /// let header = br#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#;
 /// let mut file = (header.len() as u64).to_le_bytes().to_vec();
@@ -165,7 +165,7 @@ fn parse_entry(
         .get("dtype")
         .and_then(Value::as_str)
         .ok_or_else(|| bad("missing string key \"dtype\"".into()))?;
-    let dtype = DType::from_safetensors_name(dtype_name)
+    let dtype = StoredDType::from_safetensors_name(dtype_name)
         .ok_or_else(|| bad(format!("unsupported dtype {dtype_name:?}")))?;
     let shape = fields
         .get("shape")
@@ -236,7 +236,7 @@ fn check_no_overlap(path: &Path, tensors: &[TensorInfo]) -> Result<()> {
 /// One tensor to be written: its name, dtype and shape. Its bytes follow in the same order.
 pub(crate) struct TensorHeader<'a> {
     pub name: &'a str,
-    pub dtype: DType,
+    pub dtype: StoredDType,
     pub shape: &'a [usize],
 }
 
@@ -310,12 +310,12 @@ mod tests {
         let header = encode_header(&[
             TensorHeader {
                 name: "a",
-                dtype: DType::BF16,
+                dtype: StoredDType::BF16,
                 shape: &shape_a,
             },
             TensorHeader {
                 name: "b",
-                dtype: DType::I64,
+                dtype: StoredDType::I64,
                 shape: &shape_b,
             },
         ]);
@@ -329,7 +329,7 @@ mod tests {
             tensors[0].data,
             header.len() as u64..header.len() as u64 + 12
         );
-        assert_eq!(tensors[1].dtype, DType::I64);
+        assert_eq!(tensors[1].dtype, StoredDType::I64);
     }
 
     #[test]

@@ -57,7 +57,8 @@ impl Checkpoint {
     /// Summarises the checkpoint for `memwise inspect`.
     ///
     /// ```
-    /// use memwise_model::{Checkpoint, LayerId};
+    /// use memwise_model::Checkpoint;
+    /// use memwise_model::checkpoint::LayerId;
     ///
     /// let folder = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-llama-tied");
     /// let summary = Checkpoint::open(folder)?.summary();

@@ -52,7 +52,7 @@ fn check_magic(path: &Path, magic: &[u8]) -> Result<()> {
 ///
 /// ```
 /// use std::io::Cursor;
-/// use memwise_model::parse_torch_zip;
+/// use memwise_model::checkpoint::parse_torch_zip;
 ///
 /// let err = parse_torch_zip("bad.bin".as_ref(), Cursor::new(b"PK\x03\x04junk")).unwrap_err();
 /// assert!(err.to_string().contains("bad.bin"));

@@ -25,7 +25,7 @@ pub(super) struct StageReader {
     pub(super) strategy: ReadStrategy,
     pub(super) dtype: DType,
     /// `dtype` as checkpoints store it.
-    pub(super) stored: crate::checkpoint::DType,
+    pub(super) stored: crate::checkpoint::StoredDType,
     pub(super) device: Device,
 }
 

@@ -5,7 +5,8 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use memwise_model::{Checkpoint, LayerId, ReadStrategy};
+use memwise_model::checkpoint::LayerId;
+use memwise_model::{Checkpoint, ReadStrategy};
 use serde_json::{Map, Value};
 
 pub fn fixture(name: &str) -> PathBuf {

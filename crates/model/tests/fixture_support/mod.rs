@@ -83,16 +83,16 @@ pub fn bitwise_equal(a: &Tensor, b: &Tensor) -> bool {
 
 /// The decoder config of a model folder or config file.
 pub fn decoder_config(path: &Path) -> LlamaConfig {
-    match memwise_model::ArchitectureConfig::from_file(path).expect("config parses") {
-        memwise_model::ArchitectureConfig::Decoder(config) => *config,
+    match memwise_model::models::ArchitectureConfig::from_file(path).expect("config parses") {
+        memwise_model::models::ArchitectureConfig::Decoder(config) => *config,
         other => panic!("{} is not a decoder: {other:?}", path.display()),
     }
 }
 
 /// The encoder config of a model folder or config file.
 pub fn encoder_config(path: &Path) -> BertConfig {
-    match memwise_model::ArchitectureConfig::from_file(path).expect("config parses") {
-        memwise_model::ArchitectureConfig::Encoder(config) => config,
+    match memwise_model::models::ArchitectureConfig::from_file(path).expect("config parses") {
+        memwise_model::models::ArchitectureConfig::Encoder(config) => config,
         other => panic!("{} is not an encoder: {other:?}", path.display()),
     }
 }
