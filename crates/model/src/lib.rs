@@ -111,6 +111,7 @@
 //! `cargo bench -p memwise-model --bench streaming` measures it against a full load, whole
 //! process (figures in that bench's docs and the README).
 #![deny(missing_docs)]
+#![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod checkpoint;
 mod error;

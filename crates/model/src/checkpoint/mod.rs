@@ -22,7 +22,7 @@ use serde_json::Value;
 pub(crate) use self::candle::{stored_dtype, tensor_bytes};
 pub use self::dtype::{convert_into, to_f32_vec, StoredDType};
 pub use self::index::{Layer, LayerId, TensorIndex, TensorInfo, TiedWeight};
-pub use self::read::{LayerData, LayerReader, ReadStrategy, TensorView};
+pub use self::read::{FilesUnchanged, LayerData, LayerReader, ReadStrategy, TensorView};
 pub(crate) use self::safetensors::{encode_header, read_safetensors, TensorHeader};
 pub use self::safetensors::{parse_safetensors, MAX_HEADER_BYTES};
 pub use self::summary::{CheckpointSummary, LayerSummary};

@@ -8,7 +8,7 @@
 //! - [`ReadStrategy::Pread`] (the default): `pread` each layer into one buffer that is
 //!   reused for every layer. A file that shrinks while it is read gives an error, never a
 //!   crash.
-//! - [`ReadStrategy::MmapRelease`]: map each file, fault each tensor in with
+//! - [`ReadStrategy::mmap_release`]: map each file, fault each tensor in with
 //!   `madvise(MADV_POPULATE_READ)`, hand out slices of the mapping, and release the layer's
 //!   pages (`madvise(MADV_DONTNEED)`) when its [`LayerData`] drops. Zero-copy.
 //!
@@ -47,10 +47,44 @@ pub enum ReadStrategy {
     /// is dropped. Zero-copy: three to five times `Pread`'s speed from a warm page cache,
     /// but slower than it from a cold one.
     ///
-    /// The files must not change while they are read: a file another process truncates
-    /// under a layer that is in use makes the next access to it fault (SIGBUS). A file
-    /// found shorter than its tensors when a layer is read is an [`Error::Truncated`].
-    MmapRelease,
+    /// Made only by the `unsafe` [`ReadStrategy::mmap_release`], whose caller promises
+    /// what the mapping needs (see its `# Safety`). A file found shorter than its tensors
+    /// when a layer is read is an [`Error::Truncated`].
+    MmapRelease(FilesUnchanged),
+}
+
+/// The promise [`ReadStrategy::mmap_release`]'s caller makes: the checkpoint's files do not
+/// change while they are mapped. Only that function makes one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FilesUnchanged(());
+
+impl ReadStrategy {
+    /// Read through shared read-only mappings of the files: zero-copy, each tensor faulted in
+    /// at once and each layer's pages released when its [`LayerData`] drops.
+    ///
+    /// ```
+    /// use memwise_model::{Checkpoint, ReadStrategy};
+    ///
+    /// let folder = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-llama-sharded");
+    /// let checkpoint = Checkpoint::open(folder)?;
+    /// // SAFETY: the fixture's files are not written while this example reads them.
+    /// let mut reader = checkpoint.reader(unsafe { ReadStrategy::mmap_release() });
+    /// let first = checkpoint.layers()[0].id.clone();
+    /// assert!(reader.read_layer(&first)?.byte_len() > 0);
+    /// # Ok::<(), memwise_model::Error>(())
+    /// ```
+    ///
+    /// # Safety
+    ///
+    /// No process may truncate or rewrite the checkpoint's files while a reader with this
+    /// strategy is alive. The bytes handed out are slices of the mapping: a file rewritten
+    /// under them changes bytes Rust assumes immutable, and a file truncated under a layer
+    /// in use makes the next access to the lost pages fault (SIGBUS). memwise checks each
+    /// file's length when a layer is read, which catches a truncation between layers but not
+    /// one during a layer's use.
+    pub const unsafe fn mmap_release() -> Self {
+        ReadStrategy::MmapRelease(FilesUnchanged(()))
+    }
 }
 
 struct OpenFile {
@@ -126,7 +160,7 @@ impl<'c> LayerReader<'c> {
         }
         match self.strategy {
             ReadStrategy::Pread => self.read_pread(infos),
-            ReadStrategy::MmapRelease => self.read_mapped(infos),
+            ReadStrategy::MmapRelease(_) => self.read_mapped(infos),
         }
     }
 
@@ -137,7 +171,7 @@ impl<'c> LayerReader<'c> {
         let file = File::open(path).map_err(|e| Error::io("opening", path, e))?;
         let map = match self.strategy {
             ReadStrategy::Pread => None,
-            ReadStrategy::MmapRelease => {
+            ReadStrategy::MmapRelease(_) => {
                 let len = file
                     .metadata()
                     .map_err(|e| Error::io("reading metadata of", path, e))?
@@ -145,9 +179,9 @@ impl<'c> LayerReader<'c> {
                 // A mapping of a file that later shrinks faults (SIGBUS) on the lost pages,
                 // so refuse a file already shorter than its tensors.
                 self.check_length(path, len)?;
-                // SAFETY: the mapping is read-only and private to this reader. Its contents
-                // change only if another process rewrites the file, which the checkpoint's
-                // owner must not do while it is being read (documented on ReadStrategy).
+                // SAFETY: a shared read-only mapping, owned by this reader. The strategy was
+                // made by the unsafe `ReadStrategy::mmap_release`, whose caller promised the
+                // file does not change while it is mapped.
                 let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io("mapping", path, e))?;
                 Some(map)
             }
@@ -238,7 +272,7 @@ impl<'c> LayerReader<'c> {
             // Touching a mapped page past the end of a file that shrank since it was mapped
             // faults (SIGBUS). Check the length as each layer is read, so a file truncated
             // between layers is an error; the window left is a truncation during the
-            // layer's own use, documented on ReadStrategy::MmapRelease.
+            // layer's own use, the caller's promise (`ReadStrategy::mmap_release`).
             let len = match lengths.get(info.file.as_path()) {
                 Some(len) => *len,
                 None => {
@@ -343,7 +377,7 @@ impl LayerData<'_> {
 impl Drop for LayerData<'_> {
     fn drop(&mut self) {
         for (map, range) in &self.mapped {
-            // SAFETY: the mapping is a read-only shared file mapping and every slice into
+            // SAFETY: the mapping is a shared read-only file mapping and every slice into
             // this range lives in `self.tensors`, which is being dropped, so nothing borrows
             // the pages. For a file mapping DONTNEED only drops the pages from this process;
             // a later access reads the same bytes back from the file.
