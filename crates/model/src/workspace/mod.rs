@@ -12,12 +12,17 @@
 //! run removes). The next run verifies the checksums of what is there, rewrites what does
 //! not match, writes the rest, and verifies the whole workspace at the end.
 
-use std::collections::BTreeSet;
-use std::fs::{self, File};
-use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+mod files;
+mod manifest;
 
-use serde::{Deserialize, Serialize};
+pub use self::manifest::{
+    LayerOrigin, Manifest, ManifestLayer, ManifestTensor, SourceFile, SourceFingerprint,
+};
+
+use self::files::{available_bytes, checksum_file, remove_if_present, write_atomically};
+use self::manifest::{check_matches_manifest, fingerprint, record, recorded};
+use std::fs;
+use std::path::{Path, PathBuf};
 
 use crate::checkpoint::{
     encode_header, read_safetensors, Checkpoint, LayerId, ReadStrategy, StoredDType, TensorHeader,
@@ -30,88 +35,9 @@ pub const MANIFEST_FILE: &str = "manifest.json";
 /// The manifest format this build writes and reads.
 pub const MANIFEST_VERSION: u32 = 1;
 /// Suffix of files being written; whatever carries it after a crash is discarded.
-const TEMP_SUFFIX: &str = ".tmp";
+pub(crate) const TEMP_SUFFIX: &str = ".tmp";
 /// Header and manifest bytes reserved per layer when checking free space.
 const PER_LAYER_OVERHEAD: u64 = 1 << 20;
-
-/// What a workspace records about one source file, to notice when the source changes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[non_exhaustive]
-pub struct SourceFile {
-    /// The file name, relative to the model folder.
-    pub name: String,
-    /// Its size in bytes.
-    pub size: u64,
-    /// Its modification time, in nanoseconds since the Unix epoch.
-    pub modified_ns: u128,
-}
-
-/// The source a workspace was built from and how it was converted.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[non_exhaustive]
-pub struct SourceFingerprint {
-    /// The model folder.
-    pub folder: PathBuf,
-    /// Its weight files.
-    pub files: Vec<SourceFile>,
-    /// The compute dtype float tensors were converted to, if any.
-    pub dtype: Option<String>,
-    /// CRC-32 of all of the above, for quick comparison by eye.
-    pub fingerprint: String,
-}
-
-/// How a workspace layer came to be.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-#[non_exhaustive]
-pub enum LayerOrigin {
-    /// Converted from the source; can be rebuilt from it.
-    Source,
-    /// Written by a hook; cannot be rebuilt.
-    Hook,
-}
-
-/// One tensor of a workspace layer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[non_exhaustive]
-pub struct ManifestTensor {
-    /// Its name.
-    pub name: String,
-    /// Its dtype, as safetensors names it.
-    pub dtype: String,
-    /// Its shape.
-    pub shape: Vec<usize>,
-}
-
-/// One layer file in the workspace.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[non_exhaustive]
-pub struct ManifestLayer {
-    /// The layer, as [`LayerId`] displays it.
-    pub layer: String,
-    /// Its file name inside the workspace.
-    pub file: String,
-    /// The file's size.
-    pub bytes: u64,
-    /// The file's checksum, `crc32:xxxxxxxx`.
-    pub checksum: String,
-    /// Converted from the source, or written by a hook.
-    pub origin: LayerOrigin,
-    /// Its tensors.
-    pub tensors: Vec<ManifestTensor>,
-}
-
-/// `manifest.json`: what the workspace holds and how to check it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[non_exhaustive]
-pub struct Manifest {
-    /// [`MANIFEST_VERSION`] when written.
-    pub format_version: u32,
-    /// The source and conversion the files come from.
-    pub source: SourceFingerprint,
-    /// The layer files written so far, in forward order.
-    pub layers: Vec<ManifestLayer>,
-}
 
 /// Options for [`Workspace::convert`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -634,160 +560,6 @@ fn target_dtype(stored: StoredDType, compute: Option<StoredDType>) -> StoredDTyp
 fn converted_len(tensor: &TensorInfo, dtype: Option<StoredDType>) -> u64 {
     let target = target_dtype(tensor.dtype, dtype);
     target.byte_len(&tensor.shape).unwrap_or(u64::MAX)
-}
-
-fn recorded<'m>(manifest: &'m Manifest, layer: &LayerId) -> Option<&'m ManifestLayer> {
-    let name = layer.to_string();
-    manifest.layers.iter().find(|l| l.layer == name)
-}
-
-fn record(manifest: &mut Manifest, entry: ManifestLayer) {
-    manifest.layers.retain(|l| l.layer != entry.layer);
-    manifest.layers.push(entry);
-    manifest
-        .layers
-        .sort_by_key(|l| l.layer.parse::<LayerId>().ok());
-}
-
-fn check_matches_manifest(
-    manifest: &Path,
-    file: &Path,
-    layer: &ManifestLayer,
-    tensors: &[TensorInfo],
-) -> Result<()> {
-    let listed: BTreeSet<&str> = layer.tensors.iter().map(|t| t.name.as_str()).collect();
-    let present: BTreeSet<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
-    if let Some(missing) = listed.difference(&present).next() {
-        return Err(Error::TensorNotInShard {
-            index: manifest.to_owned(),
-            tensor: (*missing).to_owned(),
-            shard: file.to_owned(),
-        });
-    }
-    if let Some(extra) = present.difference(&listed).next() {
-        return Err(Error::Workspace {
-            manifest: manifest.to_owned(),
-            reason: format!(
-                "{} holds tensor {extra}, which the manifest does not list",
-                file.display()
-            ),
-        });
-    }
-    Ok(())
-}
-
-/// The source's files with sizes and modification times, and the conversion dtype.
-fn fingerprint(source: &Checkpoint, dtype: Option<StoredDType>) -> Result<SourceFingerprint> {
-    let mut files = Vec::with_capacity(source.files().len());
-    let mut hasher = crc32fast::Hasher::new();
-    for path in source.files() {
-        let meta = fs::metadata(path).map_err(|e| Error::io("reading metadata of", path, e))?;
-        let modified_ns = meta
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_nanos());
-        let name = path
-            .strip_prefix(source.folder())
-            .unwrap_or(path)
-            .to_string_lossy()
-            .into_owned();
-        hasher.update(format!("{name}\0{}\0{modified_ns}\0", meta.len()).as_bytes());
-        files.push(SourceFile {
-            name,
-            size: meta.len(),
-            modified_ns,
-        });
-    }
-    let dtype = dtype.map(|d| d.safetensors_name().to_owned());
-    hasher.update(dtype.as_deref().unwrap_or("stored").as_bytes());
-    let folder = source
-        .folder()
-        .canonicalize()
-        .map_err(|e| Error::io("resolving", source.folder(), e))?;
-    Ok(SourceFingerprint {
-        folder,
-        files,
-        dtype,
-        fingerprint: format!("crc32:{:08x}", hasher.finalize()),
-    })
-}
-
-/// Writes `parts` to `dir/name` atomically: a temporary file, synced, renamed over the
-/// target, and the folder synced so the rename itself survives a crash. Returns the size
-/// and checksum of what was written.
-fn write_atomically(dir: &Path, name: &str, parts: &[&[u8]]) -> Result<(u64, String)> {
-    let target = dir.join(name);
-    let temp = dir.join(format!("{name}{TEMP_SUFFIX}"));
-    let mut file = File::create(&temp).map_err(|e| Error::io("creating", &temp, e))?;
-    let mut hasher = crc32fast::Hasher::new();
-    let mut len = 0u64;
-    for part in parts {
-        file.write_all(part)
-            .map_err(|e| Error::io("writing", &temp, e))?;
-        hasher.update(part);
-        len += part.len() as u64;
-    }
-    file.sync_all()
-        .map_err(|e| Error::io("syncing", &temp, e))?;
-    drop(file);
-    fs::rename(&temp, &target).map_err(|e| Error::io("renaming", &temp, e))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io("syncing", dir, e))?;
-    Ok((len, format!("crc32:{:08x}", hasher.finalize())))
-}
-
-fn checksum_file(path: &Path) -> Result<String> {
-    let mut file = File::open(path).map_err(|e| Error::io("opening", path, e))?;
-    let mut hasher = crc32fast::Hasher::new();
-    let mut buffer = vec![0u8; 1 << 20];
-    loop {
-        let n = file
-            .read(&mut buffer)
-            .map_err(|e| Error::io("reading", path, e))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(buffer.get(..n).unwrap_or_default());
-    }
-    Ok(format!("crc32:{:08x}", hasher.finalize()))
-}
-
-fn remove_if_present(path: &Path) -> Result<()> {
-    match fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io("removing", path, e)),
-        _ => Ok(()),
-    }
-}
-
-/// Bytes this user may still write on the file system holding `dir`.
-fn available_bytes(dir: &Path) -> Result<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c_path = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(|e| {
-        Error::io(
-            "checking free space on",
-            dir,
-            std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
-        )
-    })?;
-    let mut stats = std::mem::MaybeUninit::<libc::statvfs>::uninit();
-    // SAFETY: c_path is a valid NUL-terminated string and stats points to writable memory
-    // of the right type; statvfs fills it completely when it returns 0.
-    let rc = unsafe { libc::statvfs(c_path.as_ptr(), stats.as_mut_ptr()) };
-    if rc != 0 {
-        return Err(Error::io(
-            "checking free space on",
-            dir,
-            std::io::Error::last_os_error(),
-        ));
-    }
-    // SAFETY: statvfs returned 0, so it initialised the struct.
-    let stats = unsafe { stats.assume_init() };
-    // fsblkcnt_t and c_ulong are 32 bits on some targets, hence the casts.
-    #[allow(clippy::unnecessary_cast)]
-    let available = (stats.f_bavail as u64).saturating_mul(stats.f_frsize as u64);
-    Ok(available)
 }
 
 #[cfg(test)]
