@@ -44,9 +44,12 @@ fn scope_peaks_catch_spikes_inside_nested_scopes_and_on_rayon_workers() {
     let get = |name| stats.scopes_named(name).next().expect(name).clone();
     let (outer, inner, worker) = (get("outer"), get("inner"), get("on_worker"));
 
-    assert_eq!(
-        inner.heap_at_entry, inner.heap_at_exit,
-        "the spike was freed inside the scope"
+    // The heap is the whole process's: the test harness's own threads may allocate a few
+    // bytes meanwhile, so allow that much, far below the spike.
+    let (entry, exit) = (inner.heap_at_entry.unwrap(), inner.heap_at_exit.unwrap());
+    assert!(
+        entry.abs_diff(exit) < 64 << 10,
+        "the spike was freed inside the scope: {entry} at entry, {exit} at exit"
     );
     assert!(inner.heap_peak_delta().unwrap() >= 256 * MIB, "{inner:?}");
     assert!(inner.heap_peak.unwrap() <= outer.heap_peak.unwrap());

@@ -47,7 +47,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use memwise_model::checkpoint::{LayerId, StoredDType};
+use memwise_model::checkpoint::StoredDType;
 use memwise_model::{Checkpoint, ReadStrategy};
 
 use common::{evict, fold, read_files, run_child};
@@ -190,14 +190,19 @@ fn orchestrate() {
     let started = Instant::now();
     let files = generate(dir.path());
     let checkpoint = Checkpoint::open(dir.path()).unwrap();
-    let largest = checkpoint.index().largest_layer().unwrap().clone();
+    let largest = checkpoint
+        .stages()
+        .iter()
+        .max_by_key(|s| s.bytes)
+        .unwrap()
+        .clone();
     let total: u64 = files.iter().map(|f| f.metadata().unwrap().len()).sum();
     println!(
-        "generated {} MiB in {} shards ({} layers, largest {} = {} MiB) in {:.1}s at {}",
+        "generated {} MiB in {} shards ({} stages, largest {} = {} MiB) in {:.1}s at {}",
         total / MIB,
         files.len(),
-        checkpoint.layers().len(),
-        largest.id,
+        checkpoint.stages().len(),
+        largest.name,
         largest.bytes / MIB,
         started.elapsed().as_secs_f64(),
         dir.path().display()
@@ -246,7 +251,7 @@ fn orchestrate() {
 
 fn child(mode: &str, dir: &Path) {
     let checkpoint = Checkpoint::open(dir).unwrap();
-    let ids: Vec<LayerId> = checkpoint.layers().iter().map(|l| l.id.clone()).collect();
+    let stages: Vec<String> = checkpoint.stages().iter().map(|s| s.name.clone()).collect();
     memwise::reset_rss_peak();
     let started = Instant::now();
     let mut acc = 0u64;
@@ -262,8 +267,8 @@ fn child(mode: &str, dir: &Path) {
                 MMAP
             };
             let mut reader = checkpoint.reader(strategy);
-            for id in &ids {
-                let layer = reader.read_layer(id).unwrap();
+            for stage in &stages {
+                let layer = reader.read_stage(stage).unwrap();
                 for tensor in layer.tensors() {
                     acc = fold(tensor.bytes(), acc);
                     bytes += tensor.bytes().len() as u64;

@@ -609,14 +609,14 @@ fn child(args: &[String]) {
     );
 }
 
-/// Every tensor of the checkpoint, read layer by layer (mapped pages released after each)
+/// Every tensor of the checkpoint, read stage by stage (mapped pages released after each)
 /// into one `VarBuilder`: a full load that holds the weights once, not also their pages.
 fn read_all(folder: &Path) -> VarBuilder<'static> {
     let checkpoint = Checkpoint::open(folder).unwrap();
     let mut reader = checkpoint.reader(ReadStrategy::default());
     let mut tensors = HashMap::new();
-    for layer in checkpoint.layers() {
-        let data = reader.read_layer(&layer.id).unwrap();
+    for stage in checkpoint.stages() {
+        let data = reader.read_stage(&stage.name).unwrap();
         for view in data.tensors() {
             let bytes = view
                 .to_dtype(memwise_model::checkpoint::StoredDType::F32)

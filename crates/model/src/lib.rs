@@ -2,12 +2,13 @@
 //!
 //! This crate reads Hugging Face model folders in place (`config.json` with single or
 //! sharded safetensors, or single or sharded PyTorch `.bin`), indexes every tensor, groups
-//! them into the layers a streaming runner loads one at a time, and reads a layer without
-//! keeping the model resident. Every byte of input is untrusted: headers, offsets, shapes,
+//! them into the stages a streaming runner loads one at a time (traced from the model's own
+//! blocks: `model.embed_tokens`, `model.layers.0`, …, `model.norm`, `lm_head`), and reads a
+//! stage without keeping the model resident. Every byte of input is untrusted: headers, offsets, shapes,
 //! shard paths and pickles are validated, and bad input is an [`Error`] naming the file and
 //! tensor, never a panic. No pickled code ever runs.
 //!
-//! # Reading a layer
+//! # Reading a stage
 //!
 //! ```
 //! use memwise_model::checkpoint::StoredDType;
@@ -16,18 +17,18 @@
 //! let folder = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-llama-sharded");
 //! let checkpoint = Checkpoint::open(folder)?;
 //! let mut reader = checkpoint.reader(ReadStrategy::Pread);
-//! for layer in checkpoint.layers() {
-//!     let data = reader.read_layer(&layer.id)?; // this layer's bytes, in a reused buffer
+//! for stage in checkpoint.stages() {
+//!     let data = reader.read_stage(&stage.name)?; // this stage's bytes, in a reused buffer
 //!     for tensor in data.tensors() {
 //!         let compute = tensor.to_dtype(StoredDType::F32)?; // f16 on disk, f32 to compute
 //!         assert_eq!(compute.len() as u64, StoredDType::F32.byte_len(tensor.shape()).unwrap());
 //!     }
-//! } // dropping `data` releases the layer before the next is read
+//! } // dropping `data` releases the stage before the next is read
 //! # Ok::<(), memwise_model::Error>(())
 //! ```
 //!
 //! [`TensorView::to_candle_tensor`](checkpoint::TensorView::to_candle_tensor) (and [`LayerData::to_candle_tensors`](checkpoint::LayerData::to_candle_tensors), the map
-//! candle-nn's `VarBuilder::from_tensors` takes) hand a layer to candle, converting floats
+//! candle-nn's `VarBuilder::from_tensors` takes) hand a stage to candle, converting floats
 //! to the compute dtype on the way; [`TensorView::bytes`](checkpoint::TensorView::bytes), [`TensorView::dtype`](checkpoint::TensorView::dtype) and
 //! [`TensorView::shape`](checkpoint::TensorView::shape) serve any other backend.
 //!
@@ -55,9 +56,9 @@
 //!
 //! Safetensors sources are streamed in place and never copied. Where a source cannot be
 //! streamed as it is (a `.bin` source, a conversion to another compute dtype, a layer a
-//! hook changed), a [`Workspace`] keeps one safetensors file per layer with a checksummed
+//! hook changed), a [`Workspace`] keeps one safetensors file per stage with a checksummed
 //! manifest, written atomically and resumable after a crash; [`Workspace::checkpoint`]
-//! serves those layers through the same [`LayerReader`](checkpoint::LayerReader).
+//! serves those stages through the same [`LayerReader`](checkpoint::LayerReader).
 //!
 //! # Model blocks
 //!

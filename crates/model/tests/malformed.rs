@@ -7,7 +7,7 @@ use std::fs;
 use std::path::Path;
 
 use common::{copy_fixture, edit_header, edit_json};
-use memwise_model::checkpoint::{LayerId, MAX_HEADER_BYTES};
+use memwise_model::checkpoint::MAX_HEADER_BYTES;
 use memwise_model::{Checkpoint, Error, ReadStrategy};
 use serde_json::json;
 
@@ -197,24 +197,24 @@ fn truncated_shard() {
 }
 
 #[test]
-fn truncated_between_layers_is_an_error_for_both_readers() {
+fn truncated_between_stages_is_an_error_for_both_readers() {
     for strategy in [ReadStrategy::Pread, MMAP] {
         let dir = tempfile::tempdir().unwrap();
         let model = copy_fixture("tiny-llama-safetensors", dir.path());
         let checkpoint = Checkpoint::open(&model).unwrap();
         let mut reader = checkpoint.reader(strategy);
         // The file is open (and mapped) when it shrinks.
-        drop(reader.read_layer(&LayerId::Block(0)).unwrap());
+        drop(reader.read_stage("model.layers.0").unwrap());
         cut_last_bytes(&model.join("model.safetensors"), 10);
         // The final norm is the last tensor in the file: an error, not a SIGBUS.
-        let err = reader.read_layer(&LayerId::FinalNorm).err().unwrap();
+        let err = reader.read_stage("model.norm").err().unwrap();
         assert!(
             matches!(err, Error::Truncated { .. }),
             "{strategy:?}: {err}"
         );
         assert_names(&err, "model.safetensors", "model.norm.weight");
-        // Layers that still fit remain readable.
-        assert!(reader.read_layer(&LayerId::Block(1)).is_ok());
+        // Stages that still fit remain readable.
+        assert!(reader.read_stage("model.layers.1").is_ok());
     }
 }
 

@@ -4,7 +4,7 @@
 mod common;
 
 use common::{fixture, read_all};
-use memwise_model::checkpoint::{convert_into, LayerId, SourceFormat, StoredDType};
+use memwise_model::checkpoint::{convert_into, SourceFormat, StageOrigin, StoredDType};
 use memwise_model::{Checkpoint, Error, ReadStrategy};
 use serde_json::Value;
 
@@ -25,8 +25,8 @@ fn assert_matches_reference(checkpoint: &Checkpoint, model: &str, strategy: Read
     let reference = reference(model);
     let mut reader = checkpoint.reader(strategy);
     let mut checked = 0;
-    for layer in checkpoint.layers() {
-        let data = reader.read_layer(&layer.id).unwrap();
+    for stage in checkpoint.stages() {
+        let data = reader.read_stage(&stage.name).unwrap();
         for tensor in data.tensors() {
             let Some(expected) = reference.get(tensor.name()) else {
                 continue;
@@ -62,16 +62,23 @@ fn single_safetensors_file() {
     let checkpoint = Checkpoint::open(fixture("tiny-llama-safetensors")).unwrap();
     assert_eq!(checkpoint.format(), SourceFormat::Safetensors);
     assert_eq!(checkpoint.config().num_hidden_layers, Some(2));
-    let ids: Vec<String> = checkpoint
-        .layers()
+    let names: Vec<&str> = checkpoint
+        .stages()
         .iter()
-        .map(|l| l.id.to_string())
+        .map(|s| s.name.as_str())
         .collect();
     assert_eq!(
-        ids,
-        ["embeddings", "layers.0", "layers.1", "final_norm", "head"]
+        names,
+        [
+            "model.embed_tokens",
+            "model.layers.0",
+            "model.layers.1",
+            "model.norm",
+            "lm_head"
+        ]
     );
-    let block = checkpoint.index().layer(&LayerId::Block(1)).unwrap();
+    assert_eq!(checkpoint.stage_origin(), StageOrigin::Traced);
+    let block = checkpoint.stage("model.layers.1").unwrap();
     assert_eq!(block.tensors.len(), 9);
     assert_eq!(block.bytes, 4 * (8 + 4 * 64 + 8 + 3 * 96));
     assert!(checkpoint.index().tied().is_empty());
@@ -153,10 +160,24 @@ fn sharded_bin_matches_safetensors() {
 }
 
 #[test]
-fn bert_encoder_layers_and_integer_passthrough() {
+fn bert_stages_by_module_and_integer_passthrough() {
     let bert = Checkpoint::open(fixture("tiny-bert")).unwrap();
-    let ids: Vec<String> = bert.layers().iter().map(|l| l.id.to_string()).collect();
-    assert_eq!(ids, ["embeddings", "layers.0", "layers.1", "head"]);
+    let names: Vec<&str> = bert.stages().iter().map(|s| s.name.as_str()).collect();
+    // The config lacks keys a BERT needs, so the tensors are grouped by module.
+    assert_eq!(bert.stage_origin(), StageOrigin::ByModule);
+    assert_eq!(
+        names,
+        [
+            "bert.embeddings",
+            "bert.embeddings.LayerNorm",
+            "bert.embeddings.position_embeddings",
+            "bert.embeddings.token_type_embeddings",
+            "bert.embeddings.word_embeddings",
+            "bert.pooler.dense",
+            "bert.encoder.layer.0",
+            "bert.encoder.layer.1"
+        ]
+    );
     assert!(
         bert.index().tied().is_empty(),
         "encoders have no lm_head to tie"
@@ -164,7 +185,16 @@ fn bert_encoder_layers_and_integer_passthrough() {
     assert_matches_reference(&bert, "tiny-bert", ReadStrategy::Pread);
 
     let mut reader = bert.reader(ReadStrategy::Pread);
-    let embeddings = reader.read_layer(&LayerId::Embeddings).unwrap();
+    // Position ids are stored, though no stage reads them (the blocks count positions).
+    let embeddings = reader
+        .read_tensors(
+            None,
+            &[
+                "bert.embeddings.position_ids",
+                "bert.embeddings.word_embeddings.weight",
+            ],
+        )
+        .unwrap();
     let ids = embeddings.get("bert.embeddings.position_ids").unwrap();
     assert_eq!(ids.dtype(), StoredDType::I64);
     let positions: Vec<i64> = ids
@@ -201,22 +231,21 @@ fn legacy_bin_is_refused_with_advice() {
 }
 
 #[test]
-fn unknown_layer_and_tensor_are_errors() {
+fn unknown_stage_and_tensor_are_errors() {
     let checkpoint = Checkpoint::open(fixture("tiny-llama-safetensors")).unwrap();
     let mut reader = checkpoint.reader(ReadStrategy::Pread);
-    assert!(matches!(
-        reader.read_layer(&LayerId::Block(99)),
-        Err(Error::NotFound { .. })
-    ));
-    let err = reader.read_tensors(&["nope"]).err().unwrap();
+    let err = reader.read_stage("model.layers.99").err().unwrap();
+    assert!(matches!(err, Error::NotFound { .. }));
+    assert!(err.to_string().contains("model.layers.99"), "{err}");
+    let err = reader.read_tensors(None, &["nope"]).err().unwrap();
     assert!(err.to_string().contains("nope"));
 }
 
 #[test]
-fn layers_convert_to_candle_tensors() {
+fn stages_convert_to_candle_tensors() {
     let checkpoint = Checkpoint::open(fixture("tiny-llama-sharded")).unwrap();
     let mut reader = checkpoint.reader(ReadStrategy::Pread);
-    let layer = reader.read_layer(&LayerId::Block(0)).unwrap();
+    let layer = reader.read_stage("model.layers.0").unwrap();
     let cpu = candle_core::Device::Cpu;
     let tensors = layer
         .to_candle_tensors(Some(StoredDType::F32), &cpu)
@@ -235,7 +264,9 @@ fn layers_convert_to_candle_tensors() {
     // Integers keep their dtype whatever the compute dtype.
     let bert = Checkpoint::open(fixture("tiny-bert")).unwrap();
     let mut reader = bert.reader(MMAP);
-    let embeddings = reader.read_layer(&LayerId::Embeddings).unwrap();
+    let embeddings = reader
+        .read_tensors(None, &["bert.embeddings.position_ids"])
+        .unwrap();
     let ids = embeddings.get("bert.embeddings.position_ids").unwrap();
     let ids = ids.to_candle_tensor(Some(StoredDType::F16), &cpu).unwrap();
     assert_eq!(ids.dtype(), candle_core::DType::I64);

@@ -189,6 +189,56 @@ fn hooks_see_every_stage_and_replaced_layers_persist_to_the_workspace() {
 }
 
 #[test]
+fn a_tied_head_changed_by_a_hook_is_persisted_as_the_head_stage() {
+    /// Scales the embedding matrix as the tied head reads it, and only there.
+    struct ScaleHead;
+    impl LayerHook for ScaleHead {
+        fn before_layer(&self, layer: &mut LayerWeights) -> Result<(), HookError> {
+            if layer.name() == "lm_head" {
+                let name = "model.embed_tokens.weight";
+                let scaled = (&layer.tensors()[name] * 0.5)?;
+                layer.replace(name, scaled)?;
+                layer.persist();
+            }
+            Ok(())
+        }
+    }
+    let folder = fixture("tiny-qwen2"); // tie_word_embeddings: true
+    let ids = token_ids(&reference(&folder)["input_ids"]);
+    let plain = converter(&folder, 1)
+        .load_model_with_hooks(true)
+        .unwrap()
+        .forward(&ids)
+        .unwrap();
+    let workspace = tempfile::tempdir().unwrap();
+    let hooked = converter(&folder, 1)
+        .workspace(workspace.path())
+        .hook(ScaleHead)
+        .load_model_with_hooks(true)
+        .unwrap()
+        .forward(&ids)
+        .unwrap();
+    assert!(!bitwise_equal(&plain, &hooked), "the hook had no effect");
+
+    let manifest = memwise_model::Workspace::new(workspace.path())
+        .unwrap()
+        .manifest()
+        .unwrap()
+        .unwrap();
+    let stages: Vec<&str> = manifest.stages.iter().map(|s| s.stage.as_str()).collect();
+    assert_eq!(stages, ["lm_head"]);
+    // Read back without the hook: the head is the persisted one and the embeddings are
+    // the source's, so the logits are the hooked run's exactly.
+    let reloaded = converter(&folder, 0)
+        .workspace(workspace.path())
+        .load_model_with_hooks(true)
+        .unwrap()
+        .forward(&ids)
+        .unwrap();
+    assert!(bitwise_equal(&reloaded, &hooked));
+}
+
+#[test]
 fn a_failing_hook_reaches_the_caller_with_hook_and_stage_named() {
     /// Refuses one stage before it runs, or after, saying only why.
     struct Refuse {

@@ -9,13 +9,30 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use common::{copy_fixture, fixture, read_all};
-use memwise_model::checkpoint::{LayerId, StoredDType};
+use memwise_model::checkpoint::StoredDType;
 use memwise_model::workspace::{
-    ConvertEvent, ConvertOptions, LayerOrigin, TensorBytes, MANIFEST_FILE, MANIFEST_VERSION,
+    ConvertEvent, ConvertOptions, Origin, TensorBytes, MANIFEST_FILE, MANIFEST_VERSION,
 };
 use memwise_model::{Checkpoint, Error, ReadStrategy, Workspace};
 
-fn layer_files(dir: &Path) -> Vec<String> {
+/// Every stage of `checkpoint` reads each of its tensors from a file under `dir`.
+fn assert_served_from(checkpoint: &Checkpoint, dir: &Path) {
+    let mut reader = checkpoint.reader(ReadStrategy::Pread);
+    for stage in checkpoint.stages() {
+        let data = reader.read_stage(&stage.name).unwrap();
+        for tensor in data.tensors() {
+            let file = &tensor.info().file;
+            assert!(
+                file.starts_with(dir),
+                "{}: {}",
+                tensor.name(),
+                file.display()
+            );
+        }
+    }
+}
+
+fn stage_files(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -36,30 +53,26 @@ fn converts_a_bin_source_and_reads_it_back() {
     assert_eq!(report.written.len(), 5);
     assert!(report.in_place.is_empty() && report.reused.is_empty());
     assert_eq!(
-        layer_files(dir.path()),
+        stage_files(dir.path()),
         [
-            "embeddings.safetensors",
-            "final_norm.safetensors",
-            "head.safetensors",
-            "layers.00000.safetensors",
-            "layers.00001.safetensors"
+            "lm_head.safetensors",
+            "model.embed_tokens.safetensors",
+            "model.layers.0.safetensors",
+            "model.layers.1.safetensors",
+            "model.norm.safetensors",
         ]
     );
     let manifest = workspace.manifest().unwrap().unwrap();
     assert_eq!(manifest.format_version, MANIFEST_VERSION);
-    assert_eq!(manifest.layers.len(), 5);
+    assert_eq!(manifest.stages.len(), 5);
     assert!(manifest
-        .layers
+        .stages
         .iter()
-        .all(|l| l.checksum.starts_with("crc32:")));
+        .all(|s| s.checksum.starts_with("crc32:")));
     assert_eq!(manifest.source.files.len(), 2);
 
     let converted = workspace.checkpoint(&source).unwrap();
-    assert!(converted
-        .index()
-        .tensors()
-        .iter()
-        .all(|t| t.file.starts_with(dir.path())));
+    assert_served_from(&converted, dir.path());
     assert_eq!(
         read_all(&converted, ReadStrategy::Pread),
         read_all(&source, ReadStrategy::Pread)
@@ -84,16 +97,12 @@ fn safetensors_sources_are_never_copied() {
         .unwrap();
     assert_eq!(report.in_place.len(), 5);
     assert_eq!(report.bytes_written, 0);
-    assert!(layer_files(dir.path()).is_empty());
+    assert!(stage_files(dir.path()).is_empty());
     // The runner still asks the workspace, and gets the source files themselves.
     let served = workspace.checkpoint(&source).unwrap();
-    assert!(served
-        .index()
-        .tensors()
-        .iter()
-        .all(|t| t.file.starts_with(source.folder())));
+    assert_served_from(&served, source.folder());
 
-    // Converting to f16 writes converted layers, and they match torch's own f16 save.
+    // Converting to f16 writes converted stages, and they match torch's own f16 save.
     let f16 = ConvertOptions::with_dtype(Some(StoredDType::F16));
     let report = workspace.convert(&source, &f16, &mut |_| {}).unwrap();
     assert_eq!(report.written.len(), 5);
@@ -113,7 +122,7 @@ fn a_corrupted_file_is_detected_by_its_checksum_and_rebuilt() {
     workspace
         .convert(&source, &ConvertOptions::default(), &mut |_| {})
         .unwrap();
-    let victim = dir.path().join("layers.00001.safetensors");
+    let victim = dir.path().join("model.layers.1.safetensors");
     let mut bytes = fs::read(&victim).unwrap();
     let last = bytes.len() - 1;
     bytes[last] ^= 0x40; // one bit of one weight
@@ -122,14 +131,14 @@ fn a_corrupted_file_is_detected_by_its_checksum_and_rebuilt() {
     let err = workspace.verify().unwrap_err();
     assert!(matches!(err, Error::ChecksumMismatch { .. }), "{err}");
     assert!(
-        err.to_string().contains("layers.00001.safetensors"),
+        err.to_string().contains("model.layers.1.safetensors"),
         "{err}"
     );
 
     let report = workspace
         .convert(&source, &ConvertOptions::default(), &mut |_| {})
         .unwrap();
-    assert_eq!(report.rebuilt, [LayerId::Block(1)]);
+    assert_eq!(report.rebuilt, ["model.layers.1"]);
     assert_eq!(report.reused.len(), 3);
     workspace.verify().unwrap();
     let converted = workspace.checkpoint(&source).unwrap();
@@ -140,7 +149,7 @@ fn a_corrupted_file_is_detected_by_its_checksum_and_rebuilt() {
 }
 
 #[test]
-fn hook_layers_are_served_and_kept() {
+fn hook_stages_are_served_and_kept() {
     let source = Checkpoint::open(fixture("tiny-llama-safetensors")).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let workspace = Workspace::new(dir.path()).unwrap();
@@ -149,21 +158,21 @@ fn hook_layers_are_served_and_kept() {
     let shape = [8usize];
     let tensor = TensorBytes::new("model.norm.weight", StoredDType::F32, &shape, &doubled);
     workspace
-        .write_layer(&source, &options, &LayerId::FinalNorm, &[tensor])
+        .write_stage(&source, &options, "model.norm", &[tensor])
         .unwrap();
     let manifest = workspace.manifest().unwrap().unwrap();
-    assert_eq!(manifest.layers[0].origin, LayerOrigin::Hook);
+    assert_eq!(manifest.stages[0].origin, Origin::Hook);
 
     let report = workspace.convert(&source, &options, &mut |_| {}).unwrap();
     assert_eq!(
         report.in_place.len(),
         4,
-        "safetensors layers are still streamed"
+        "safetensors stages are still streamed"
     );
-    assert_eq!(report.reused, [LayerId::FinalNorm]);
+    assert_eq!(report.reused, ["model.norm"]);
     let served = workspace.checkpoint(&source).unwrap();
     let mut reader = served.reader(ReadStrategy::Pread);
-    let norm = reader.read_layer(&LayerId::FinalNorm).unwrap();
+    let norm = reader.read_stage("model.norm").unwrap();
     assert_eq!(
         norm.get("model.norm.weight").unwrap().to_f32_vec().unwrap(),
         [2.0; 8]
@@ -171,7 +180,7 @@ fn hook_layers_are_served_and_kept() {
     drop(norm);
 
     // A hook's output cannot be rebuilt, so corruption is reported, not overwritten.
-    let path = dir.path().join("final_norm.safetensors");
+    let path = dir.path().join("model.norm.safetensors");
     let mut bytes = fs::read(&path).unwrap();
     let last = bytes.len() - 1;
     bytes[last] ^= 1;
@@ -297,9 +306,9 @@ fn resumes_after_sigkill_and_verifies_against_the_source() {
         let dir = tempfile::tempdir().unwrap();
         convert_and_kill(&source_path, dir.path(), kill_after);
         let workspace = Workspace::new(dir.path()).unwrap();
-        let recorded = workspace.manifest().unwrap().map_or(0, |m| m.layers.len());
+        let recorded = workspace.manifest().unwrap().map_or(0, |m| m.stages.len());
         assert!(
-            recorded < source.layers().len(),
+            recorded < source.stages().len(),
             "kill after {kill_after}: not midway"
         );
 
@@ -309,7 +318,7 @@ fn resumes_after_sigkill_and_verifies_against_the_source() {
         assert_eq!(report.reused.len(), recorded, "kill after {kill_after}");
         assert_eq!(
             report.reused.len() + report.written.len(),
-            source.layers().len()
+            source.stages().len()
         );
         assert!(
             fs::read_dir(dir.path()).unwrap().all(|e| !e

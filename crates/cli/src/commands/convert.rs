@@ -35,7 +35,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let source = Checkpoint::open(&args.model)
         .with_context(|| format!("reading {}", args.model.display()))?;
     let workspace = Workspace::new(&args.workspace)?;
-    let total: u64 = source.layers().iter().map(|l| l.bytes).sum();
+    let total: u64 = source.stages().iter().map(|s| s.bytes).sum();
     let bar = ProgressBar::new(total).with_style(ProgressStyle::with_template(
         "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({bytes_per_sec}) {msg}",
     )?);
@@ -47,12 +47,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 bar.set_position(progress.bytes_done);
                 let verb = match progress.event {
                     ConvertEvent::TensorDone(_) => "converting",
-                    ConvertEvent::LayerWritten => "wrote",
-                    ConvertEvent::LayerReused => "kept",
-                    ConvertEvent::LayerInPlace => "streams in place:",
+                    ConvertEvent::StageWritten => "wrote",
+                    ConvertEvent::StageReused => "kept",
+                    ConvertEvent::StageInPlace => "streams in place:",
                     _ => "",
                 };
-                bar.set_message(format!("{verb} {}", progress.layer));
+                bar.set_message(format!("{verb} {}", progress.stage));
             },
         )
         .with_context(|| format!("converting into {}", args.workspace.display()))?;

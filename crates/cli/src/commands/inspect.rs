@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use memwise_model::checkpoint::CheckpointSummary;
+use memwise_model::checkpoint::{CheckpointSummary, StageOrigin};
 use memwise_model::Checkpoint;
 
 /// Options for `memwise inspect`.
@@ -61,37 +61,46 @@ fn render(summary: &CheckpointSummary) -> String {
     let _ = writeln!(out, "format        {:?}", summary.format);
     let _ = writeln!(
         out,
-        "layers        {} blocks, {} groups, {} tensors",
+        "stages        {} blocks, {} stages ({}), {} tensors",
         summary.block_count,
-        summary.layers.len(),
+        summary.stages.len(),
+        match summary.stage_origin {
+            StageOrigin::Traced => "as memwise runs them",
+            _ => "grouped by module: memwise has no blocks for this architecture",
+        },
         summary.tensor_count
     );
+    let width = summary
+        .stages
+        .iter()
+        .map(|s| s.stage.len())
+        .fold(5, usize::max);
     let _ = writeln!(
         out,
-        "\n{:<14} {:>8} {:>14}  dtypes",
-        "layer", "tensors", "bytes"
+        "\n{:<width$} {:>8} {:>14}  dtypes",
+        "stage", "tensors", "bytes"
     );
-    for layer in &summary.layers {
-        let dtypes: Vec<String> = layer
+    for stage in &summary.stages {
+        let dtypes: Vec<String> = stage
             .bytes_by_dtype
             .iter()
             .map(|(dtype, bytes)| format!("{dtype} {}", human_bytes(*bytes)))
             .collect();
         let _ = writeln!(
             out,
-            "{:<14} {:>8} {:>14}  {}",
-            layer.layer.to_string(),
-            layer.tensors,
-            human_bytes(layer.bytes),
+            "{:<width$} {:>8} {:>14}  {}",
+            stage.stage,
+            stage.tensors,
+            human_bytes(stage.bytes),
             dtypes.join(", ")
         );
     }
     let _ = writeln!(out);
-    if let Some(largest) = &summary.largest_layer {
+    if let Some(largest) = &summary.largest_stage {
         let _ = writeln!(
             out,
-            "largest layer     {} ({})",
-            largest.layer,
+            "largest stage     {} ({})",
+            largest.stage,
             human_bytes(largest.bytes)
         );
     }
@@ -106,6 +115,13 @@ fn render(summary: &CheckpointSummary) -> String {
     for tied in &summary.tied {
         let _ = writeln!(out, "tied weights      {} → {}", tied.tensor, tied.source);
     }
+    if !summary.unread_tensors.is_empty() {
+        let _ = writeln!(
+            out,
+            "read by no stage  {}",
+            summary.unread_tensors.join(", ")
+        );
+    }
     let _ = writeln!(
         out,
         "full load needs   {} of weights",
@@ -113,8 +129,8 @@ fn render(summary: &CheckpointSummary) -> String {
     );
     let _ = writeln!(
         out,
-        "layer by layer    {} of weights (running layer + prefetched next)",
-        human_bytes(summary.layer_by_layer_bytes)
+        "stage by stage    {} of weights (running stage + prefetched next)",
+        human_bytes(summary.stage_by_stage_bytes)
     );
     out
 }

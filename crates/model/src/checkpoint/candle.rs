@@ -83,12 +83,12 @@ impl TensorView<'_> {
     ///
     /// ```
     /// use memwise_model::{Checkpoint, ReadStrategy};
-    /// use memwise_model::checkpoint::{StoredDType, LayerId};
+    /// use memwise_model::checkpoint::StoredDType;
     ///
     /// let folder = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-bert");
     /// let checkpoint = Checkpoint::open(folder)?;
     /// let mut reader = checkpoint.reader(ReadStrategy::default());
-    /// let layer = reader.read_layer(&LayerId::Embeddings)?;
+    /// let layer = reader.read_stage("bert.embeddings.word_embeddings")?;
     /// let word = layer.get("bert.embeddings.word_embeddings.weight").unwrap();
     /// let tensor = word.to_candle_tensor(Some(StoredDType::F32), &candle_core::Device::Cpu)?;
     /// assert_eq!(tensor.dims(), [16, 8]);
@@ -135,8 +135,9 @@ impl LayerData<'_> {
 }
 
 impl crate::checkpoint::Checkpoint {
-    /// Reads the named tensors straight into candle tensors on the CPU, converting floats to
-    /// `compute`. A tensor already stored in its compute dtype is read with `pread` directly
+    /// Reads the named tensors, as stage `stage` reads them (see
+    /// [`LayerReader::read_tensors`](crate::checkpoint::LayerReader::read_tensors)), straight
+    /// into candle tensors on the CPU, converting floats to `compute`. A tensor already stored in its compute dtype is read with `pread` directly
     /// into the tensor's own storage, with no staging buffer, so a stage costs its weights
     /// once and not twice; a converted one stages only its own stored bytes.
     ///
@@ -146,22 +147,26 @@ impl crate::checkpoint::Checkpoint {
     ///
     /// let folder = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-llama-safetensors");
     /// let checkpoint = Checkpoint::open(folder)?;
-    /// let tensors = checkpoint.load_candle_tensors(&["model.norm.weight"], Some(StoredDType::F32))?;
+    /// let norm = ["model.norm.weight"];
+    /// let tensors = checkpoint.load_candle_tensors(Some("model.norm"), &norm, Some(StoredDType::F32))?;
     /// assert_eq!(tensors["model.norm.weight"].dtype(), candle_core::DType::F32);
     /// # Ok::<(), memwise_model::Error>(())
     /// ```
     pub fn load_candle_tensors(
         &self,
+        stage: Option<&str>,
         names: &[&str],
         compute: Option<StoredDType>,
     ) -> Result<HashMap<String, candle_core::Tensor>> {
         let mut files: HashMap<&std::path::Path, std::fs::File> = HashMap::new();
         let mut out = HashMap::with_capacity(names.len());
         for &name in names {
-            let info = self.index().get(name).ok_or_else(|| Error::NotFound {
-                name: name.to_owned(),
-                folder: self.folder().to_owned(),
-            })?;
+            let info = self
+                .tensor_for(stage, name)
+                .ok_or_else(|| Error::NotFound {
+                    name: name.to_owned(),
+                    folder: self.folder().to_owned(),
+                })?;
             let file = match files.entry(info.file.as_path()) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                 std::collections::hash_map::Entry::Vacant(e) => e.insert(
@@ -338,10 +343,12 @@ mod tests {
                 .map(|t| t.name.as_str())
                 .collect();
             for compute in [None, Some(StoredDType::F32), Some(StoredDType::F16)] {
-                let direct = checkpoint.load_candle_tensors(&names, compute).unwrap();
+                let direct = checkpoint
+                    .load_candle_tensors(None, &names, compute)
+                    .unwrap();
                 let mut reader = checkpoint.reader(crate::ReadStrategy::Pread);
                 let staged = reader
-                    .read_tensors(&names)
+                    .read_tensors(None, &names)
                     .unwrap()
                     .to_candle_tensors(compute, &candle_core::Device::Cpu)
                     .unwrap();
@@ -390,7 +397,7 @@ mod tests {
             .unwrap();
         file.set_len(last.data.end - 1).unwrap();
         let err = checkpoint
-            .load_candle_tensors(&[last.name.as_str()], Some(StoredDType::F32))
+            .load_candle_tensors(None, &[last.name.as_str()], Some(StoredDType::F32))
             .unwrap_err()
             .to_string();
         assert!(

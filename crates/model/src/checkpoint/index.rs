@@ -1,11 +1,8 @@
-//! The tensor index: every tensor's file, dtype, shape and byte range, grouped into the
-//! layers a streaming runner loads one at a time.
+//! The tensor index: every tensor's file, dtype, shape and byte range.
 
-use std::collections::{BTreeMap, HashMap};
-use std::fmt;
+use std::collections::HashMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
 use serde::Serialize;
 
@@ -56,141 +53,6 @@ impl TensorInfo {
     pub fn byte_len(&self) -> u64 {
         self.data.end - self.data.start
     }
-
-    /// Which layer it belongs to.
-    pub fn layer(&self) -> LayerId {
-        LayerId::of_tensor(&self.name)
-    }
-}
-
-/// A group of tensors that a streaming runner loads together.
-///
-/// Layers run in this order: embeddings, blocks by index, the final norm, the head, then
-/// anything unrecognised.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum LayerId {
-    /// Token (and position) embeddings: `model.embed_tokens`, `bert.embeddings.*`, `wte`.
-    Embeddings,
-    /// A repeated block: `model.layers.N`, `encoder.layer.N`, `transformer.h.N`.
-    Block(usize),
-    /// The norm after the last block: `model.norm`, `ln_f`.
-    FinalNorm,
-    /// The output head: `lm_head`, BERT's `pooler` and `cls.*`, classifiers.
-    Head,
-    /// Tensors no rule above claims.
-    Other,
-}
-
-/// Folder names under which Hugging Face numbers repeated blocks.
-const BLOCK_CONTAINERS: [&str; 5] = ["layers", "layer", "h", "blocks", "block"];
-const HEAD_SEGMENTS: [&str; 6] = [
-    "lm_head",
-    "cls",
-    "pooler",
-    "classifier",
-    "score",
-    "qa_outputs",
-];
-const NORM_SEGMENTS: [&str; 5] = [
-    "norm",
-    "ln_f",
-    "final_layer_norm",
-    "final_layernorm",
-    "norm_f",
-];
-
-impl LayerId {
-    /// The layer a tensor name belongs to.
-    ///
-    /// ```
-    /// use memwise_model::checkpoint::LayerId;
-    ///
-    /// assert_eq!(LayerId::of_tensor("model.layers.7.mlp.up_proj.weight"), LayerId::Block(7));
-    /// assert_eq!(LayerId::of_tensor("bert.encoder.layer.2.output.dense.bias"), LayerId::Block(2));
-    /// assert_eq!(LayerId::of_tensor("model.embed_tokens.weight"), LayerId::Embeddings);
-    /// assert_eq!(LayerId::of_tensor("model.norm.weight"), LayerId::FinalNorm);
-    /// assert_eq!(LayerId::of_tensor("lm_head.weight"), LayerId::Head);
-    /// ```
-    pub fn of_tensor(name: &str) -> LayerId {
-        let segments: Vec<&str> = name.split('.').collect();
-        let block = segments.windows(2).find_map(|pair| match pair {
-            [container, index] if BLOCK_CONTAINERS.contains(container) => index.parse().ok(),
-            _ => None,
-        });
-        if let Some(index) = block {
-            return LayerId::Block(index);
-        }
-        if segments.iter().any(|s| HEAD_SEGMENTS.contains(s)) {
-            return LayerId::Head;
-        }
-        if segments
-            .iter()
-            .any(|s| s.contains("embed") || matches!(*s, "wte" | "wpe"))
-        {
-            return LayerId::Embeddings;
-        }
-        if segments.iter().any(|s| NORM_SEGMENTS.contains(s)) {
-            return LayerId::FinalNorm;
-        }
-        LayerId::Other
-    }
-
-    /// A name safe to use as a file stem, e.g. `layers.007`.
-    pub fn file_stem(&self) -> String {
-        match self {
-            LayerId::Block(index) => format!("layers.{index:05}"),
-            other => other.to_string(),
-        }
-    }
-}
-
-impl fmt::Display for LayerId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            LayerId::Embeddings => f.write_str("embeddings"),
-            LayerId::Block(index) => write!(f, "layers.{index}"),
-            LayerId::FinalNorm => f.write_str("final_norm"),
-            LayerId::Head => f.write_str("head"),
-            LayerId::Other => f.write_str("other"),
-        }
-    }
-}
-
-impl FromStr for LayerId {
-    type Err = String;
-
-    /// Parses what [`Display`](fmt::Display) and [`LayerId::file_stem`] write.
-    fn from_str(s: &str) -> Result<LayerId, String> {
-        match s {
-            "embeddings" => Ok(LayerId::Embeddings),
-            "final_norm" => Ok(LayerId::FinalNorm),
-            "head" => Ok(LayerId::Head),
-            "other" => Ok(LayerId::Other),
-            _ => s
-                .strip_prefix("layers.")
-                .and_then(|n| n.parse().ok())
-                .map(LayerId::Block)
-                .ok_or_else(|| format!("{s:?} is not a layer name")),
-        }
-    }
-}
-
-impl Serialize for LayerId {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(self)
-    }
-}
-
-/// One layer: its tensors, in the order they are stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Layer {
-    /// Which layer.
-    pub id: LayerId,
-    /// Its tensors' names.
-    pub tensors: Vec<String>,
-    /// Bytes a runner reads to load it (tied tensors included: they must be resident too).
-    pub bytes: u64,
 }
 
 /// A tensor that shares another's bytes instead of being stored on its own.
@@ -203,12 +65,11 @@ pub struct TiedWeight {
     pub source: String,
 }
 
-/// Every tensor of a checkpoint, by name and by layer.
+/// Every tensor of a checkpoint, by name.
 #[derive(Debug, Clone, Default)]
 pub struct TensorIndex {
     tensors: Vec<TensorInfo>,
     by_name: HashMap<String, usize>,
-    layers: Vec<Layer>,
     tied: Vec<TiedWeight>,
 }
 
@@ -236,11 +97,9 @@ impl TensorIndex {
         let mut index = TensorIndex {
             tensors,
             by_name,
-            layers: Vec::new(),
             tied: Vec::new(),
         };
         index.mark_shared_storages();
-        index.group_layers();
         Ok(index)
     }
 
@@ -269,7 +128,7 @@ impl TensorIndex {
     }
 
     /// Adds `alias` as a tensor that reads `source`'s bytes (a tied head that the file does
-    /// not store), and regroups.
+    /// not store).
     pub(crate) fn add_alias(&mut self, alias: &str, source: &str) {
         let Some(original) = self.get(source).cloned() else {
             return;
@@ -283,23 +142,6 @@ impl TensorIndex {
             tensor: alias.to_owned(),
             source: source.to_owned(),
         });
-        self.group_layers();
-    }
-
-    fn group_layers(&mut self) {
-        let mut groups: BTreeMap<LayerId, Layer> = BTreeMap::new();
-        for tensor in &self.tensors {
-            let id = tensor.layer();
-            let layer = groups.entry(id.clone()).or_insert_with(|| Layer {
-                id,
-                tensors: Vec::new(),
-                bytes: 0,
-            });
-            layer.tensors.push(tensor.name.clone());
-            // Saturating: a hostile .bin can alias one storage from millions of names.
-            layer.bytes = layer.bytes.saturating_add(tensor.byte_len());
-        }
-        self.layers = groups.into_values().collect();
     }
 
     /// All tensors, in file order.
@@ -310,16 +152,6 @@ impl TensorIndex {
     /// The tensor called `name`.
     pub fn get(&self, name: &str) -> Option<&TensorInfo> {
         self.by_name.get(name).and_then(|&i| self.tensors.get(i))
-    }
-
-    /// The layers, in the order a forward pass runs them.
-    pub fn layers(&self) -> &[Layer] {
-        &self.layers
-    }
-
-    /// The layer with this id.
-    pub fn layer(&self, id: &LayerId) -> Option<&Layer> {
-        self.layers.iter().find(|l| &l.id == id)
     }
 
     /// Tensors that share another tensor's bytes.
@@ -335,11 +167,6 @@ impl TensorIndex {
             .map(TensorInfo::byte_len)
             .fold(0, u64::saturating_add)
     }
-
-    /// The layer with the most bytes.
-    pub fn largest_layer(&self) -> Option<&Layer> {
-        self.layers.iter().max_by_key(|l| l.bytes)
-    }
 }
 
 #[cfg(test)]
@@ -348,31 +175,6 @@ mod tests {
 
     fn tensor(name: &str, file: &str, data: Range<u64>) -> TensorInfo {
         TensorInfo::new(name, Path::new(file), StoredDType::U8, vec![1], data)
-    }
-
-    #[test]
-    fn groups_and_orders_layers() {
-        let index = TensorIndex::build(vec![vec![
-            tensor("lm_head.weight", "a", 0..1),
-            tensor("model.layers.10.x", "a", 1..2),
-            tensor("model.layers.2.x", "a", 2..3),
-            tensor("model.norm.weight", "a", 3..4),
-            tensor("model.embed_tokens.weight", "a", 4..5),
-            tensor("rotary.inv_freq", "a", 5..6),
-        ]])
-        .unwrap();
-        let order: Vec<String> = index.layers().iter().map(|l| l.id.to_string()).collect();
-        assert_eq!(
-            order,
-            [
-                "embeddings",
-                "layers.2",
-                "layers.10",
-                "final_norm",
-                "head",
-                "other"
-            ]
-        );
     }
 
     #[test]
@@ -385,39 +187,5 @@ mod tests {
         let message = err.to_string();
         assert!(message.contains("one.safetensors") && message.contains("two.safetensors"));
         assert!(matches!(err, Error::DuplicateTensor { ref tensor, .. } if tensor == "w"));
-    }
-
-    #[test]
-    fn layer_names_round_trip() {
-        for id in [
-            LayerId::Embeddings,
-            LayerId::Block(12),
-            LayerId::Head,
-            LayerId::Other,
-        ] {
-            assert_eq!(id.to_string().parse::<LayerId>().unwrap(), id);
-            assert_eq!(id.file_stem().parse::<LayerId>().unwrap(), id);
-        }
-        assert!("layers.x".parse::<LayerId>().is_err());
-    }
-
-    #[test]
-    fn bert_names() {
-        assert_eq!(
-            LayerId::of_tensor("bert.embeddings.LayerNorm.weight"),
-            LayerId::Embeddings
-        );
-        assert_eq!(
-            LayerId::of_tensor("bert.pooler.dense.weight"),
-            LayerId::Head
-        );
-        assert_eq!(
-            LayerId::of_tensor("transformer.h.3.attn.c_attn.weight"),
-            LayerId::Block(3)
-        );
-        assert_eq!(
-            LayerId::of_tensor("transformer.ln_f.weight"),
-            LayerId::FinalNorm
-        );
     }
 }

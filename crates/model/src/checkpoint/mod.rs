@@ -10,10 +10,11 @@ mod index;
 mod pickle;
 mod read;
 mod safetensors;
+mod stages;
 mod summary;
 mod torch_bin;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Component, Path, PathBuf};
 
 use serde::Serialize;
@@ -21,11 +22,12 @@ use serde_json::Value;
 
 pub(crate) use self::candle::{stored_dtype, tensor_bytes};
 pub use self::dtype::{convert_into, to_f32_vec, StoredDType};
-pub use self::index::{Layer, LayerId, TensorIndex, TensorInfo, TiedWeight};
+pub use self::index::{TensorIndex, TensorInfo, TiedWeight};
 pub use self::read::{FilesUnchanged, LayerData, LayerReader, ReadStrategy, TensorView};
 pub(crate) use self::safetensors::{encode_header, read_safetensors, TensorHeader};
 pub use self::safetensors::{parse_safetensors, MAX_HEADER_BYTES};
-pub use self::summary::{CheckpointSummary, LayerSummary};
+pub use self::stages::{StageOrigin, StageTensors};
+pub use self::summary::{CheckpointSummary, StageSummary};
 pub use self::torch_bin::parse_torch_zip;
 
 use crate::error::{Error, Result};
@@ -153,14 +155,13 @@ impl ModelConfig {
 ///
 /// ```
 /// use memwise_model::{Checkpoint, ReadStrategy};
-/// use memwise_model::checkpoint::LayerId;
 ///
 /// let folder = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-llama-safetensors");
 /// let checkpoint = Checkpoint::open(folder)?;
 /// assert_eq!(checkpoint.config().architecture.as_deref(), Some("LlamaForCausalLM"));
 ///
 /// let mut reader = checkpoint.reader(ReadStrategy::default());
-/// let layer = reader.read_layer(&LayerId::Block(0))?;
+/// let layer = reader.read_stage("model.layers.0")?;
 /// for tensor in layer.tensors() {
 ///     let values = tensor.to_f32_vec()?;
 ///     println!("{} {:?} {} values", tensor.name(), tensor.shape(), values.len());
@@ -174,6 +175,12 @@ pub struct Checkpoint {
     config: ModelConfig,
     files: Vec<PathBuf>,
     index: TensorIndex,
+    stages: Vec<StageTensors>,
+    stage_origin: StageOrigin,
+    /// Stages served from elsewhere (a workspace): each one's own tensors, by stage name.
+    overrides: HashMap<String, TensorIndex>,
+    /// For each tensor, the first stage that reads it: the override a read by name uses.
+    owners: HashMap<String, String>,
 }
 
 impl Checkpoint {
@@ -190,39 +197,42 @@ impl Checkpoint {
         } = read_weights(&folder)?;
         let mut index = TensorIndex::build(per_file)?;
         add_tied_head(&mut index, &config);
+        check_layer_count(&config_path, &config, &index)?;
+        let (stages, stage_origin) = find_stages(&config_bytes, &index);
+        let owners = owners(&stages);
         Ok(Checkpoint {
             folder,
             format,
             config,
             files,
             index,
+            stages,
+            stage_origin,
+            overrides: HashMap::new(),
+            owners,
         })
     }
 
-    /// Replaces the tensors of the layers in `overrides` with theirs: how a workspace serves
-    /// converted or hook-modified layers while the rest streams from the source.
-    pub(crate) fn with_layer_overrides(&self, overrides: Vec<Vec<TensorInfo>>) -> Result<Self> {
-        let replaced: std::collections::HashSet<LayerId> =
-            overrides.iter().flatten().map(TensorInfo::layer).collect();
-        let mut per_file: Vec<Vec<TensorInfo>> = vec![self
-            .index
-            .tensors()
-            .iter()
-            .filter(|t| t.tied_to.is_none() && !replaced.contains(&t.layer()))
-            .cloned()
-            .collect()];
-        per_file.extend(overrides);
-        let mut index = TensorIndex::build(per_file)?;
-        // Re-derive ties: torch storages tie by shared bytes, absent heads by config.
-        for tied in self.index.tied() {
-            if index.get(&tied.tensor).is_none() {
-                index.add_alias(&tied.tensor, &tied.source);
-            }
-        }
-        Ok(Checkpoint {
-            index,
+    /// This checkpoint with the stages in `overrides` served from their own tensors (a
+    /// workspace's files): how converted or hook-modified stages are read while the rest
+    /// streams from the source. A read by stage takes that stage's own tensors; a read by
+    /// tensor name takes the first stage that reads the tensor.
+    pub(crate) fn with_stage_overrides(&self, overrides: HashMap<String, TensorIndex>) -> Self {
+        Checkpoint {
+            overrides,
             ..self.clone()
-        })
+        }
+    }
+
+    /// Where tensor `name` is read from for `stage` (any stage when `None`): the stage's
+    /// own override, else the override of the first stage that reads it, else the source.
+    pub(crate) fn tensor_for(&self, stage: Option<&str>, name: &str) -> Option<&TensorInfo> {
+        let own = stage.and_then(|s| self.overrides.get(s)?.get(name));
+        let owner = || {
+            let owner = self.owners.get(name)?;
+            self.overrides.get(owner)?.get(name)
+        };
+        own.or_else(owner).or_else(|| self.index.get(name))
     }
 
     /// The model folder.
@@ -245,17 +255,33 @@ impl Checkpoint {
         &self.files
     }
 
-    /// Every tensor, by name and by layer.
+    /// Every tensor of the source files, by name.
     pub fn index(&self) -> &TensorIndex {
         &self.index
     }
 
-    /// The layers in forward order.
-    pub fn layers(&self) -> &[Layer] {
-        self.index.layers()
+    /// The stages, in the order the runner streams them (see [`StageOrigin`]).
+    pub fn stages(&self) -> &[StageTensors] {
+        &self.stages
     }
 
-    /// A reader that loads one layer at a time into reused memory.
+    /// The stage called `name`.
+    pub fn stage(&self, name: &str) -> Option<&StageTensors> {
+        self.stages.iter().find(|s| s.name == name)
+    }
+
+    /// The first stage that reads tensor `name`.
+    pub(crate) fn first_reader(&self, name: &str) -> Option<&str> {
+        self.owners.get(name).map(String::as_str)
+    }
+
+    /// Whether [`Checkpoint::stages`] were traced from the model's blocks or grouped by
+    /// module name.
+    pub fn stage_origin(&self) -> StageOrigin {
+        self.stage_origin
+    }
+
+    /// A reader that loads one stage at a time into reused memory.
     pub fn reader(&self, strategy: ReadStrategy) -> LayerReader<'_> {
         LayerReader::new(self, strategy)
     }
@@ -467,6 +493,48 @@ const EMBEDDING_NAMES: [&str; 4] = [
 
 /// A causal LM whose `lm_head.weight` was not saved uses its input embedding instead
 /// (safetensors drops tied tensors). Make that explicit so a runner finds `lm_head.weight`.
+/// A `config.json` that claims more layers than the checkpoint has tensors cannot describe
+/// it; refusing it here keeps a bad count from building a skeleton of that size.
+fn check_layer_count(file: &Path, config: &ModelConfig, index: &TensorIndex) -> Result<()> {
+    match config.num_hidden_layers {
+        Some(layers) if layers > index.tensors().len() => Err(Error::Config {
+            file: file.to_owned(),
+            reason: format!(
+                "num_hidden_layers is {layers}, but the checkpoint holds only {} tensors",
+                index.tensors().len()
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// The stages of the model `config_json` describes, traced from its blocks, or, for an
+/// architecture memwise cannot run, every tensor grouped by module.
+fn find_stages(config_json: &[u8], index: &TensorIndex) -> (Vec<StageTensors>, StageOrigin) {
+    let names = || index.tensors().iter().map(|t| t.name.as_str());
+    let traced = std::str::from_utf8(config_json)
+        .ok()
+        .and_then(|text| crate::models::ArchitectureConfig::from_json(text).ok())
+        .and_then(|config| config.stages(names()).ok());
+    match traced {
+        Some(model_stages) => (stages::traced(&model_stages, index), StageOrigin::Traced),
+        None => (stages::by_module(index), StageOrigin::ByModule),
+    }
+}
+
+/// Each tensor's first reader among `stages`.
+fn owners(stages: &[StageTensors]) -> HashMap<String, String> {
+    let mut owners = HashMap::new();
+    for stage in stages {
+        for tensor in &stage.tensors {
+            owners
+                .entry(tensor.clone())
+                .or_insert_with(|| stage.name.clone());
+        }
+    }
+    owners
+}
+
 fn add_tied_head(index: &mut TensorIndex, config: &ModelConfig) {
     if index.get("lm_head.weight").is_some() || config.tie_word_embeddings == Some(false) {
         return;

@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use memmap2::{Advice, Mmap, UncheckedAdvice};
 
 use crate::checkpoint::dtype::{convert_into, to_f32_vec, StoredDType};
-use crate::checkpoint::index::{LayerId, TensorInfo};
+use crate::checkpoint::index::TensorInfo;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 
@@ -69,8 +69,8 @@ impl ReadStrategy {
     /// let checkpoint = Checkpoint::open(folder)?;
     /// // SAFETY: the fixture's files are not written while this example reads them.
     /// let mut reader = checkpoint.reader(unsafe { ReadStrategy::mmap_release() });
-    /// let first = checkpoint.layers()[0].id.clone();
-    /// assert!(reader.read_layer(&first)?.byte_len() > 0);
+    /// let first = checkpoint.stages()[0].name.clone();
+    /// assert!(reader.read_stage(&first)?.byte_len() > 0);
     /// # Ok::<(), memwise_model::Error>(())
     /// ```
     ///
@@ -128,31 +128,32 @@ impl<'c> LayerReader<'c> {
         self.buffer.capacity()
     }
 
-    /// Reads every tensor of layer `id`. The bytes stay valid until the returned value is
-    /// dropped; the next read reuses their memory.
-    pub fn read_layer(&mut self, id: &LayerId) -> Result<LayerData<'_>> {
+    /// Reads every tensor of the stage called `stage` (see [`Checkpoint::stages`]). The
+    /// bytes stay valid until the returned value is dropped; the next read reuses their
+    /// memory.
+    pub fn read_stage(&mut self, stage: &str) -> Result<LayerData<'_>> {
         let checkpoint = self.checkpoint;
-        let layer = checkpoint
-            .index()
-            .layer(id)
-            .ok_or_else(|| Error::NotFound {
-                name: id.to_string(),
-                folder: checkpoint.folder().to_owned(),
-            })?;
-        let names: Vec<&str> = layer.tensors.iter().map(String::as_str).collect();
-        self.read_tensors(&names)
+        let found = checkpoint.stage(stage).ok_or_else(|| Error::NotFound {
+            name: format!("stage {stage}"),
+            folder: checkpoint.folder().to_owned(),
+        })?;
+        let names: Vec<&str> = found.tensors.iter().map(String::as_str).collect();
+        self.read_tensors(Some(stage), &names)
     }
 
-    /// Reads the named tensors, in the order given.
-    pub fn read_tensors(&mut self, names: &[&str]) -> Result<LayerData<'_>> {
+    /// Reads the named tensors, in the order given, as stage `stage` reads them (a stage a
+    /// workspace serves reads its own copies); `None` reads each as its first stage does.
+    pub fn read_tensors(&mut self, stage: Option<&str>, names: &[&str]) -> Result<LayerData<'_>> {
         let checkpoint = self.checkpoint;
         let infos = names
             .iter()
             .map(|name| {
-                checkpoint.index().get(name).ok_or_else(|| Error::NotFound {
-                    name: (*name).to_owned(),
-                    folder: checkpoint.folder().to_owned(),
-                })
+                checkpoint
+                    .tensor_for(stage, name)
+                    .ok_or_else(|| Error::NotFound {
+                        name: (*name).to_owned(),
+                        folder: checkpoint.folder().to_owned(),
+                    })
             })
             .collect::<Result<Vec<&'c TensorInfo>>>()?;
         for info in &infos {

@@ -5,15 +5,15 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use crate::checkpoint::index::{LayerId, TiedWeight};
-use crate::checkpoint::{Checkpoint, SourceFormat};
+use crate::checkpoint::index::TiedWeight;
+use crate::checkpoint::{Checkpoint, SourceFormat, StageOrigin};
 
-/// One layer's size, by dtype.
+/// One stage's size, by dtype.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
-pub struct LayerSummary {
-    /// The layer.
-    pub layer: LayerId,
+pub struct StageSummary {
+    /// The stage's name, e.g. `model.layers.3`.
+    pub stage: String,
     /// How many tensors it has.
     pub tensors: usize,
     /// Bytes it occupies when loaded.
@@ -22,7 +22,7 @@ pub struct LayerSummary {
     pub bytes_by_dtype: BTreeMap<String, u64>,
 }
 
-/// A checkpoint at a glance: architecture, layers, sizes, ties, and memory needs.
+/// A checkpoint at a glance: architecture, stages, sizes, ties, and memory needs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct CheckpointSummary {
@@ -34,23 +34,28 @@ pub struct CheckpointSummary {
     pub architecture: Option<String>,
     /// `model_type` from `config.json`.
     pub model_type: Option<String>,
-    /// Repeated blocks found in the weights.
+    /// Whether the stages were traced from the model's blocks or grouped by module.
+    pub stage_origin: StageOrigin,
+    /// Stages that repeat (decoder or encoder layers): those with a numbered name.
     pub block_count: usize,
     /// Tensors in the index (tied aliases included).
     pub tensor_count: usize,
-    /// Every layer, in forward order.
-    pub layers: Vec<LayerSummary>,
-    /// The layer with the most bytes.
-    pub largest_layer: Option<LayerSummary>,
+    /// Every stage, in the order the runner streams them.
+    pub stages: Vec<StageSummary>,
+    /// The stage with the most bytes.
+    pub largest_stage: Option<StageSummary>,
     /// Bytes stored, each tied tensor counted once.
     pub total_bytes: u64,
     /// Tensors that share another tensor's bytes.
     pub tied: Vec<TiedWeight>,
+    /// Stored tensors that no stage reads (buffers such as position ids, a pooler the
+    /// model does not run), in file order.
+    pub unread_tensors: Vec<String>,
     /// Weight memory to load the whole model at once: every stored byte.
     pub full_load_bytes: u64,
-    /// Weight memory to run layer by layer: the largest pair of neighbouring layers, since a
-    /// streaming runner holds the running layer while it prefetches the next.
-    pub layer_by_layer_bytes: u64,
+    /// Weight memory to run stage by stage: the largest pair of neighbouring stages, since a
+    /// streaming runner holds the running stage while it prefetches the next.
+    pub stage_by_stage_bytes: u64,
 }
 
 impl Checkpoint {
@@ -58,61 +63,67 @@ impl Checkpoint {
     ///
     /// ```
     /// use memwise_model::Checkpoint;
-    /// use memwise_model::checkpoint::LayerId;
     ///
     /// let folder = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-llama-tied");
     /// let summary = Checkpoint::open(folder)?.summary();
     /// assert_eq!(summary.block_count, 2);
     /// assert_eq!(summary.tied[0].tensor, "lm_head.weight");
-    /// assert!(summary.layer_by_layer_bytes < summary.full_load_bytes);
+    /// assert!(summary.stage_by_stage_bytes < summary.full_load_bytes);
     /// # Ok::<(), memwise_model::Error>(())
     /// ```
     pub fn summary(&self) -> CheckpointSummary {
         let index = self.index();
-        let layers: Vec<LayerSummary> = index
-            .layers()
+        let stages: Vec<StageSummary> = self
+            .stages()
             .iter()
-            .map(|layer| {
+            .map(|stage| {
                 let mut bytes_by_dtype = BTreeMap::new();
-                for tensor in layer.tensors.iter().filter_map(|n| index.get(n)) {
+                for tensor in stage.tensors.iter().filter_map(|n| index.get(n)) {
                     let bytes = bytes_by_dtype
                         .entry(tensor.dtype.to_string())
                         .or_insert(0u64);
                     *bytes = bytes.saturating_add(tensor.byte_len());
                 }
-                LayerSummary {
-                    layer: layer.id.clone(),
-                    tensors: layer.tensors.len(),
-                    bytes: layer.bytes,
+                StageSummary {
+                    stage: stage.name.clone(),
+                    tensors: stage.tensors.len(),
+                    bytes: stage.bytes,
                     bytes_by_dtype,
                 }
             })
             .collect();
-        let layer_by_layer_bytes = match layers.as_slice() {
+        let stage_by_stage_bytes = match stages.as_slice() {
             [only] => only.bytes,
-            _ => layers
+            _ => stages
                 .windows(2)
                 .map(|pair| pair.iter().map(|l| l.bytes).fold(0, u64::saturating_add))
                 .max()
                 .unwrap_or(0),
         };
-        let largest_layer = layers.iter().max_by_key(|l| l.bytes).cloned();
+        let largest_stage = stages.iter().max_by_key(|l| l.bytes).cloned();
         CheckpointSummary {
             folder: self.folder().to_owned(),
             format: self.format(),
             architecture: self.config().architecture.clone(),
             model_type: self.config().model_type.clone(),
-            block_count: layers
+            stage_origin: self.stage_origin(),
+            block_count: stages
                 .iter()
-                .filter(|l| matches!(l.layer, LayerId::Block(_)))
+                .filter(|s| s.stage.split('.').any(|part| part.parse::<usize>().is_ok()))
                 .count(),
             tensor_count: index.tensors().len(),
-            largest_layer,
+            largest_stage,
             total_bytes: index.stored_bytes(),
             tied: index.tied().to_vec(),
+            unread_tensors: index
+                .tensors()
+                .iter()
+                .filter(|t| t.tied_to.is_none() && self.first_reader(&t.name).is_none())
+                .map(|t| t.name.clone())
+                .collect(),
             full_load_bytes: index.stored_bytes(),
-            layer_by_layer_bytes,
-            layers,
+            stage_by_stage_bytes,
+            stages,
         }
     }
 }

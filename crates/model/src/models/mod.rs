@@ -137,6 +137,28 @@ impl ArchitectureConfig {
         }
     }
 
+    /// The stages of the model this config describes, as its blocks' load code traces them
+    /// (computing in f32), for a checkpoint whose tensors are called `names` (an encoder's
+    /// weights may carry a prefix such as `bert.`).
+    pub fn stages<'n>(
+        &self,
+        names: impl IntoIterator<Item = &'n str>,
+    ) -> Result<Vec<Stage>, ModelError> {
+        let device = candle_core::Device::Cpu;
+        Ok(match self {
+            Self::Decoder(config) => DecoderModel::new(config, candle_core::DType::F32, &device)?
+                .stages()
+                .to_vec(),
+            Self::Encoder(config) => {
+                let mut model = EncoderModel::new(config, candle_core::DType::F32, &device)?;
+                if let Some(prefix) = EncoderModel::detect_weight_prefix(names) {
+                    model = model.with_weight_prefix(prefix)?;
+                }
+                model.stages().to_vec()
+            }
+        })
+    }
+
     /// The architecture this config describes.
     pub fn architecture(&self) -> Result<Architecture, ModelError> {
         match self {

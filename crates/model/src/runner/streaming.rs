@@ -8,7 +8,7 @@ use candle_nn::VarBuilder;
 use memwise::MemoryTracker;
 
 use super::{LayerHook, LayerWeights, RunError};
-use crate::checkpoint::{tensor_bytes, Checkpoint, LayerId, ReadStrategy};
+use crate::checkpoint::{tensor_bytes, Checkpoint, ReadStrategy};
 use crate::models::{Family, Inputs, Stage};
 use crate::stream::LayerStream;
 use crate::workspace::{ConvertOptions, TensorBytes, Workspace};
@@ -42,11 +42,12 @@ impl StageReader {
         let tensors = match (self.strategy, &self.device) {
             // pread straight into each tensor's storage: the stage costs its weights once.
             (ReadStrategy::Pread, Device::Cpu) => {
-                self.checkpoint.load_candle_tensors(&names, compute)?
+                self.checkpoint
+                    .load_candle_tensors(Some(stage.name()), &names, compute)?
             }
             _ => {
                 let mut reader = self.checkpoint.reader(self.strategy);
-                let data = reader.read_tensors(&names)?;
+                let data = reader.read_tensors(Some(stage.name()), &names)?;
                 data.to_candle_tensors(compute, &self.device)?
                 // `data` drops here: mapped pages are released before the stage runs.
             }
@@ -60,7 +61,8 @@ impl StageReader {
         })
     }
 
-    /// Writes a stage a hook replaced to the workspace, under the stage's own name.
+    /// Writes a stage a hook replaced to the workspace, under the stage's own name: a tied
+    /// head is recorded as `lm_head`, not as the embeddings whose tensor it reads.
     fn persist(&self, workspace: &Workspace, layer: &LayerWeights) -> Result<(), RunError> {
         let mut owned = Vec::with_capacity(layer.tensors.len());
         for (name, tensor) in &layer.tensors {
@@ -71,9 +73,8 @@ impl StageReader {
             .iter()
             .map(|(name, dtype, shape, bytes)| TensorBytes::new(name, *dtype, shape, bytes))
             .collect();
-        let first = layer.tensors.keys().next().map_or("", String::as_str);
         let options = ConvertOptions::with_dtype(Some(self.stored));
-        workspace.write_layer(&self.source, &options, &LayerId::of_tensor(first), &views)?;
+        workspace.write_stage(&self.source, &options, &layer.name, &views)?;
         Ok(())
     }
 }

@@ -1,5 +1,5 @@
 //! `manifest.json`: what a workspace holds, the source it was built from, and the check
-//! that a recorded layer still matches what is on disk.
+//! that a recorded stage still matches what is on disk.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{Checkpoint, LayerId, StoredDType, TensorInfo};
+use crate::checkpoint::{Checkpoint, StoredDType, TensorInfo};
 use crate::error::{Error, Result};
 
 /// What a workspace records about one source file, to notice when the source changes.
@@ -36,18 +36,18 @@ pub struct SourceFingerprint {
     pub fingerprint: String,
 }
 
-/// How a workspace layer came to be.
+/// How a workspace stage came to be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
-pub enum LayerOrigin {
+pub enum Origin {
     /// Converted from the source; can be rebuilt from it.
     Source,
     /// Written by a hook; cannot be rebuilt.
     Hook,
 }
 
-/// One tensor of a workspace layer.
+/// One tensor of a workspace stage.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct ManifestTensor {
@@ -59,12 +59,12 @@ pub struct ManifestTensor {
     pub shape: Vec<usize>,
 }
 
-/// One layer file in the workspace.
+/// One stage's file in the workspace.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
-pub struct ManifestLayer {
-    /// The layer, as [`LayerId`] displays it.
-    pub layer: String,
+pub struct ManifestStage {
+    /// The stage's name, e.g. `model.layers.3` (see [`Checkpoint::stages`]).
+    pub stage: String,
     /// Its file name inside the workspace.
     pub file: String,
     /// The file's size.
@@ -72,7 +72,7 @@ pub struct ManifestLayer {
     /// The file's checksum, `crc32:xxxxxxxx`.
     pub checksum: String,
     /// Converted from the source, or written by a hook.
-    pub origin: LayerOrigin,
+    pub origin: Origin,
     /// Its tensors.
     pub tensors: Vec<ManifestTensor>,
 }
@@ -85,30 +85,26 @@ pub struct Manifest {
     pub format_version: u32,
     /// The source and conversion the files come from.
     pub source: SourceFingerprint,
-    /// The layer files written so far, in forward order.
-    pub layers: Vec<ManifestLayer>,
+    /// The stage files written so far, in the order written.
+    pub stages: Vec<ManifestStage>,
 }
 
-pub(super) fn recorded<'m>(manifest: &'m Manifest, layer: &LayerId) -> Option<&'m ManifestLayer> {
-    let name = layer.to_string();
-    manifest.layers.iter().find(|l| l.layer == name)
+pub(super) fn recorded<'m>(manifest: &'m Manifest, stage: &str) -> Option<&'m ManifestStage> {
+    manifest.stages.iter().find(|s| s.stage == stage)
 }
 
-pub(super) fn record(manifest: &mut Manifest, entry: ManifestLayer) {
-    manifest.layers.retain(|l| l.layer != entry.layer);
-    manifest.layers.push(entry);
-    manifest
-        .layers
-        .sort_by_key(|l| l.layer.parse::<LayerId>().ok());
+pub(super) fn record(manifest: &mut Manifest, entry: ManifestStage) {
+    manifest.stages.retain(|s| s.stage != entry.stage);
+    manifest.stages.push(entry);
 }
 
 pub(super) fn check_matches_manifest(
     manifest: &Path,
     file: &Path,
-    layer: &ManifestLayer,
+    entry: &ManifestStage,
     tensors: &[TensorInfo],
 ) -> Result<()> {
-    let listed: BTreeSet<&str> = layer.tensors.iter().map(|t| t.name.as_str()).collect();
+    let listed: BTreeSet<&str> = entry.tensors.iter().map(|t| t.name.as_str()).collect();
     let present: BTreeSet<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
     if let Some(missing) = listed.difference(&present).next() {
         return Err(Error::TensorNotInShard {

@@ -1,13 +1,15 @@
-//! The workspace: per-layer files for what cannot be streamed from the source as it is.
+//! The workspace: per-stage files for what cannot be streamed from the source as it is.
 //!
-//! A safetensors source is read in place and never copied. The workspace holds only layers
-//! that need rewriting: every layer of a `.bin` source, layers whose float tensors are
-//! converted to another compute dtype, and layers a hook changed. Each is one safetensors
-//! file; `manifest.json` records the format version, a fingerprint of the source, and each
-//! file's checksum and tensors.
+//! A safetensors source is read in place and never copied. The workspace holds only stages
+//! that need rewriting: every stage of a `.bin` source, stages whose float tensors are
+//! converted to another compute dtype, and stages a hook changed. Each is one safetensors
+//! file named after the stage; `manifest.json` records the format version, a fingerprint of
+//! the source, and each file's stage, checksum and tensors. A stage is the unit throughout:
+//! a hook that changes the tied `lm_head` (which reads `model.embed_tokens.weight`) is
+//! recorded for `lm_head` alone, and the embeddings keep reading the source.
 //!
 //! Crash safety: every file is written to a temporary name, synced, and renamed into place,
-//! and the manifest is rewritten the same way after each layer, so a run killed at any point
+//! and the manifest is rewritten the same way after each stage, so a run killed at any point
 //! leaves only whole files that the manifest vouches for (plus temporaries, which the next
 //! run removes). The next run verifies the checksums of what is there, rewrites what does
 //! not match, writes the rest, and verifies the whole workspace at the end.
@@ -16,7 +18,7 @@ mod files;
 mod manifest;
 
 pub use self::manifest::{
-    LayerOrigin, Manifest, ManifestLayer, ManifestTensor, SourceFile, SourceFingerprint,
+    Manifest, ManifestStage, ManifestTensor, Origin, SourceFile, SourceFingerprint,
 };
 
 use self::files::{available_bytes, checksum_file, remove_if_present, write_atomically};
@@ -25,19 +27,19 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use crate::checkpoint::{
-    encode_header, read_safetensors, Checkpoint, LayerId, ReadStrategy, StoredDType, TensorHeader,
-    TensorInfo,
+    encode_header, read_safetensors, Checkpoint, ReadStrategy, StageTensors, StoredDType,
+    TensorHeader, TensorIndex, TensorInfo,
 };
 use crate::error::{Error, Result};
 
 /// The manifest's file name inside a workspace.
 pub const MANIFEST_FILE: &str = "manifest.json";
 /// The manifest format this build writes and reads.
-pub const MANIFEST_VERSION: u32 = 1;
+pub const MANIFEST_VERSION: u32 = 2;
 /// Suffix of files being written; whatever carries it after a crash is discarded.
 pub(crate) const TEMP_SUFFIX: &str = ".tmp";
-/// Header and manifest bytes reserved per layer when checking free space.
-const PER_LAYER_OVERHEAD: u64 = 1 << 20;
+/// Header and manifest bytes reserved per stage when checking free space.
+const PER_STAGE_OVERHEAD: u64 = 1 << 20;
 
 /// Options for [`Workspace::convert`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -59,31 +61,32 @@ impl ConvertOptions {
     }
 }
 
-/// What happened to a layer during [`Workspace::convert`], reported as it happens.
+/// What happened to a stage during [`Workspace::convert`], reported as it happens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ConvertEvent {
-    /// A tensor was converted into the layer being written.
+    /// A tensor was converted into the stage being written.
     TensorDone(String),
-    /// The layer's file was written and recorded in the manifest.
-    LayerWritten,
+    /// The stage's file was written and recorded in the manifest.
+    StageWritten,
     /// A file from an earlier run matched its checksum and was kept.
-    LayerReused,
-    /// The layer is streamed from the source as it is; nothing is written.
-    LayerInPlace,
+    StageReused,
+    /// The stage is streamed from the source as it is (or reads only tensors an earlier
+    /// stage's file holds); nothing is written.
+    StageInPlace,
 }
 
 /// Progress of [`Workspace::convert`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ConvertProgress {
-    /// The layer.
-    pub layer: LayerId,
+    /// The stage.
+    pub stage: String,
     /// What happened.
     pub event: ConvertEvent,
-    /// Source bytes handled so far, this layer's included when it is finished.
+    /// Source bytes handled so far, this stage's included when it is finished.
     pub bytes_done: u64,
-    /// Source bytes in all layers.
+    /// Source bytes in all stages.
     pub bytes_total: u64,
 }
 
@@ -91,19 +94,19 @@ pub struct ConvertProgress {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ConvertReport {
-    /// Layers written in this run.
-    pub written: Vec<LayerId>,
-    /// Layers from an earlier run whose checksums matched.
-    pub reused: Vec<LayerId>,
-    /// Layers whose files were missing or corrupt and were written again.
-    pub rebuilt: Vec<LayerId>,
-    /// Layers streamed from the source as they are.
-    pub in_place: Vec<LayerId>,
+    /// Stages written in this run.
+    pub written: Vec<String>,
+    /// Stages from an earlier run whose checksums matched.
+    pub reused: Vec<String>,
+    /// Stages whose files were missing or corrupt and were written again.
+    pub rebuilt: Vec<String>,
+    /// Stages streamed from the source as they are.
+    pub in_place: Vec<String>,
     /// Bytes written in this run.
     pub bytes_written: u64,
 }
 
-/// One tensor for [`Workspace::write_layer`].
+/// One tensor for [`Workspace::write_stage`].
 #[derive(Debug, Clone, Copy)]
 #[non_exhaustive]
 pub struct TensorBytes<'a> {
@@ -133,7 +136,6 @@ impl<'a> TensorBytes<'a> {
 ///
 /// ```
 /// use memwise_model::{Checkpoint, ReadStrategy, Workspace};
-/// use memwise_model::checkpoint::LayerId;
 /// use memwise_model::workspace::ConvertOptions;
 ///
 /// let folder = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-llama-bin");
@@ -141,16 +143,16 @@ impl<'a> TensorBytes<'a> {
 /// let dir = tempfile::tempdir().unwrap();
 /// let workspace = Workspace::new(dir.path())?;
 /// let report = workspace.convert(&source, &ConvertOptions::default(), &mut |_| {})?;
-/// // Every layer of a .bin source is written, except the head: its only tensor is tied to
-/// // the embeddings, which are already there.
-/// assert_eq!(report.written.len(), source.layers().len() - 1);
-/// assert_eq!(report.in_place, [LayerId::Head]);
+/// // Every stage of a .bin source is written, except the tied head: it reads only the
+/// // embeddings, which are already there.
+/// assert_eq!(report.written.len(), source.stages().len() - 1);
+/// assert_eq!(report.in_place, ["lm_head"]);
 ///
-/// // The runner reads the converted layers through the same reader.
+/// // The runner reads the converted stages through the same reader.
 /// let converted = workspace.checkpoint(&source)?;
 /// let mut reader = converted.reader(ReadStrategy::default());
-/// let head = reader.read_layer(&LayerId::Head)?;
-/// assert!(head.get("lm_head.weight").is_some());
+/// let head = reader.read_stage("lm_head")?;
+/// assert!(head.get("model.embed_tokens.weight").is_some());
 /// # Ok::<(), memwise_model::Error>(())
 /// ```
 #[derive(Debug, Clone)]
@@ -207,7 +209,7 @@ impl Workspace {
         let fresh = Manifest {
             format_version: MANIFEST_VERSION,
             source: fingerprint.clone(),
-            layers: Vec::new(),
+            stages: Vec::new(),
         };
         let Some(existing) = self.manifest()? else {
             return Ok(fresh);
@@ -219,16 +221,16 @@ impl Workspace {
             return Err(Error::Workspace {
                 manifest: self.manifest_path(),
                 reason: format!(
-                    "holds layers of {} (fingerprint {}), not {}; choose another workspace",
+                    "holds stages of {} (fingerprint {}), not {}; choose another workspace",
                     existing.source.folder.display(),
                     existing.source.fingerprint,
                     fingerprint.folder.display()
                 ),
             });
         }
-        // Same model folder, different files or dtype: the old layers are stale.
-        for layer in &existing.layers {
-            remove_if_present(&self.dir.join(&layer.file))?;
+        // Same model folder, different files or dtype: the old stages are stale.
+        for entry in &existing.stages {
+            remove_if_present(&self.dir.join(&entry.file))?;
         }
         self.save_manifest(&fresh)?;
         Ok(fresh)
@@ -242,7 +244,7 @@ impl Workspace {
         write_atomically(&self.dir, MANIFEST_FILE, &[&json]).map(|_| ())
     }
 
-    /// Writes every layer of `source` that cannot be streamed as it is, resuming from and
+    /// Writes every stage of `source` that cannot be streamed as it is, resuming from and
     /// verifying any earlier run, then verifies the whole workspace.
     pub fn convert(
         &self,
@@ -253,32 +255,32 @@ impl Workspace {
         let mut manifest = self.manifest_for(source, options.dtype)?;
         self.remove_temporaries()?;
         let bytes_total = source
-            .layers()
+            .stages()
             .iter()
-            .map(|l| l.bytes)
+            .map(|s| s.bytes)
             .fold(0, u64::saturating_add);
         let mut report = ConvertReport::default();
         let mut bytes_done = 0u64;
         let mut to_write = Vec::new();
-        for layer in source.layers() {
-            let from_hook =
-                recorded(&manifest, &layer.id).map(|l| l.origin) == Some(LayerOrigin::Hook);
-            let event = if !from_hook && !needs_workspace(source, &layer.id, options.dtype) {
-                report.in_place.push(layer.id.clone());
-                ConvertEvent::LayerInPlace
-            } else if self.recorded_and_intact(&manifest, &layer.id)? {
-                report.reused.push(layer.id.clone());
-                ConvertEvent::LayerReused
+        for stage in source.stages() {
+            let name = &stage.name;
+            let from_hook = recorded(&manifest, name).map(|s| s.origin) == Some(Origin::Hook);
+            let event = if !from_hook && own_tensors(source, stage, options.dtype).is_empty() {
+                report.in_place.push(name.clone());
+                ConvertEvent::StageInPlace
+            } else if self.recorded_and_intact(&manifest, name)? {
+                report.reused.push(name.clone());
+                ConvertEvent::StageReused
             } else {
-                if recorded(&manifest, &layer.id).is_some() {
-                    report.rebuilt.push(layer.id.clone());
+                if recorded(&manifest, name).is_some() {
+                    report.rebuilt.push(name.clone());
                 }
-                to_write.push(layer.id.clone());
+                to_write.push(stage);
                 continue;
             };
-            bytes_done = bytes_done.saturating_add(layer.bytes);
+            bytes_done = bytes_done.saturating_add(stage.bytes);
             progress(&ConvertProgress {
-                layer: layer.id.clone(),
+                stage: name.clone(),
                 event,
                 bytes_done,
                 bytes_total,
@@ -286,44 +288,41 @@ impl Workspace {
         }
         self.check_free_space(source, &to_write, options.dtype)?;
         let mut reader = source.reader(options.strategy);
-        for id in to_write {
-            let data = reader.read_layer(&id)?;
-            // Tied tensors are not stored; the overlay re-derives them from their source.
-            let stored: Vec<_> = data
-                .tensors()
-                .iter()
-                .filter(|t| t.info().tied_to.is_none())
-                .collect();
-            let mut converted = Vec::with_capacity(stored.len());
-            let mut layer_done = 0u64;
-            for tensor in &stored {
+        for stage in to_write {
+            let name = stage.name.clone();
+            let own = own_tensors(source, stage, options.dtype);
+            let data = reader.read_tensors(Some(&name), &own)?;
+            let mut converted = Vec::with_capacity(own.len());
+            let mut stage_done = 0u64;
+            for tensor in data.tensors() {
                 let target = target_dtype(tensor.dtype(), options.dtype);
                 converted.push((target, tensor.to_dtype(target)?));
-                layer_done = layer_done.saturating_add(tensor.info().byte_len());
+                stage_done = stage_done.saturating_add(tensor.info().byte_len());
                 progress(&ConvertProgress {
-                    layer: id.clone(),
+                    stage: name.clone(),
                     event: ConvertEvent::TensorDone(tensor.name().to_owned()),
-                    bytes_done: bytes_done.saturating_add(layer_done),
+                    bytes_done: bytes_done.saturating_add(stage_done),
                     bytes_total,
                 });
             }
-            let tensors: Vec<TensorBytes<'_>> = stored
+            let tensors: Vec<TensorBytes<'_>> = data
+                .tensors()
                 .iter()
                 .zip(&converted)
                 .map(|(t, (dtype, bytes))| TensorBytes::new(t.name(), *dtype, t.shape(), bytes))
                 .collect();
-            let entry = self.write_layer_file(&id, &tensors, LayerOrigin::Source)?;
+            let entry = self.write_stage_file(&name, &tensors, Origin::Source)?;
             report.bytes_written += entry.bytes;
-            bytes_done = bytes_done.saturating_add(data.byte_len());
+            bytes_done = bytes_done.saturating_add(stage.bytes);
             drop(data);
             record(&mut manifest, entry);
             self.save_manifest(&manifest)?;
-            if !report.rebuilt.contains(&id) {
-                report.written.push(id.clone());
+            if !report.rebuilt.contains(&name) {
+                report.written.push(name.clone());
             }
             progress(&ConvertProgress {
-                layer: id,
-                event: ConvertEvent::LayerWritten,
+                stage: name,
+                event: ConvertEvent::StageWritten,
                 bytes_done,
                 bytes_total,
             });
@@ -335,34 +334,36 @@ impl Workspace {
         Ok(report)
     }
 
-    /// Records a layer that a hook changed, so a runner reads it from here from now on.
+    /// Records stage `stage` as a hook changed it, so a runner reads that stage from here
+    /// from now on (other stages that read the same tensors keep reading theirs).
     /// `options` must be those the workspace was (or will be) converted with.
-    pub fn write_layer(
+    pub fn write_stage(
         &self,
         source: &Checkpoint,
         options: &ConvertOptions,
-        layer: &LayerId,
+        stage: &str,
         tensors: &[TensorBytes<'_>],
     ) -> Result<()> {
         let mut manifest = self.manifest_for(source, options.dtype)?;
         let needed: u64 = tensors.iter().map(|t| t.bytes.len() as u64).sum();
-        self.check_space_for(needed + PER_LAYER_OVERHEAD)?;
-        let entry = self.write_layer_file(layer, tensors, LayerOrigin::Hook)?;
+        self.check_space_for(needed + PER_STAGE_OVERHEAD)?;
+        let entry = self.write_stage_file(stage, tensors, Origin::Hook)?;
         record(&mut manifest, entry);
         self.save_manifest(&manifest)
     }
 
-    fn write_layer_file(
+    fn write_stage_file(
         &self,
-        layer: &LayerId,
+        stage: &str,
         tensors: &[TensorBytes<'_>],
-        origin: LayerOrigin,
-    ) -> Result<ManifestLayer> {
+        origin: Origin,
+    ) -> Result<ManifestStage> {
+        let file = format!("{}.safetensors", file_stem(stage));
         for tensor in tensors {
             let expected = tensor.dtype.byte_len(tensor.shape);
             if expected != Some(tensor.bytes.len() as u64) {
                 return Err(Error::tensor(
-                    self.dir.join(layer.file_stem()),
+                    self.dir.join(&file),
                     tensor.name,
                     format!(
                         "shape {:?} of {} does not match its {} bytes",
@@ -384,10 +385,9 @@ impl Workspace {
         let header = encode_header(&headers);
         let mut parts: Vec<&[u8]> = vec![&header];
         parts.extend(tensors.iter().map(|t| t.bytes));
-        let file = format!("{}.safetensors", layer.file_stem());
         let (bytes, checksum) = write_atomically(&self.dir, &file, &parts)?;
-        Ok(ManifestLayer {
-            layer: layer.to_string(),
+        Ok(ManifestStage {
+            stage: stage.to_owned(),
             file,
             bytes,
             checksum,
@@ -403,19 +403,19 @@ impl Workspace {
         })
     }
 
-    /// Checks every layer file against the manifest's checksum. The first mismatch is an
+    /// Checks every stage file against the manifest's checksum. The first mismatch is an
     /// [`Error::ChecksumMismatch`] naming the file.
     pub fn verify(&self) -> Result<()> {
         let Some(manifest) = self.manifest()? else {
             return Ok(());
         };
-        for layer in &manifest.layers {
-            let path = self.dir.join(&layer.file);
+        for entry in &manifest.stages {
+            let path = self.dir.join(&entry.file);
             let actual = checksum_file(&path)?;
-            if actual != layer.checksum {
+            if actual != entry.checksum {
                 return Err(Error::ChecksumMismatch {
                     file: path,
-                    expected: layer.checksum.clone(),
+                    expected: entry.checksum.clone(),
                     actual,
                 });
             }
@@ -423,7 +423,7 @@ impl Workspace {
         Ok(())
     }
 
-    /// `source` as a runner should read it: layers recorded here come from the workspace,
+    /// `source` as a runner should read it: stages recorded here come from the workspace,
     /// the rest from the source files.
     pub fn checkpoint(&self, source: &Checkpoint) -> Result<Checkpoint> {
         let path = self.manifest_path();
@@ -445,18 +445,18 @@ impl Workspace {
                 ),
             });
         }
-        let mut overrides = Vec::with_capacity(manifest.layers.len());
-        for layer in &manifest.layers {
-            let file = self.dir.join(&layer.file);
+        let mut overrides = std::collections::HashMap::with_capacity(manifest.stages.len());
+        for entry in &manifest.stages {
+            let file = self.dir.join(&entry.file);
             let tensors = read_safetensors(&file)?;
-            check_matches_manifest(&path, &file, layer, &tensors)?;
-            overrides.push(tensors);
+            check_matches_manifest(&path, &file, entry, &tensors)?;
+            overrides.insert(entry.stage.clone(), TensorIndex::build(vec![tensors])?);
         }
-        source.with_layer_overrides(overrides)
+        Ok(source.with_stage_overrides(overrides))
     }
 
-    fn recorded_and_intact(&self, manifest: &Manifest, layer: &LayerId) -> Result<bool> {
-        let Some(entry) = recorded(manifest, layer) else {
+    fn recorded_and_intact(&self, manifest: &Manifest, stage: &str) -> Result<bool> {
+        let Some(entry) = recorded(manifest, stage) else {
             return Ok(false);
         };
         let path = self.dir.join(&entry.file);
@@ -470,7 +470,7 @@ impl Workspace {
         if actual == entry.checksum {
             return Ok(true);
         }
-        if entry.origin == LayerOrigin::Hook {
+        if entry.origin == Origin::Hook {
             // A hook's output cannot be rebuilt from the source: report, don't overwrite.
             return Err(Error::ChecksumMismatch {
                 file: path,
@@ -495,18 +495,16 @@ impl Workspace {
     fn check_free_space(
         &self,
         source: &Checkpoint,
-        layers: &[LayerId],
+        stages: &[&StageTensors],
         dtype: Option<StoredDType>,
     ) -> Result<()> {
-        let needed: u64 = layers
+        let needed: u64 = stages
             .iter()
-            .filter_map(|id| source.index().layer(id))
-            .flat_map(|layer| &layer.tensors)
+            .flat_map(|stage| own_tensors(source, stage, dtype))
             .filter_map(|name| source.index().get(name))
-            .filter(|t| t.tied_to.is_none())
             .map(|t| converted_len(t, dtype))
             .fold(
-                PER_LAYER_OVERHEAD * layers.len() as u64,
+                PER_STAGE_OVERHEAD * stages.len() as u64,
                 u64::saturating_add,
             );
         self.check_space_for(needed)
@@ -530,24 +528,44 @@ fn refuse_shortfall(dir: &Path, needed: u64, available: u64) -> Result<()> {
     Ok(())
 }
 
-/// Whether layer `id` of `source` must be written to a workspace to be run in `dtype`.
-pub fn needs_workspace(source: &Checkpoint, id: &LayerId, dtype: Option<StoredDType>) -> bool {
-    let Some(layer) = source.index().layer(id) else {
-        return false;
-    };
-    let stored: Vec<&TensorInfo> = layer
+/// The tensors stage `stage` of `source` must have in its own workspace file to be run in
+/// `dtype`: none when the source can be streamed as it is; otherwise the stored tensors it
+/// is the first stage to read (a tied head reads the embeddings' file) and aliases aside.
+fn own_tensors<'s>(
+    source: &'s Checkpoint,
+    stage: &'s StageTensors,
+    dtype: Option<StoredDType>,
+) -> Vec<&'s str> {
+    let stored: Vec<&TensorInfo> = stage
         .tensors
         .iter()
+        .filter(|name| source.first_reader(name) == Some(stage.name.as_str()))
         .filter_map(|name| source.index().get(name))
         .filter(|t| t.tied_to.is_none())
         .collect();
-    if stored.is_empty() {
-        return false;
-    }
-    !source.format().is_safetensors()
+    let rewrite = !source.format().is_safetensors()
         || stored
             .iter()
-            .any(|t| target_dtype(t.dtype, dtype) != t.dtype)
+            .any(|t| target_dtype(t.dtype, dtype) != t.dtype);
+    if !rewrite {
+        return Vec::new();
+    }
+    stored.iter().map(|t| t.name.as_str()).collect()
+}
+
+/// A file name for stage `stage`: its name with anything but letters, digits, `.`, `_`
+/// and `-` replaced, so a name from an untrusted checkpoint cannot leave the folder.
+fn file_stem(stage: &str) -> String {
+    stage
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 fn target_dtype(stored: StoredDType, compute: Option<StoredDType>) -> StoredDType {

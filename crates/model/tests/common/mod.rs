@@ -5,7 +5,6 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use memwise_model::checkpoint::LayerId;
 use memwise_model::{Checkpoint, ReadStrategy};
 use serde_json::{Map, Value};
 
@@ -26,27 +25,38 @@ pub fn copy_fixture(name: &str, dir: &Path) -> PathBuf {
     target
 }
 
-/// Every tensor of `checkpoint`, read layer by layer: name → (dtype, shape, bytes).
+/// Every tensor of `checkpoint`, read stage by stage, then those no stage reads, each once:
+/// name → (dtype, shape, bytes).
 pub fn read_all(
     checkpoint: &Checkpoint,
     strategy: ReadStrategy,
 ) -> Vec<(String, String, Vec<usize>, Vec<u8>)> {
     let mut reader = checkpoint.reader(strategy);
-    let ids: Vec<LayerId> = checkpoint.layers().iter().map(|l| l.id.clone()).collect();
-    let mut out = Vec::new();
-    for id in ids {
-        let layer = reader.read_layer(&id).unwrap();
-        for t in layer.tensors() {
-            out.push((
-                t.name().to_owned(),
+    let mut out = std::collections::BTreeMap::new();
+    let mut collect = |data: &memwise_model::checkpoint::LayerData<'_>| {
+        for t in data.tensors() {
+            let value = (
                 t.dtype().to_string(),
                 t.shape().to_vec(),
                 t.bytes().to_vec(),
-            ));
+            );
+            out.entry(t.name().to_owned()).or_insert(value);
         }
+    };
+    for stage in checkpoint.stages() {
+        collect(&reader.read_stage(&stage.name).unwrap());
     }
-    out.sort();
-    out
+    let unread: Vec<String> = checkpoint
+        .index()
+        .tensors()
+        .iter()
+        .map(|t| t.name.clone())
+        .collect();
+    let unread: Vec<&str> = unread.iter().map(String::as_str).collect();
+    collect(&reader.read_tensors(None, &unread).unwrap());
+    out.into_iter()
+        .map(|(name, (dtype, shape, bytes))| (name, dtype, shape, bytes))
+        .collect()
 }
 
 /// Rewrites the header of a safetensors file with `edit`, keeping its data bytes.
