@@ -12,9 +12,10 @@
 #[global_allocator]
 static ALLOC: memwise::TrackingAllocator = memwise::TrackingAllocator::system();
 
+use memwise::alloc::heap_totals;
+use memwise::batch::{HeapPeak, WorkloadError};
 use memwise::{
-    batches, enable_memory_tracking, get_config, get_memory_stats, heap_totals, init_config,
-    BatchSizeFinder, HeapPeak, WorkloadError,
+    batches, enable_memory_tracking, get_config, get_memory_stats, init_config, BatchSizeFinder,
 };
 
 const SAMPLE_FLOATS: usize = 16 * 1024; // 64 KiB per sample

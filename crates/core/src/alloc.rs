@@ -1,4 +1,5 @@
-//! The tracking global allocator and its process-wide heap counters.
+//! The tracking global allocator, its process-wide heap counters, and the [`BlockCache`]
+//! that can sit under it.
 //!
 //! Counting every allocation with shared atomics costs a contended cache line per call. We
 //! count small allocations in thread-local cells instead and fold them into the shared
@@ -16,6 +17,11 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
+
+pub use crate::block_cache::{
+    block_cache_bytes, block_cache_capacity, release_block_cache, set_block_cache_capacity,
+    BlockCache, BLOCK_CACHE_MIN,
+};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 
 /// Allocations, reallocations and frees of at least this many bytes are counted in the

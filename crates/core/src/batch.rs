@@ -19,9 +19,11 @@ use std::ops::{Deref, DerefMut};
 
 use serde::Serialize;
 
+use crate::alloc::{heap_totals, tracking_allocator_installed};
+use crate::device::devices;
 use crate::{
-    clear_memory_with, devices, get_memory_stats, heap_totals, reset_peak_memory,
-    tracking_allocator_installed, ClearOptions, ClearReport, Error, ErrorKind, MemoryTracker,
+    clear_memory_with, get_memory_stats, reset_peak_memory, ClearOptions, ClearReport, Error,
+    ErrorKind, MemoryTracker,
 };
 
 /// Splits `items` into batches of `size` (the last may be shorter). Each [`Batch`] holds a
@@ -380,9 +382,10 @@ pub struct BatchSizeReport {
 /// #[global_allocator]
 /// static ALLOC: memwise::TrackingAllocator = memwise::TrackingAllocator::system();
 ///
-/// use memwise::{BatchSizeFinder, HeapPeak};
+/// use memwise::BatchSizeFinder;
+/// use memwise::batch::HeapPeak;
 ///
-/// let budget = memwise::heap_totals().live_bytes() as u64 + (64 << 20);
+/// let budget = memwise::alloc::heap_totals().live_bytes() as u64 + (64 << 20);
 /// let report = BatchSizeFinder::new()
 ///     .budget(budget)
 ///     .find(&mut HeapPeak, |batch_size| {
@@ -422,7 +425,7 @@ impl BatchSizeFinder {
 
     /// The budget in bytes in use on the measured device, instead of
     /// `memory.max_memory.<device>`.
-    pub fn budget(mut self, bytes: impl Into<crate::ByteSize>) -> Self {
+    pub fn budget(mut self, bytes: impl Into<crate::config::ByteSize>) -> Self {
         self.budget = Some(bytes.into().bytes());
         self
     }
@@ -482,7 +485,7 @@ impl BatchSizeFinder {
                         ErrorKind::Config,
                         format!(
                             "no memory budget for {device}: set memory.max_memory.{device} (environment: {}) or call BatchSizeFinder::budget",
-                            crate::env_var_for(&format!("memory.max_memory.{device}"))
+                            crate::config::env_var_for(&format!("memory.max_memory.{device}"))
                         ),
                     )
                 })?

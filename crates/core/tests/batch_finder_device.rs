@@ -4,7 +4,9 @@
 
 mod fake_device;
 
-use memwise::{configure, register_device, BatchSizeFinder, DevicePeak, ErrorKind, ProbeOutcome};
+use memwise::batch::{DevicePeak, ProbeOutcome};
+use memwise::device::register_device;
+use memwise::{configure, BatchSizeFinder, ErrorKind};
 use serde_json::json;
 
 use fake_device::FakeDevice;

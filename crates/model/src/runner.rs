@@ -59,7 +59,7 @@ pub enum RunError {
     },
     /// The memwise configuration (environment or `MEMWISE_CONFIG` file) holds a bad value.
     #[error(transparent)]
-    Config(Box<memwise::ConfigError>),
+    Config(Box<memwise::config::Error>),
     /// A single stage needs more memory than the budget allows, so the model cannot run
     /// within it. Found before any weight is read.
     #[error(
@@ -221,7 +221,7 @@ pub struct ModelConverter {
     strategy: ReadStrategy,
     hooks: Vec<Arc<dyn LayerHook>>,
     /// Why the configuration could not be read, reported when the model is loaded.
-    config_error: Option<memwise::ConfigError>,
+    config_error: Option<memwise::config::Error>,
 }
 
 impl ModelConverter {
@@ -304,7 +304,7 @@ impl ModelConverter {
     /// Where the program installed a [`memwise::BlockCache`], this raises its capacity to
     /// one repeated layer (plus a quarter), so each layer reuses the blocks the previous one
     /// freed; up to that much freed memory stays resident until
-    /// [`memwise::clear_memory`] or [`memwise::set_block_cache_capacity`]`(0)`.
+    /// [`memwise::clear_memory`] or [`memwise::alloc::set_block_cache_capacity`]`(0)`.
     pub fn load_model_with_hooks(self, clean_weights: bool) -> Result<StreamedModel, RunError> {
         if let Some(error) = self.config_error {
             return Err(RunError::Config(Box::new(error)));
@@ -402,8 +402,8 @@ fn repeated_stage_bytes(stages: &[Stage], dtype: CandleDType) -> Option<u64> {
 fn reserve_block_cache(layer_bytes: Option<u64>) {
     if let Some(bytes) = layer_bytes {
         let wanted = usize::try_from(bytes + bytes / 4).unwrap_or(usize::MAX);
-        if memwise::block_cache_capacity() < wanted {
-            memwise::set_block_cache_capacity(wanted);
+        if memwise::alloc::block_cache_capacity() < wanted {
+            memwise::alloc::set_block_cache_capacity(wanted);
         }
     }
 }
@@ -442,7 +442,7 @@ impl StageLoader {
         if self.layer_bytes != Some(stage.weight_bytes(self.dtype)) {
             // Not a repeated layer (embeddings, head): the cached layer blocks would only
             // sit beside it, so give them back first.
-            memwise::release_block_cache();
+            memwise::alloc::release_block_cache();
         }
         let names: Vec<&str> = stage.tensor_names().collect();
         let compute = Some(stored_dtype(self.dtype));

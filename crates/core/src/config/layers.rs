@@ -9,7 +9,7 @@ use std::sync::Arc;
 use serde::{Serialize, Serializer};
 use serde_json::{Map, Value};
 
-use super::error::{closest, ConfigError, ConfigErrorKind};
+use super::error::{closest, Error, ErrorKind};
 use super::fields::{self, Field, MAX_MEMORY};
 use super::schema::Config;
 
@@ -22,7 +22,7 @@ pub const CONFIG_FILE_VAR: &str = "MEMWISE_CONFIG";
 /// Where a configuration value came from.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 #[non_exhaustive]
-pub enum ConfigSource {
+pub enum Source {
     /// memwise's built-in default.
     Default,
     /// A configuration file (TOML or JSON).
@@ -30,33 +30,33 @@ pub enum ConfigSource {
     /// An environment variable, by name.
     Env(String),
     /// A call to [`configure`](crate::configure) or [`configure_with`](crate::configure_with)
-    /// (or [`ConfigBuilder::values`]).
+    /// (or [`Builder::values`]).
     Code,
 }
 
-impl ConfigSource {
+impl Source {
     /// How `key` is written in this source, for suggestions: the environment variable's
     /// name for the environment, the dotted key elsewhere.
     fn spell(&self, key: &str) -> String {
         match self {
-            ConfigSource::Env(_) => env_var_for(key),
+            Source::Env(_) => env_var_for(key),
             _ => key.to_owned(),
         }
     }
 }
 
-impl fmt::Display for ConfigSource {
+impl fmt::Display for Source {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ConfigSource::Default => f.write_str("default"),
-            ConfigSource::File(path) => write!(f, "file {}", path.display()),
-            ConfigSource::Env(var) => write!(f, "environment variable {var}"),
-            ConfigSource::Code => f.write_str("code (configure)"),
+            Source::Default => f.write_str("default"),
+            Source::File(path) => write!(f, "file {}", path.display()),
+            Source::Env(var) => write!(f, "environment variable {var}"),
+            Source::Code => f.write_str("code (configure)"),
         }
     }
 }
 
-impl Serialize for ConfigSource {
+impl Serialize for Source {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.collect_str(self)
     }
@@ -66,7 +66,7 @@ impl Serialize for ConfigSource {
 /// `MEMWISE_MEMORY__GPU_BATCH_SIZE`.
 ///
 /// ```
-/// assert_eq!(memwise::env_var_for("memory.gpu_batch_size"), "MEMWISE_MEMORY__GPU_BATCH_SIZE");
+/// assert_eq!(memwise::config::env_var_for("memory.gpu_batch_size"), "MEMWISE_MEMORY__GPU_BATCH_SIZE");
 /// ```
 pub fn env_var_for(key: &str) -> String {
     let body = key
@@ -78,17 +78,17 @@ pub fn env_var_for(key: &str) -> String {
 
 /// One value from one layer, not yet checked.
 #[derive(Debug, Clone)]
-pub(crate) struct Entry {
+pub(crate) struct Raw {
     pub key: String,
     pub value: Value,
-    pub source: ConfigSource,
+    pub source: Source,
     /// The value is environment text that may spell a number or a boolean.
     pub textual: bool,
 }
 
 /// Entries for every leaf of `table`, keys joined with dots. Keys already dotted
 /// (`{"memory.gpu_batch_size": 8}`) come out the same as nested tables.
-fn flatten(prefix: &str, table: &Map<String, Value>, source: &ConfigSource, out: &mut Vec<Entry>) {
+fn flatten(prefix: &str, table: &Map<String, Value>, source: &Source, out: &mut Vec<Raw>) {
     for (name, value) in table {
         let key = if prefix.is_empty() {
             name.clone()
@@ -97,7 +97,7 @@ fn flatten(prefix: &str, table: &Map<String, Value>, source: &ConfigSource, out:
         };
         match value {
             Value::Object(inner) => flatten(&key, inner, source, out),
-            _ => out.push(Entry {
+            _ => out.push(Raw {
                 key,
                 value: value.clone(),
                 source: source.clone(),
@@ -108,13 +108,10 @@ fn flatten(prefix: &str, table: &Map<String, Value>, source: &ConfigSource, out:
 }
 
 /// A table of values (nested or dotted keys) as entries from `source`.
-pub(crate) fn table_entries(
-    values: &Value,
-    source: ConfigSource,
-) -> Result<Vec<Entry>, ConfigError> {
+pub(crate) fn table_entries(values: &Value, source: Source) -> Result<Vec<Raw>, Error> {
     let Value::Object(table) = values else {
-        return Err(ConfigError::new(
-            ConfigErrorKind::WrongType,
+        return Err(Error::new(
+            ErrorKind::WrongType,
             None,
             source,
             format!("expected a table of keys and values such as {{\"memory\": {{\"gpu_batch_size\": 8}}}}, found {values}"),
@@ -128,7 +125,7 @@ pub(crate) fn table_entries(
 /// The leaves of a typed config, canonical as the checks produce them.
 pub(crate) fn leaves(config: &Config) -> BTreeMap<String, Value> {
     let value = serde_json::to_value(config).expect("Config serializes to JSON");
-    table_entries(&value, ConfigSource::Default)
+    table_entries(&value, Source::Default)
         .expect("Config serializes to a table")
         .into_iter()
         .map(|e| (e.key, e.value))
@@ -137,12 +134,11 @@ pub(crate) fn leaves(config: &Config) -> BTreeMap<String, Value> {
 
 /// Reads a TOML or JSON configuration file into entries. The file's own path becomes
 /// `config_path`, unless the file sets that key itself.
-pub(crate) fn read_file(path: &Path) -> Result<Vec<Entry>, ConfigError> {
+pub(crate) fn read_file(path: &Path) -> Result<Vec<Raw>, Error> {
     // Absolute, so that the origin still names the file after the working folder changes.
     let path = &std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-    let source = ConfigSource::File(path.to_path_buf());
-    let unreadable =
-        |message: String| ConfigError::new(ConfigErrorKind::File, None, source.clone(), message);
+    let source = Source::File(path.to_path_buf());
+    let unreadable = |message: String| Error::new(ErrorKind::File, None, source.clone(), message);
     let text = std::fs::read_to_string(path)
         .map_err(|e| unreadable(format!("cannot read the file: {e}")))?;
     let extension = path.extension().and_then(|e| e.to_str()).unwrap_or("");
@@ -157,7 +153,7 @@ pub(crate) fn read_file(path: &Path) -> Result<Vec<Entry>, ConfigError> {
             ))
         }
     };
-    let mut entries = vec![Entry {
+    let mut entries = vec![Raw {
         key: "config_path".to_owned(),
         value: Value::String(path.display().to_string()),
         source: source.clone(),
@@ -170,9 +166,7 @@ pub(crate) fn read_file(path: &Path) -> Result<Vec<Entry>, ConfigError> {
 /// The configuration file named by `MEMWISE_CONFIG`, and an entry for every other
 /// `MEMWISE_*` variable. Every such variable is configuration: a misspelt one is refused,
 /// not ignored. Errors are returned beside the entries so that all are reported at once.
-pub(crate) fn read_env(
-    vars: &[(String, String)],
-) -> (Option<PathBuf>, Vec<Entry>, Vec<ConfigError>) {
+pub(crate) fn read_env(vars: &[(String, String)]) -> (Option<PathBuf>, Vec<Raw>, Vec<Error>) {
     let mut sorted: Vec<&(String, String)> = vars
         .iter()
         .filter(|(name, _)| name.starts_with(ENV_PREFIX))
@@ -188,7 +182,7 @@ pub(crate) fn read_env(
             file = Some(PathBuf::from(text));
             continue;
         }
-        let source = ConfigSource::Env(name.clone());
+        let source = Source::Env(name.clone());
         let key = name[ENV_PREFIX.len()..]
             .split("__")
             .map(str::to_ascii_lowercase)
@@ -199,14 +193,14 @@ pub(crate) fn read_env(
             // which a variable name cannot.
             for pair in text.split(',').filter(|p| !p.trim().is_empty()) {
                 match pair.split_once('=') {
-                    Some((device, size)) => entries.push(Entry {
+                    Some((device, size)) => entries.push(Raw {
                         key: format!("{MAX_MEMORY}.{}", device.trim()),
                         value: Value::String(size.trim().to_owned()),
                         source: source.clone(),
                         textual: true,
                     }),
-                    None => errors.push(ConfigError::new(
-                        ConfigErrorKind::InvalidValue,
+                    None => errors.push(Error::new(
+                        ErrorKind::InvalidValue,
                         Some(MAX_MEMORY),
                         source.clone(),
                         format!(
@@ -224,7 +218,7 @@ pub(crate) fn read_env(
             }
             _ => key,
         };
-        entries.push(Entry {
+        entries.push(Raw {
             key,
             value: Value::String(text.clone()),
             source,
@@ -237,16 +231,16 @@ pub(crate) fn read_env(
 /// The non-default layers, lowest first, as read.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Layers {
-    pub file: Vec<Entry>,
-    pub env: Vec<Entry>,
-    pub code: Vec<Entry>,
+    pub file: Vec<Raw>,
+    pub env: Vec<Raw>,
+    pub code: Vec<Raw>,
 }
 
 impl Layers {
     /// Adds entries to the code layer. An earlier entry for the same key is dropped: it is
     /// overridden anyway, and a long-running program that calls `configure` in a loop
     /// should not grow its configuration without bound.
-    pub fn push_code(&mut self, entries: impl IntoIterator<Item = Entry>) {
+    pub fn push_code(&mut self, entries: impl IntoIterator<Item = Raw>) {
         for entry in entries {
             self.code.retain(|e| e.key != entry.key);
             self.code.push(entry);
@@ -257,38 +251,38 @@ impl Layers {
 /// One key's value and origin, as `memwise config show` prints it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[non_exhaustive]
-pub struct ConfigEntry {
+pub struct Entry {
     /// The dotted key.
     pub key: String,
     /// The value as written in TOML or JSON; `None` when the key is unset.
     pub value: Option<Value>,
     /// Where the value (or its absence) came from.
-    pub origin: ConfigSource,
+    pub origin: Source,
 }
 
 /// A configuration and, for every key, where its value came from.
 ///
 /// ```
-/// use memwise::{ConfigBuilder, ConfigSource};
+/// use memwise::config::{Builder, Source};
 ///
-/// let resolved = ConfigBuilder::new()
+/// let resolved = Builder::new()
 ///     .env_from([("MEMWISE_QUANTIZATION__BITS", "8")])
 ///     .build()
 ///     .unwrap();
 /// assert_eq!(resolved.config().quantization.bits, 8);
 /// assert_eq!(
 ///     resolved.origin("quantization.bits"),
-///     Some(&ConfigSource::Env("MEMWISE_QUANTIZATION__BITS".into()))
+///     Some(&Source::Env("MEMWISE_QUANTIZATION__BITS".into()))
 /// );
-/// assert_eq!(resolved.origin("memory.gpu_batch_size"), Some(&ConfigSource::Default));
+/// assert_eq!(resolved.origin("memory.gpu_batch_size"), Some(&Source::Default));
 /// ```
 #[derive(Debug, Clone)]
-pub struct ResolvedConfig {
+pub struct Resolved {
     config: Arc<Config>,
-    values: BTreeMap<String, (Option<Value>, ConfigSource)>,
+    values: BTreeMap<String, (Option<Value>, Source)>,
 }
 
-impl ResolvedConfig {
+impl Resolved {
     /// The configuration.
     pub fn config(&self) -> &Arc<Config> {
         &self.config
@@ -296,13 +290,13 @@ impl ResolvedConfig {
 
     /// Where `key`'s value came from; `None` for a key no layer mentions and that has no
     /// default (an unset optional key).
-    pub fn origin(&self, key: &str) -> Option<&ConfigSource> {
+    pub fn origin(&self, key: &str) -> Option<&Source> {
         self.values.get(key).map(|(_, source)| source)
     }
 
     /// Every key with its value and origin, in the order of the configuration's sections.
     /// Unset optional keys are listed with no value.
-    pub fn entries(&self) -> Vec<ConfigEntry> {
+    pub fn entries(&self) -> Vec<Entry> {
         let mut out = Vec::new();
         for field in fields::FIELDS {
             let matching: Vec<_> = match field.key.strip_suffix(".*") {
@@ -314,14 +308,14 @@ impl ResolvedConfig {
                 None => self.values.get_key_value(field.key).into_iter().collect(),
             };
             if matching.is_empty() && field.optional && !field.key.ends_with(".*") {
-                out.push(ConfigEntry {
+                out.push(Entry {
                     key: field.key.to_owned(),
                     value: None,
-                    origin: ConfigSource::Default,
+                    origin: Source::Default,
                 });
             }
             for (key, (value, origin)) in matching {
-                out.push(ConfigEntry {
+                out.push(Entry {
                     key: key.clone(),
                     value: value.clone(),
                     origin: origin.clone(),
@@ -334,10 +328,10 @@ impl ResolvedConfig {
 
 /// Merges the layers over the defaults, checking every value. Returns every problem, not
 /// only the first, so one run of `memwise config check` lists them all.
-pub(crate) fn resolve(layers: &Layers) -> Result<ResolvedConfig, Vec<ConfigError>> {
-    let mut values: BTreeMap<String, (Option<Value>, ConfigSource)> = leaves(&Config::default())
+pub(crate) fn resolve(layers: &Layers) -> Result<Resolved, Vec<Error>> {
+    let mut values: BTreeMap<String, (Option<Value>, Source)> = leaves(&Config::default())
         .into_iter()
-        .map(|(key, value)| (key, (Some(value), ConfigSource::Default)))
+        .map(|(key, value)| (key, (Some(value), Source::Default)))
         .collect();
     let mut errors = Vec::new();
     let all = layers.file.iter().chain(&layers.env).chain(&layers.code);
@@ -362,18 +356,17 @@ pub(crate) fn resolve(layers: &Layers) -> Result<ResolvedConfig, Vec<ConfigError
     // key table and the typed Config could fail here; the tests keep the two in step.
     let config: Config = serde_json::from_value(Value::Object(tree))
         .expect("checked values deserialize into Config");
-    Ok(ResolvedConfig {
+    Ok(Resolved {
         config: Arc::new(config),
         values,
     })
 }
 
-fn check(entry: &Entry) -> Result<Option<Value>, ConfigError> {
-    let refuse = |kind, message: String| {
-        ConfigError::new(kind, Some(&entry.key), entry.source.clone(), message)
-    };
+fn check(entry: &Raw) -> Result<Option<Value>, Error> {
+    let refuse =
+        |kind, message: String| Error::new(kind, Some(&entry.key), entry.source.clone(), message);
     let field: &Field = fields::lookup(&entry.key).map_err(|refusal| {
-        if refusal.kind != ConfigErrorKind::UnknownKey {
+        if refusal.kind != ErrorKind::UnknownKey {
             return refuse(refusal.kind, refusal.message);
         }
         let candidates = fields::suggestible_keys(&entry.key);
@@ -381,7 +374,7 @@ fn check(entry: &Entry) -> Result<Option<Value>, ConfigError> {
             Some(key) => format!("did you mean {}?", entry.source.spell(key)),
             None => "`memwise config show` lists every key".to_owned(),
         };
-        refuse(ConfigErrorKind::UnknownKey, format!("unknown key; {hint}"))
+        refuse(ErrorKind::UnknownKey, format!("unknown key; {hint}"))
     })?;
     let value = field
         .check(&entry.value, entry.textual)
@@ -416,9 +409,9 @@ fn insert(tree: &mut Map<String, Value>, key: &str, value: Value) {
 /// [`file`](Self::file) names the file.
 ///
 /// ```
-/// use memwise::ConfigBuilder;
+/// use memwise::config::Builder;
 ///
-/// let resolved = ConfigBuilder::new()
+/// let resolved = Builder::new()
 ///     .env_from([("MEMWISE_MEMORY__GPU_BATCH_SIZE", "8")])
 ///     .values(serde_json::json!({ "memory": { "prefetch_depth": 2 } }))
 ///     .build()
@@ -427,16 +420,16 @@ fn insert(tree: &mut Map<String, Value>, key: &str, value: Value) {
 /// assert_eq!(resolved.config().memory.prefetch_depth, 2);
 /// ```
 #[derive(Debug, Clone, Default)]
-pub struct ConfigBuilder {
+pub struct Builder {
     file: Option<PathBuf>,
     env: Option<Vec<(String, String)>>,
     code: Vec<Value>,
 }
 
-impl ConfigBuilder {
+impl Builder {
     /// Defaults, plus the process environment and `MEMWISE_CONFIG` when built.
     pub fn new() -> Self {
-        ConfigBuilder::default()
+        Builder::default()
     }
 
     /// Loads this file (TOML or JSON, by extension) instead of the one `MEMWISE_CONFIG` names.
@@ -468,16 +461,16 @@ impl ConfigBuilder {
     }
 
     /// Reads the layers and builds the configuration, refusing the first bad value.
-    pub fn build(&self) -> Result<ResolvedConfig, ConfigError> {
+    pub fn build(&self) -> Result<Resolved, Error> {
         self.check().map_err(|mut errors| errors.remove(0))
     }
 
     /// Like [`build`](Self::build) but returns every problem found.
-    pub fn check(&self) -> Result<ResolvedConfig, Vec<ConfigError>> {
+    pub fn check(&self) -> Result<Resolved, Vec<Error>> {
         resolve(&self.layers()?)
     }
 
-    pub(crate) fn layers(&self) -> Result<Layers, Vec<ConfigError>> {
+    pub(crate) fn layers(&self) -> Result<Layers, Vec<Error>> {
         let vars = match &self.env {
             Some(vars) => vars.clone(),
             None => process_env(),
@@ -494,7 +487,7 @@ impl ConfigBuilder {
             }
         }
         for values in &self.code {
-            match table_entries(values, ConfigSource::Code) {
+            match table_entries(values, Source::Code) {
                 Ok(entries) => layers.code.extend(entries),
                 Err(err) => errors.push(err),
             }

@@ -23,23 +23,22 @@ use std::sync::{Arc, RwLock};
 use serde_json::Value;
 
 pub use self::bytesize::{ByteSize, ByteSizeError};
-pub use self::error::{ConfigError, ConfigErrorKind};
+pub use self::error::{Error, ErrorKind};
 pub use self::layers::{
-    env_var_for, ConfigBuilder, ConfigEntry, ConfigSource, ResolvedConfig, CONFIG_FILE_VAR,
-    ENV_PREFIX,
+    env_var_for, Builder, Entry, Resolved, Source, CONFIG_FILE_VAR, ENV_PREFIX,
 };
 pub use self::optimize::{optimize_memory_usage, optimize_memory_usage_with, OptimizeReport};
 pub use self::schema::{
-    Config, Device, ExportConfig, ExportFormat, LogLevel, MemoryConfig, QuantizationConfig,
+    Config, DeviceChoice, ExportConfig, ExportFormat, LogLevel, MemoryConfig, QuantizationConfig,
     TrackingConfig,
 };
 
-use self::layers::{leaves, read_file, resolve, Entry, Layers};
+use self::layers::{leaves, read_file, resolve, Layers, Raw};
 
 /// The process-wide configuration: the layers it was built from, and the result.
 struct GlobalConfig {
     layers: Layers,
-    resolved: Arc<ResolvedConfig>,
+    resolved: Arc<Resolved>,
 }
 
 static GLOBAL: RwLock<Option<GlobalConfig>> = RwLock::new(None);
@@ -53,7 +52,7 @@ fn read_global() -> std::sync::RwLockReadGuard<'static, Option<GlobalConfig>> {
 /// Builds the process-wide configuration from the defaults, `MEMWISE_CONFIG` and the
 /// `MEMWISE_*` environment, unless that was done already. Call it at start-up to handle a
 /// bad environment as an error instead of the panic in [`get_config`].
-pub fn init_config() -> Result<Arc<Config>, ConfigError> {
+pub fn init_config() -> Result<Arc<Config>, Error> {
     update(|layers| Ok(layers.clone())).map(|resolved| resolved.config().clone())
 }
 
@@ -80,7 +79,7 @@ pub fn get_config() -> Arc<Config> {
 /// # Panics
 ///
 /// As [`get_config`].
-pub fn get_config_origins() -> Arc<ResolvedConfig> {
+pub fn get_config_origins() -> Arc<Resolved> {
     if let Some(global) = read_global().as_ref() {
         return global.resolved.clone();
     }
@@ -112,8 +111,8 @@ pub fn get_config_origins() -> Arc<ResolvedConfig> {
 /// assert!(configure(json!({ "memory.gpu_batch_size": 0 })).is_err());
 /// assert_eq!(get_config().memory.gpu_batch_size, 8); // the refused update changed nothing
 /// ```
-pub fn configure(values: Value) -> Result<Arc<Config>, ConfigError> {
-    let entries = layers::table_entries(&values, ConfigSource::Code)?;
+pub fn configure(values: Value) -> Result<Arc<Config>, Error> {
+    let entries = layers::table_entries(&values, Source::Code)?;
     update(|layers| {
         let mut next = layers.clone();
         next.push_code(entries);
@@ -134,7 +133,7 @@ pub fn configure(values: Value) -> Result<Arc<Config>, ConfigError> {
 /// assert!(configure_with(|config| config.quantization.bits = 5).is_err());
 /// assert_eq!(get_config().quantization.bits, 4);
 /// ```
-pub fn configure_with(change: impl FnOnce(&mut Config)) -> Result<Arc<Config>, ConfigError> {
+pub fn configure_with(change: impl FnOnce(&mut Config)) -> Result<Arc<Config>, Error> {
     update(|layers| {
         let current = resolve(layers).map_err(|mut errors| errors.remove(0))?;
         let before = leaves(current.config());
@@ -145,11 +144,11 @@ pub fn configure_with(change: impl FnOnce(&mut Config)) -> Result<Arc<Config>, C
         let changed = keys
             .into_iter()
             .filter(|key| before.get(*key) != after.get(*key))
-            .map(|key| Entry {
+            .map(|key| Raw {
                 key: key.clone(),
                 // A key that disappeared was unset: null unsets an optional key.
                 value: after.get(key).cloned().unwrap_or(Value::Null),
-                source: ConfigSource::Code,
+                source: Source::Code,
                 textual: false,
             });
         let mut next = layers.clone();
@@ -162,7 +161,7 @@ pub fn configure_with(change: impl FnOnce(&mut Config)) -> Result<Arc<Config>, C
 /// Loads a configuration file (TOML or JSON, by extension) as the file layer, replacing
 /// the one `MEMWISE_CONFIG` named. The environment and earlier [`configure`] calls still
 /// sit above it. A bad file changes nothing.
-pub fn load_config(path: impl AsRef<Path>) -> Result<Arc<Config>, ConfigError> {
+pub fn load_config(path: impl AsRef<Path>) -> Result<Arc<Config>, Error> {
     let entries = read_file(path.as_ref())?;
     update(|layers| {
         let mut next = layers.clone();
@@ -173,14 +172,14 @@ pub fn load_config(path: impl AsRef<Path>) -> Result<Arc<Config>, ConfigError> {
 }
 
 /// Writes the configuration in force to `path`, as TOML or JSON by its extension.
-pub fn save_config(path: impl AsRef<Path>) -> Result<(), ConfigError> {
+pub fn save_config(path: impl AsRef<Path>) -> Result<(), Error> {
     get_config().save(path)
 }
 
 /// Forgets every [`configure`] and [`load_config`] and rebuilds from the defaults,
 /// `MEMWISE_CONFIG` and the environment as they are now.
-pub fn reset_config() -> Result<Arc<Config>, ConfigError> {
-    let layers = ConfigBuilder::new()
+pub fn reset_config() -> Result<Arc<Config>, Error> {
+    let layers = Builder::new()
         .layers()
         .map_err(|mut errors| errors.remove(0))?;
     update(|_| Ok(layers)).map(|resolved| resolved.config().clone())
@@ -189,13 +188,11 @@ pub fn reset_config() -> Result<Arc<Config>, ConfigError> {
 /// Computes new layers from the current ones (built from the environment on first use),
 /// resolves them, and installs the result only if every value passed. The write lock is
 /// held throughout, so concurrent updates apply one after the other and none is lost.
-fn update(
-    next: impl FnOnce(&Layers) -> Result<Layers, ConfigError>,
-) -> Result<Arc<ResolvedConfig>, ConfigError> {
+fn update(next: impl FnOnce(&Layers) -> Result<Layers, Error>) -> Result<Arc<Resolved>, Error> {
     let mut global = GLOBAL.write().unwrap_or_else(|e| e.into_inner());
     let current = match global.as_ref() {
         Some(global) => global.layers.clone(),
-        None => ConfigBuilder::new()
+        None => Builder::new()
             .layers()
             .map_err(|mut errors| errors.remove(0))?,
     };
@@ -235,12 +232,10 @@ impl Config {
 
     /// Writes the configuration to `path`, as TOML or JSON by its extension. Loading the
     /// file gives back the same configuration, with `config_path` set to `path`.
-    pub fn save(&self, path: impl AsRef<Path>) -> Result<(), ConfigError> {
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<(), Error> {
         let path = path.as_ref();
-        let source = ConfigSource::File(path.to_path_buf());
-        let failed = |message: String| {
-            ConfigError::new(ConfigErrorKind::File, None, source.clone(), message)
-        };
+        let source = Source::File(path.to_path_buf());
+        let failed = |message: String| Error::new(ErrorKind::File, None, source.clone(), message);
         let extension = path.extension().and_then(|e| e.to_str()).unwrap_or("");
         let text = match extension.to_ascii_lowercase().as_str() {
             "toml" => self.to_toml(),

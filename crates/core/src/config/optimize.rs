@@ -5,7 +5,8 @@ use std::fmt;
 use serde::Serialize;
 
 use super::schema::Config;
-use crate::{clear_memory_with, device, enable_memory_tracking, set_record_capacity, ClearReport};
+use crate::scope::set_record_capacity;
+use crate::{clear_memory_with, device, enable_memory_tracking, ClearReport};
 
 /// What [`optimize_memory_usage`] did, and what it freed (measured, not assumed).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -77,7 +78,7 @@ impl fmt::Display for OptimizeReport {
 ///
 /// configure(json!({ "memory": { "tracking": { "enabled": true } } })).unwrap();
 /// let report = optimize_memory_usage();
-/// assert!(report.tracking_enabled && memwise::memory_tracking_enabled());
+/// assert!(report.tracking_enabled && memwise::scope::memory_tracking_enabled());
 /// print!("{report}");
 /// ```
 ///
