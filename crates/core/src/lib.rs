@@ -62,7 +62,7 @@
 //! use serde_json::json;
 //!
 //! configure(json!({
-//!     "memory": { "clean_weights_after_use": true, "use_cpu_offload": true, "gpu_batch_size": 8 }
+//!     "memory": { "clean_weights_after_use": true, "gpu_batch_size": 8 }
 //! }))
 //! .unwrap();
 //! assert_eq!(get_config().memory.gpu_batch_size, 8);

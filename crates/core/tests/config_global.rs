@@ -72,11 +72,11 @@ fn a_loaded_file_sits_below_code_and_a_bad_one_changes_nothing() {
     let bad = dir.path().join("bad.json");
     std::fs::write(
         &bad,
-        r#"{"memory": {"prefetch_depth": 2, "use_cpu_offload": "sometimes"}}"#,
+        r#"{"memory": {"prefetch_depth": 2, "trim_allocator": "sometimes"}}"#,
     )
     .unwrap();
     let err = load_config(&bad).unwrap_err();
-    assert_eq!(err.key(), Some("memory.use_cpu_offload"));
+    assert_eq!(err.key(), Some("memory.trim_allocator"));
     assert_eq!(err.origin(), &config::Source::File(bad));
     assert_eq!(get_config().memory.prefetch_depth, 4);
     assert_eq!(get_config().config_path.as_deref(), Some(good.as_path()));

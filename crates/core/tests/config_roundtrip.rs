@@ -7,7 +7,7 @@ fn changed_everywhere(dir: &std::path::Path) -> Config {
     let mut config = Config::default();
     config.memory.workspace_dir = dir.join("workspace");
     config.memory.gpu_batch_size = 3;
-    config.memory.use_meta_tensors = false;
+    config.memory.empty_device_cache = false;
     config
         .memory
         .max_memory

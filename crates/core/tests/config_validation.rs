@@ -98,6 +98,18 @@ fn unknown_keys_suggest_the_closest_valid_name() {
 }
 
 #[test]
+fn keys_memwise_does_not_have_are_refused_with_the_reason() {
+    for key in ["use_cpu_offload", "use_meta_tensors"] {
+        let err = file_error(
+            &format!("[memory]\n{key} = true\n"),
+            &format!("memory.{key}"),
+        );
+        assert_eq!(err.kind(), config::ErrorKind::UnknownKey);
+        assert!(err.message().contains("remove the key"), "{err}");
+    }
+}
+
+#[test]
 fn wrong_types_say_what_was_expected_and_found() {
     let err = file_error(
         "[memory]\ngpu_batch_size = \"eight\"\n",

@@ -75,9 +75,7 @@ const ACTIVATION_BITS: &[u64] = &[2, 3, 4, 8, 16, 32];
 pub(crate) const FIELDS: &[Field] = &[
     field("memory.workspace_dir", Kind::CreatableDir),
     field("memory.clean_weights_after_use", Kind::Bool),
-    field("memory.use_cpu_offload", Kind::Bool),
     field("memory.gpu_batch_size", Kind::Count { min: 1 }),
-    field("memory.use_meta_tensors", Kind::Bool),
     optional("memory.max_memory.*", Kind::ByteSize),
     field("memory.prefetch_depth", Kind::Count { min: 0 }),
     field("memory.tracking.enabled", Kind::Bool),
@@ -108,6 +106,19 @@ pub(crate) const FIELDS: &[Field] = &[
     field(
         "log_level",
         Kind::Choice(&["error", "warn", "info", "debug", "trace"]),
+    ),
+];
+
+/// Keys of the original `config_manager` that memwise does not have, and why: a file that
+/// sets one is refused like any unknown key, with this reason instead of a guess.
+pub(crate) const REMOVED: &[(&str, &str)] = &[
+    (
+        "memory.use_cpu_offload",
+        "memwise always keeps weights on the host and streams each stage to where it runs; remove the key",
+    ),
+    (
+        "memory.use_meta_tensors",
+        "memwise never allocates a model's weights before a stage needs them; remove the key",
     ),
 ];
 

@@ -369,6 +369,9 @@ fn check(entry: &Raw) -> Result<Option<Value>, Error> {
         if refusal.kind != ErrorKind::UnknownKey {
             return refuse(refusal.kind, refusal.message);
         }
+        if let Some((_, why)) = fields::REMOVED.iter().find(|(key, _)| *key == entry.key) {
+            return refuse(ErrorKind::UnknownKey, format!("unknown key: {why}"));
+        }
         let candidates = fields::suggestible_keys(&entry.key);
         let hint = match closest(&entry.key, candidates.iter().map(String::as_str)) {
             Some(key) => format!("did you mean {}?", entry.source.spell(key)),

@@ -100,7 +100,6 @@ pub fn get_config_origins() -> Arc<Resolved> {
 /// configure(json!({
 ///     "memory": {
 ///         "clean_weights_after_use": true,
-///         "use_cpu_offload": true,
 ///         "gpu_batch_size": 8
 ///     }
 /// }))

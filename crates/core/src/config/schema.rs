@@ -63,12 +63,8 @@ pub struct MemoryConfig {
     pub workspace_dir: PathBuf,
     /// Release each layer's weights right after it has run. Default true.
     pub clean_weights_after_use: bool,
-    /// Keep weights on the host and move them to the device only while in use. Default true.
-    pub use_cpu_offload: bool,
     /// Samples per batch on an accelerator. Default 16; at least 1.
     pub gpu_batch_size: usize,
-    /// Build the model skeleton without allocating weights. Default true.
-    pub use_meta_tensors: bool,
     /// Memory budget per device (`cpu`, `cuda:0`, ...). Empty by default: no budget.
     #[serde(default)]
     pub max_memory: BTreeMap<String, ByteSize>,
@@ -279,9 +275,7 @@ impl Default for MemoryConfig {
         MemoryConfig {
             workspace_dir: PathBuf::from("layer_wise_quantize_workspace"),
             clean_weights_after_use: true,
-            use_cpu_offload: true,
             gpu_batch_size: 16,
-            use_meta_tensors: true,
             max_memory: BTreeMap::new(),
             prefetch_depth: 1,
             tracking: TrackingConfig::default(),
