@@ -1,11 +1,12 @@
 //! The layers (defaults < file < environment < code), how they merge, and where each
 //! value came from.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use figment::{Figment, Metadata, Profile, Provider};
 use serde::{Serialize, Serializer};
 use serde_json::{Map, Value};
 
@@ -326,43 +327,106 @@ impl Resolved {
     }
 }
 
-/// Merges the layers over the defaults, checking every value. Returns every problem, not
-/// only the first, so one run of `memwise config check` lists them all.
+/// Checks every value of every layer, then lets figment merge them over the defaults, one
+/// provider per value, so that figment can say for each key which layer set it. Returns
+/// every problem, not only the first, so one run of `memwise config check` lists them all.
+/// A value refused in a low layer is an error even when a higher layer overrides it.
 pub(crate) fn resolve(layers: &Layers) -> Result<Resolved, Vec<Error>> {
-    let mut values: BTreeMap<String, (Option<Value>, Source)> = leaves(&Config::default())
-        .into_iter()
-        .map(|(key, value)| (key, (Some(value), Source::Default)))
-        .collect();
+    let mut stack = Stack::default();
+    stack.push(Source::Default, &leaves(&Config::default()));
     let mut errors = Vec::new();
-    let all = layers.file.iter().chain(&layers.env).chain(&layers.code);
-    for entry in all {
+    for entry in layers.file.iter().chain(&layers.env).chain(&layers.code) {
         match check(entry) {
-            Ok(value) => {
-                values.insert(entry.key.clone(), (value, entry.source.clone()));
-            }
+            Ok(value) => stack.push(
+                entry.source.clone(),
+                &BTreeMap::from([(entry.key.clone(), value)]),
+            ),
             Err(err) => errors.push(err),
         }
     }
     if !errors.is_empty() {
         return Err(errors);
     }
-    let mut tree = Map::new();
-    for (key, (value, _)) in &values {
-        if let Some(value) = value {
-            insert(&mut tree, key, value.clone());
-        }
-    }
-    // Every leaf was checked against its key's kind, so only a disagreement between the
-    // key table and the typed Config could fail here; the tests keep the two in step.
-    let config: Config = serde_json::from_value(Value::Object(tree))
-        .expect("checked values deserialize into Config");
-    Ok(Resolved {
-        config: Arc::new(config),
-        values,
-    })
+    Ok(stack.resolve())
 }
 
-fn check(entry: &Raw) -> Result<Option<Value>, Error> {
+/// The layers as figment providers, lowest first, and the source behind each provider's name.
+#[derive(Default)]
+struct Stack {
+    figment: Figment,
+    sources: HashMap<String, Source>,
+}
+
+impl Stack {
+    /// Merges `values` (dotted keys; null unsets an optional key) as one provider from `source`.
+    fn push(&mut self, source: Source, values: &BTreeMap<String, Value>) {
+        let mut tree = Map::new();
+        for (key, value) in values {
+            insert(&mut tree, key, value.clone());
+        }
+        let layer = Layer {
+            name: source.to_string(),
+            values: serde_json::from_value(Value::Object(tree))
+                .expect("JSON converts to figment values"),
+        };
+        self.sources.insert(layer.name.clone(), source);
+        self.figment = std::mem::take(&mut self.figment).merge(layer);
+    }
+
+    fn resolve(self) -> Resolved {
+        // Every leaf was checked against its key's kind, so only a disagreement between the
+        // key table and the typed Config could fail here; the tests keep the two in step.
+        let config: Config = self
+            .figment
+            .extract()
+            .expect("checked values deserialize into Config");
+        let merged = self
+            .figment
+            .data()
+            .expect("layers hold data")
+            .remove(&Profile::Default)
+            .unwrap_or_default();
+        let merged = serde_json::to_value(merged).expect("figment values convert to JSON");
+        let values = table_entries(&merged, Source::Default)
+            .expect("the merged layers are a table")
+            .into_iter()
+            .map(|leaf| {
+                let source = self
+                    .figment
+                    .find_metadata(&leaf.key)
+                    .and_then(|meta| self.sources.get(meta.name.as_ref()))
+                    .cloned()
+                    .unwrap_or(Source::Default);
+                (
+                    leaf.key,
+                    ((!leaf.value.is_null()).then_some(leaf.value), source),
+                )
+            })
+            .collect();
+        Resolved {
+            config: Arc::new(config),
+            values,
+        }
+    }
+}
+
+/// Checked values from one source, as a figment provider named after the source.
+struct Layer {
+    name: String,
+    values: figment::value::Dict,
+}
+
+impl Provider for Layer {
+    fn metadata(&self) -> Metadata {
+        Metadata::named(self.name.clone())
+    }
+
+    fn data(&self) -> Result<figment::value::Map<Profile, figment::value::Dict>, figment::Error> {
+        Ok(Profile::Default.collect(self.values.clone()))
+    }
+}
+
+fn check(entry: &Raw) -> Result<Value, Error> {
     let refuse =
         |kind, message: String| Error::new(kind, Some(&entry.key), entry.source.clone(), message);
     let field: &Field = fields::lookup(&entry.key).map_err(|refusal| {
@@ -382,7 +446,7 @@ fn check(entry: &Raw) -> Result<Option<Value>, Error> {
     let value = field
         .check(&entry.value, entry.textual)
         .map_err(|refusal| refuse(refusal.kind, refusal.message))?;
-    Ok((!value.is_null()).then_some(value))
+    Ok(value)
 }
 
 /// Sets `tree[a][b][c] = value` for the key `a.b.c`, creating tables on the way.

@@ -8,6 +8,15 @@
 //! its key before it is accepted; a refused update leaves the previous configuration in
 //! force. Readers get an immutable snapshot ([`get_config`]), so a reader never sees half
 //! an update.
+//!
+//! [figment](https://docs.rs/figment) merges the layers and remembers which one set each key
+//! (what `memwise config show --origin` prints). What figment does not do is ours: the key
+//! table with every key's check, the suggestion for a misspelt key, reporting every bad value
+//! at once (figment's `extract` stops at the first, without naming its source), refusing a bad
+//! value even in a layer that a higher one overrides, environment text read as the key's type
+//! (`yes`, `on`), and the budget forms `MEMWISE_MEMORY__MAX_MEMORY="cpu=2GiB,cuda:0=10GiB"`
+//! and `MEMWISE_MEMORY__MAX_MEMORY__CUDA_0`, which figment's `Env` cannot spell. The
+//! environment is read as a list of variables, so [`Builder::env_from`] can supply one.
 
 mod bytesize;
 mod error;
