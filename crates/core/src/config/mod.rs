@@ -25,7 +25,9 @@ mod layers;
 mod optimize;
 mod schema;
 
+use std::cell::RefCell;
 use std::collections::BTreeSet;
+use std::marker::PhantomData;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
@@ -61,11 +63,18 @@ fn read_global() -> std::sync::RwLockReadGuard<'static, Option<GlobalConfig>> {
 /// Builds the process-wide configuration from the defaults, `MEMWISE_CONFIG` and the
 /// `MEMWISE_*` environment, unless that was done already. Call it at start-up to handle a
 /// bad environment as an error instead of the panic in [`get_config`].
+///
+/// Inside [`with_config`] (or while an [`override_config`] guard lives) on this thread it
+/// returns that configuration and reads nothing.
 pub fn init_config() -> Result<Arc<Config>, Error> {
+    if let Some(config) = overridden() {
+        return Ok(config);
+    }
     update(|layers| Ok(layers.clone())).map(|resolved| resolved.config().clone())
 }
 
-/// The configuration in force: a cheap shared snapshot (the spec's `get_config()`).
+/// The configuration in force: a cheap shared snapshot (the spec's `get_config()`). On a
+/// thread inside [`with_config`], that configuration; otherwise the process-wide one.
 ///
 /// ```
 /// let config = memwise::get_config();
@@ -79,7 +88,66 @@ pub fn init_config() -> Result<Arc<Config>, Error> {
 /// it panics with the error, which names the key and the variable or file. Call
 /// [`init_config`] first to handle that as an error.
 pub fn get_config() -> Arc<Config> {
-    get_config_origins().config().clone()
+    overridden().unwrap_or_else(|| get_config_origins().config().clone())
+}
+
+thread_local! {
+    /// This thread's overrides, innermost last.
+    static OVERRIDES: RefCell<Vec<Arc<Config>>> = const { RefCell::new(Vec::new()) };
+}
+
+fn overridden() -> Option<Arc<Config>> {
+    OVERRIDES.with(|stack| stack.borrow().last().cloned())
+}
+
+/// Runs `work` with `config` as the configuration [`get_config`] (and every memwise call
+/// that reads it: [`batches`](crate::batches), [`optimize_memory_usage`], a model
+/// converter) sees on this thread. Other threads, and this one afterwards, see what they
+/// saw before; nothing global changes, so tests with different configurations can run in
+/// parallel without a lock. Overrides nest; the origins ([`get_config_origins`]) stay
+/// those of the process-wide configuration.
+///
+/// ```
+/// use memwise::{config, get_config, Config};
+///
+/// let mut small = Config::default();
+/// small.memory.gpu_batch_size = 2;
+/// let seen = config::with_config(small, || get_config().memory.gpu_batch_size);
+/// assert_eq!(seen, 2);
+/// assert_eq!(get_config().memory.gpu_batch_size, Config::default().memory.gpu_batch_size);
+/// ```
+pub fn with_config<R>(config: impl Into<Arc<Config>>, work: impl FnOnce() -> R) -> R {
+    let _guard = override_config(config);
+    work()
+}
+
+/// Makes `config` the configuration this thread sees until the guard is dropped (the guard
+/// form of [`with_config`]). The guard cannot leave its thread.
+pub fn override_config(config: impl Into<Arc<Config>>) -> OverrideGuard {
+    let depth = OVERRIDES.with(|stack| {
+        let mut stack = stack.borrow_mut();
+        stack.push(config.into());
+        stack.len() - 1
+    });
+    OverrideGuard {
+        depth,
+        _thread_bound: PhantomData,
+    }
+}
+
+/// Ends an [`override_config`] when dropped, unwinding included: the thread sees the
+/// configuration it saw before (and inner overrides still open end with it).
+#[derive(Debug)]
+#[must_use = "the override ends when the guard is dropped"]
+pub struct OverrideGuard {
+    depth: usize,
+    _thread_bound: PhantomData<*const ()>,
+}
+
+impl Drop for OverrideGuard {
+    fn drop(&mut self) {
+        let _ = OVERRIDES.try_with(|stack| stack.borrow_mut().truncate(self.depth));
+    }
 }
 
 /// The configuration in force with the origin of every value (what `memwise config show
