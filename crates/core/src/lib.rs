@@ -23,12 +23,15 @@
 //! enable_memory_tracking(true);
 //! {
 //!     let _t = MemoryTracker::new("model_inference");
-//!     let outputs = vec![0u8; 8 << 20]; // outputs = model(**inputs)
+//!     let outputs = vec![1u8; 8 << 20]; // outputs = model(**inputs)
 //!     drop(outputs);
 //! }
 //! let stats = get_memory_stats();
 //! let record = stats.scopes_named("model_inference").last().unwrap();
-//! println!("model_inference needed {:?} bytes at its peak", record.heap_peak_delta());
+//! if let Some(peak) = record.heap_peak_delta() {
+//!     // Without the tracking allocator (as in this doctest) heap figures are unavailable.
+//!     println!("model_inference needed {} MiB at its peak", peak >> 20);
+//! }
 //! match stats.peak_gpu_mb() {
 //!     Some(mb) => println!("Peak GPU memory: {mb:.1} MB"),
 //!     None => println!("no device registered in this build"),
@@ -40,10 +43,12 @@
 //! ```
 //! use memwise::{clear_memory, clear_memory_with, ClearOptions};
 //!
-//! let batch = vec![0f32; 1 << 20];
-//! let results = vec![0f32; 1 << 18];
+//! let batch = vec![1f32; 1 << 20];
+//! let results = vec![1f32; 1 << 18];
 //! let report = clear_memory((batch, results)); // clear_memory([batch, results])
-//! println!("freed {:?} resident bytes", report.freed.rss);
+//! if let Some(rss) = report.freed.rss {
+//!     println!("freed {} KiB of resident memory", rss >> 10);
+//! }
 //!
 //! // torch.cuda.empty_cache() becomes:
 //! clear_memory_with((), ClearOptions::with_device_cache());
@@ -135,3 +140,9 @@ pub use crate::config::{
 pub use crate::error::{Error, ErrorKind, Result};
 pub use crate::scope::{enable_memory_tracking, track, MemoryTracker};
 pub use crate::stats::{get_memory_stats, reset_memory_stats, reset_peak_memory, MemoryStats};
+
+/// The README's Rust snippets, compiled and run as doctests (the model pipeline, which needs
+/// `memwise-model`, is marked `ignore` here and runs as that crate's example).
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeSnippets;
