@@ -34,11 +34,19 @@ fn process_batch(batch: &[Vec<f32>]) -> Vec<Vec<f32>> {
         .collect()
 }
 
-fn main() -> Result<(), memwise::Error> {
-    for line in run()? {
-        println!("{line}");
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(lines) => {
+            for line in lines {
+                println!("{line}");
+            }
+            std::process::ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("error: {err}");
+            std::process::ExitCode::FAILURE
+        }
     }
-    Ok(())
 }
 
 /// Runs the batches and the batch-size finder, and returns what `main` prints.

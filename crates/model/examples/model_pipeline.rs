@@ -24,11 +24,19 @@ use memwise::{clear_memory, enable_memory_tracking, get_config, get_memory_stats
 use memwise::{track, MemoryTracker};
 use memwise_model::{write_synthetic_checkpoint, Architecture, ModelConverter, SynthSpec};
 
-fn main() -> Result<(), Box<dyn Error>> {
-    for line in run()? {
-        println!("{line}");
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(lines) => {
+            for line in lines {
+                println!("{line}");
+            }
+            std::process::ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("error: {err}");
+            std::process::ExitCode::FAILURE
+        }
     }
-    Ok(())
 }
 
 /// Runs the pipeline and returns what it prints: one line per scope, then the totals.
@@ -39,7 +47,10 @@ pub fn run() -> Result<Vec<String>, Box<dyn Error>> {
     let config = get_config();
     let device = match config.device {
         DeviceChoice::Auto | DeviceChoice::Cpu => Device::Cpu,
-        other => return Err(format!("device {other}: this example runs on the CPU").into()),
+        other => {
+            let why = format!("{other} is not available: this build runs on the CPU; set device = \"cpu\" or \"auto\"");
+            return Err(memwise::config::refuse("device", why).into());
+        }
     };
     let scratch = tempfile::tempdir()?;
     let model_path = match &config.model_path {

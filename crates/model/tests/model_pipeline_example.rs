@@ -57,4 +57,14 @@ fn the_model_pipeline_example_prints_its_scopes_and_honours_clean_weights() {
         final_freed(&resident) > streamed + 200_000,
         "{streamed} vs {resident:?}"
     );
+
+    // A device this build cannot run on is refused in one line naming the key.
+    let mut on_gpu = (*get_config()).clone();
+    on_gpu.device = "cuda:0".parse().unwrap();
+    let err = with_config(on_gpu, example::run).unwrap_err().to_string();
+    assert!(
+        err.starts_with("device (from code (configure)): cuda:0 is not available"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
 }

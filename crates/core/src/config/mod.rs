@@ -247,6 +247,28 @@ pub fn load_config(path: impl AsRef<Path>) -> Result<Arc<Config>, Error> {
     .map(|resolved| resolved.config().clone())
 }
 
+/// An error refusing the value `key` has in the configuration in force, naming the key and
+/// where its value came from: for code that reads a key and cannot do what it asks (a
+/// `device` this build cannot run on). Inside [`with_config`] the origin is code.
+///
+/// ```
+/// use memwise::config::{refuse, ErrorKind};
+///
+/// let err = refuse("device", "this build runs on the CPU; set device = \"cpu\" or \"auto\"");
+/// assert_eq!(err.kind(), ErrorKind::InvalidValue);
+/// assert!(err.to_string().starts_with("device (from default): this build runs on the CPU"));
+/// ```
+pub fn refuse(key: &str, message: impl Into<String>) -> Error {
+    let origin = match overridden() {
+        Some(_) => Source::Code,
+        None => get_config_origins()
+            .origin(key)
+            .cloned()
+            .unwrap_or(Source::Default),
+    };
+    Error::new(ErrorKind::InvalidValue, Some(key), origin, message)
+}
+
 /// Writes the configuration in force to `path`, as TOML or JSON by its extension.
 pub fn save_config(path: impl AsRef<Path>) -> Result<(), Error> {
     get_config().save(path)
