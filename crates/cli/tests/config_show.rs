@@ -82,7 +82,7 @@ fn show_origin_names_the_file_the_variable_and_the_defaults() {
     line_for(&text, "quantization.bits", &from_file);
     line_for(&text, "memory.max_memory.cpu", &from_file);
     line_for(&text, "device", &from_file);
-    line_for(&text, "memory.use_cpu_offload", "default");
+    line_for(&text, "memory.trim_allocator", "default");
     line_for(&text, "export.export_format", "default");
 
     let json = memwise(&scratch.0)

@@ -12,9 +12,10 @@
 #[global_allocator]
 static ALLOC: memwise::TrackingAllocator = memwise::TrackingAllocator::system();
 
+use memwise::alloc::heap_totals;
+use memwise::batch::{HeapPeak, WorkloadError};
 use memwise::{
-    batches, enable_memory_tracking, get_config, get_memory_stats, heap_totals, init_config,
-    BatchSizeFinder, HeapPeak, WorkloadError,
+    batches, enable_memory_tracking, get_config, get_memory_stats, init_config, BatchSizeFinder,
 };
 
 const SAMPLE_FLOATS: usize = 16 * 1024; // 64 KiB per sample
@@ -33,7 +34,23 @@ fn process_batch(batch: &[Vec<f32>]) -> Vec<Vec<f32>> {
         .collect()
 }
 
-fn main() -> Result<(), memwise::Error> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(lines) => {
+            for line in lines {
+                println!("{line}");
+            }
+            std::process::ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("error: {err}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the batches and the batch-size finder, and returns what `main` prints.
+pub fn run() -> Result<Vec<String>, memwise::Error> {
     // A bad MEMWISE_* variable or config file is reported here, naming the key and source.
     init_config()?;
     let config = get_config();
@@ -45,23 +62,24 @@ fn main() -> Result<(), memwise::Error> {
     // for i in range(0, len(dataset), batch_size): with MemoryTracker(f"batch_{i}"): ...
     for batch in batches(dataset, batch_size) {
         let results = process_batch(&batch);
-        saved.extend(results.into_iter().flatten()); // save_results(results)
-                                                     // clear_memory([batch, results]): the batch and its scope end here, and batches()
-                                                     // cleans up (allocator trim, device caches) before forming the next one.
+        // save_results(results)
+        saved.extend(results.into_iter().flatten());
+        // clear_memory([batch, results]): the batch and its scope end here, and batches()
+        // cleans up (allocator trim, device caches) before forming the next one.
     }
-    println!(
+    let mut lines = vec![format!(
         "processed {} samples in batches of {batch_size}",
         saved.len()
-    );
+    )];
 
     let stats = get_memory_stats();
     for record in stats.scopes.iter().filter(|r| r.name.starts_with("batch_")) {
-        println!(
+        lines.push(format!(
             "{:<10} peak +{:>8} bytes, kept {:>6} bytes",
             record.name,
             record.heap_peak_delta().unwrap_or(0),
             record.heap_retained().unwrap_or(0)
-        );
+        ));
     }
 
     // Better than guessing: measure two small batches and predict the largest that fits the
@@ -77,12 +95,14 @@ fn main() -> Result<(), memwise::Error> {
             std::hint::black_box(process_batch(&batch));
             Ok::<(), WorkloadError>(())
         })?;
-    println!(
-        "largest batch within {budget} bytes: {} ({} runs; {:.0} bytes per sample, predicted {:?})",
+    lines.push(format!(
+        "largest batch within {budget} bytes: {} ({} runs; {:.0} bytes per sample, predicted {})",
         report.batch_size,
         report.runs.len(),
         report.per_sample_bytes.unwrap_or(0.0),
-        report.predicted
-    );
-    Ok(())
+        report
+            .predicted
+            .map_or("nothing".to_owned(), |p| p.to_string())
+    ));
+    Ok(lines)
 }

@@ -1,4 +1,5 @@
-//! The tracking global allocator and its process-wide heap counters.
+//! The tracking global allocator, its process-wide heap counters, and the [`BlockCache`]
+//! that can sit under it.
 //!
 //! Counting every allocation with shared atomics costs a contended cache line per call. We
 //! count small allocations in thread-local cells instead and fold them into the shared
@@ -16,6 +17,11 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
+
+pub use crate::block_cache::{
+    block_cache_bytes, block_cache_capacity, release_block_cache, set_block_cache_capacity,
+    BlockCache, BLOCK_CACHE_MIN,
+};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 
 /// Allocations, reallocations and frees of at least this many bytes are counted in the
@@ -332,18 +338,34 @@ fn record(op: Op, size: usize) {
 #[cold]
 #[inline(never)]
 fn slow_path(local: &Local) {
-    if IN_SLOW_PATH.get() {
-        // Re-entered while registering the exit guard; the outer fold covers this too.
+    // Re-entered while registering the exit guard: the outer fold covers this too.
+    let Some(_guard) = SlowPath::enter() else {
         return;
-    }
-    IN_SLOW_PATH.set(true);
+    };
     INSTALLED.store(true, Ordering::Relaxed);
     // The first touch registers the destructor (glibc's __cxa_thread_atexit_impl allocates
     // with its own malloc, not through us; on other platforms it may allocate through us,
     // which IN_SLOW_PATH turns into plain counting). Later touches are a flag check.
     let _ = EXIT_GUARD.try_with(|_| ());
     local.fold();
-    IN_SLOW_PATH.set(false);
+}
+
+/// This thread's claim on the slow path: holding it sets `IN_SLOW_PATH`, dropping it
+/// (unwinding included) clears it, so a panic inside can never leave the thread counting
+/// in plain mode for good.
+struct SlowPath(());
+
+impl SlowPath {
+    /// Claims the slow path, or `None` when this thread already holds it (re-entry).
+    fn enter() -> Option<SlowPath> {
+        (!IN_SLOW_PATH.replace(true)).then_some(SlowPath(()))
+    }
+}
+
+impl Drop for SlowPath {
+    fn drop(&mut self) {
+        IN_SLOW_PATH.set(false);
+    }
 }
 
 #[cold]
@@ -431,4 +453,21 @@ pub fn heap_totals() -> HeapTotals {
 /// attribute allocations to a worker, and to check the allocator itself.
 pub fn thread_heap_totals() -> HeapTotals {
     LOCAL.try_with(Local::totals).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_while_holding_the_slow_path_releases_it() {
+        let unwound = std::panic::catch_unwind(|| {
+            let _held = SlowPath::enter().expect("not yet held");
+            assert!(SlowPath::enter().is_none(), "re-entry is refused");
+            panic!("inside the slow path");
+        });
+        assert!(unwound.is_err());
+        assert!(!IN_SLOW_PATH.get(), "the flag was left set");
+        assert!(SlowPath::enter().is_some());
+    }
 }

@@ -17,11 +17,15 @@ use std::fmt;
 use std::iter::Peekable;
 use std::ops::{Deref, DerefMut};
 
+use std::sync::Arc;
+
 use serde::Serialize;
 
+use crate::alloc::{heap_totals, tracking_allocator_installed};
+use crate::device::devices;
 use crate::{
-    clear_memory_with, devices, get_memory_stats, heap_totals, reset_peak_memory,
-    tracking_allocator_installed, ClearOptions, ClearReport, Error, ErrorKind, MemoryTracker,
+    clear_memory_with, get_memory_stats, reset_peak_memory, ClearOptions, ClearReport, Config,
+    Error, ErrorKind, MemoryTracker,
 };
 
 /// Splits `items` into batches of `size` (the last may be shorter). Each [`Batch`] holds a
@@ -45,20 +49,15 @@ use crate::{
 /// assert_eq!(stats.scopes_named("batch_4").count(), 1);
 /// ```
 ///
+/// The cleanup follows the configuration in force; [`Batches::from_config`] takes one
+/// explicitly, size included.
+///
 /// # Panics
 ///
 /// If `size` is 0, and as [`get_config`](crate::get_config) when the environment holds a
 /// bad value.
 pub fn batches<I: IntoIterator>(items: I, size: usize) -> Batches<I::IntoIter> {
-    assert!(size > 0, "a batch needs at least one item");
-    Batches {
-        items: items.into_iter().peekable(),
-        size,
-        next_start: 0,
-        cleanup: Some(crate::get_config().memory.clear_options()),
-        last_cleanup: None,
-        finished: false,
-    }
+    Batches::new(items, size, &crate::get_config())
 }
 
 /// The iterator [`batches`] returns.
@@ -72,6 +71,34 @@ pub struct Batches<I: Iterator> {
 }
 
 impl<I: Iterator> Batches<I> {
+    /// Batches of `config.memory.gpu_batch_size`, cleaned up between them as `config` says
+    /// (`memory.trim_allocator`, `memory.empty_device_cache`): [`batches`] with an explicit
+    /// configuration instead of the one in force.
+    ///
+    /// ```
+    /// use memwise::{batch::Batches, Config};
+    ///
+    /// let mut config = Config::default();
+    /// config.memory.gpu_batch_size = 3;
+    /// let sizes: Vec<usize> = Batches::from_config(0..7, &config).map(|b| b.len()).collect();
+    /// assert_eq!(sizes, [3, 3, 1]);
+    /// ```
+    pub fn from_config(items: impl IntoIterator<IntoIter = I>, config: &Config) -> Self {
+        Batches::new(items, config.memory.gpu_batch_size, config)
+    }
+
+    fn new(items: impl IntoIterator<IntoIter = I>, size: usize, config: &Config) -> Self {
+        assert!(size > 0, "a batch needs at least one item");
+        Batches {
+            items: items.into_iter().peekable(),
+            size,
+            next_start: 0,
+            cleanup: Some(config.memory.clear_options()),
+            last_cleanup: None,
+            finished: false,
+        }
+    }
+
     /// Cleans up with these options between batches instead of the configured ones.
     pub fn cleanup(mut self, options: ClearOptions) -> Self {
         self.cleanup = Some(options);
@@ -380,9 +407,10 @@ pub struct BatchSizeReport {
 /// #[global_allocator]
 /// static ALLOC: memwise::TrackingAllocator = memwise::TrackingAllocator::system();
 ///
-/// use memwise::{BatchSizeFinder, HeapPeak};
+/// use memwise::BatchSizeFinder;
+/// use memwise::batch::HeapPeak;
 ///
-/// let budget = memwise::heap_totals().live_bytes() as u64 + (64 << 20);
+/// let budget = memwise::alloc::heap_totals().live_bytes() as u64 + (64 << 20);
 /// let report = BatchSizeFinder::new()
 ///     .budget(budget)
 ///     .find(&mut HeapPeak, |batch_size| {
@@ -396,6 +424,8 @@ pub struct BatchSizeReport {
 #[derive(Debug, Clone)]
 pub struct BatchSizeFinder {
     budget: Option<u64>,
+    /// Where budgets come from when none is set: this configuration, else the one in force.
+    config: Option<Arc<Config>>,
     probes: (usize, usize),
     max_batch: Option<usize>,
     max_runs: usize,
@@ -406,6 +436,7 @@ impl Default for BatchSizeFinder {
     fn default() -> Self {
         BatchSizeFinder {
             budget: None,
+            config: None,
             probes: (1, 4),
             max_batch: None,
             max_runs: 8,
@@ -420,9 +451,19 @@ impl BatchSizeFinder {
         BatchSizeFinder::default()
     }
 
+    /// A finder that takes the budget (`memory.max_memory.<device>`) and the cleanup
+    /// between runs from `config` instead of the configuration in force.
+    pub fn from_config(config: &Config) -> Self {
+        BatchSizeFinder {
+            cleanup: config.memory.clear_options(),
+            config: Some(Arc::new(config.clone())),
+            ..BatchSizeFinder::default()
+        }
+    }
+
     /// The budget in bytes in use on the measured device, instead of
     /// `memory.max_memory.<device>`.
-    pub fn budget(mut self, bytes: impl Into<crate::ByteSize>) -> Self {
+    pub fn budget(mut self, bytes: impl Into<crate::config::ByteSize>) -> Self {
         self.budget = Some(bytes.into().bytes());
         self
     }
@@ -474,7 +515,8 @@ impl BatchSizeFinder {
         let device = meter.device().to_owned();
         let budget = match self.budget {
             Some(budget) => budget,
-            None => crate::get_config()
+            None => (self.config.clone())
+                .unwrap_or_else(crate::get_config)
                 .memory
                 .budget(&device)
                 .ok_or_else(|| {
@@ -482,7 +524,7 @@ impl BatchSizeFinder {
                         ErrorKind::Config,
                         format!(
                             "no memory budget for {device}: set memory.max_memory.{device} (environment: {}) or call BatchSizeFinder::budget",
-                            crate::env_var_for(&format!("memory.max_memory.{device}"))
+                            crate::config::env_var_for(&format!("memory.max_memory.{device}"))
                         ),
                     )
                 })?

@@ -2,6 +2,9 @@
 
 use std::fmt;
 
+/// A result whose error is the core's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
 /// What went wrong, broadly. New kinds may be added.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]

@@ -23,12 +23,15 @@
 //! enable_memory_tracking(true);
 //! {
 //!     let _t = MemoryTracker::new("model_inference");
-//!     let outputs = vec![0u8; 8 << 20]; // outputs = model(**inputs)
+//!     let outputs = vec![1u8; 8 << 20]; // outputs = model(**inputs)
 //!     drop(outputs);
 //! }
 //! let stats = get_memory_stats();
 //! let record = stats.scopes_named("model_inference").last().unwrap();
-//! println!("model_inference needed {:?} bytes at its peak", record.heap_peak_delta());
+//! if let Some(peak) = record.heap_peak_delta() {
+//!     // Without the tracking allocator (as in this doctest) heap figures are unavailable.
+//!     println!("model_inference needed {} MiB at its peak", peak >> 20);
+//! }
 //! match stats.peak_gpu_mb() {
 //!     Some(mb) => println!("Peak GPU memory: {mb:.1} MB"),
 //!     None => println!("no device registered in this build"),
@@ -40,10 +43,12 @@
 //! ```
 //! use memwise::{clear_memory, clear_memory_with, ClearOptions};
 //!
-//! let batch = vec![0f32; 1 << 20];
-//! let results = vec![0f32; 1 << 18];
+//! let batch = vec![1f32; 1 << 20];
+//! let results = vec![1f32; 1 << 18];
 //! let report = clear_memory((batch, results)); // clear_memory([batch, results])
-//! println!("freed {:?} resident bytes", report.freed.rss);
+//! if let Some(rss) = report.freed.rss {
+//!     println!("freed {} KiB of resident memory", rss >> 10);
+//! }
 //!
 //! // torch.cuda.empty_cache() becomes:
 //! clear_memory_with((), ClearOptions::with_device_cache());
@@ -57,17 +62,18 @@
 //! nothing, and its error names the key and where the bad value came from:
 //!
 //! ```
-//! use memwise::{configure, get_config, get_config_origins, optimize_memory_usage, ConfigSource};
+//! use memwise::config::{get_config_origins, Source};
+//! use memwise::{configure, get_config, optimize_memory_usage};
 //! use serde_json::json;
 //!
 //! configure(json!({
-//!     "memory": { "clean_weights_after_use": true, "use_cpu_offload": true, "gpu_batch_size": 8 }
+//!     "memory": { "clean_weights_after_use": true, "gpu_batch_size": 8 }
 //! }))
 //! .unwrap();
 //! assert_eq!(get_config().memory.gpu_batch_size, 8);
 //! assert_eq!(
 //!     get_config_origins().origin("memory.gpu_batch_size"),
-//!     Some(&ConfigSource::Code)
+//!     Some(&Source::Code)
 //! );
 //!
 //! let err = configure(json!({ "memory": { "gpu_bach_size": 4 } })).unwrap_err();
@@ -87,11 +93,25 @@
 //! }
 //! ```
 //!
+//! # Where the rest lives
+//!
+//! The root holds the spec's names and the types met first; the rest is in modules:
+//!
+//! | module | what |
+//! | --- | --- |
+//! | [`config`] | [`Config`] and its sections, layers ([`config::Builder`]), origins ([`config::Source`]), errors ([`config::Error`]), byte sizes, scoped overrides |
+//! | [`scope`] | [`MemoryTracker`] scopes, their records and aggregates, tracking switches |
+//! | [`stats`] | [`MemoryStats`] and the process figures (`/proc`, glibc) it is built from |
+//! | [`clear`] | [`clear_memory`] options, reports and reclaim hooks |
+//! | [`alloc`] | [`TrackingAllocator`], heap counters, [`BlockCache`] |
+//! | [`batch`] | [`batches`] and [`BatchSizeFinder`] with their meters and reports |
+//! | [`device`] | the [`device::DeviceMemory`] trait and the device registry |
+//!
 //! # Accuracy
 //!
-//! Allocations of [`EXACT_THRESHOLD`] (64 KiB) or more are counted at once. Smaller ones are
+//! Allocations of [`alloc::EXACT_THRESHOLD`] (64 KiB) or more are counted at once. Smaller ones are
 //! batched per thread, so at any instant the heap figures may miss less than
-//! [`FLUSH_BYTES`] (16 KiB) for each thread that allocated since its last fold; figures are
+//! [`alloc::FLUSH_BYTES`] (16 KiB) for each thread that allocated since its last fold; figures are
 //! exact once threads exit or reach a scope boundary.
 //!
 //! # Platforms
@@ -100,49 +120,29 @@
 //! Elsewhere they are `None`: memwise never reports an unavailable figure as 0.
 #![deny(missing_docs)]
 
-mod alloc;
+pub mod alloc;
+pub mod batch;
 mod block_cache;
-mod clear;
-mod device;
+pub mod clear;
+pub mod config;
+pub mod device;
 mod error;
 mod process;
-mod scope;
-mod stats;
+pub mod scope;
+pub mod stats;
 
-pub use crate::alloc::{
-    heap_totals, thread_heap_totals, tracking_allocator_installed, HeapTotals, TrackingAllocator,
-    EXACT_THRESHOLD, FLUSH_BYTES, FLUSH_OPS,
-};
-pub use crate::block_cache::{
-    block_cache_bytes, block_cache_capacity, release_block_cache, set_block_cache_capacity,
-    BlockCache, BLOCK_CACHE_MIN,
-};
-pub use crate::clear::{
-    clear_memory, clear_memory_with, register_reclaim_hook, unregister_reclaim_hook, ClearOptions,
-    ClearReport, Freed, MemorySnapshot, ReclaimHook,
-};
-pub use crate::device::{devices, register_device, unregister_device, DeviceMemory, DeviceUsage};
-pub use crate::error::{Error, ErrorKind};
-pub use crate::process::{allocator_free_bytes, reset_rss_peak, trim_allocator, ProcessMemory};
-pub use crate::scope::{
-    enable_memory_tracking, memory_tracking_enabled, set_record_capacity, track, MemoryTracker,
-    ScopeAggregate, ScopeDevice, ScopeRecord, DEFAULT_RECORD_CAPACITY,
-};
-pub use crate::stats::{
-    get_memory_stats, reset_memory_stats, reset_peak_memory, HeapStats, MemoryStats,
-};
-
-mod batch;
-mod config;
-
-pub use crate::batch::{
-    batches, Batch, BatchSizeFinder, BatchSizeReport, Batches, DevicePeak, HeapPeak, Measured,
-    PeakMeter, ProbeOutcome, ProbeRun, WorkloadError,
-};
+pub use crate::alloc::{BlockCache, TrackingAllocator};
+pub use crate::batch::{batches, BatchSizeFinder};
+pub use crate::clear::{clear_memory, clear_memory_with, ClearOptions, ClearReport};
 pub use crate::config::{
-    configure, configure_with, env_var_for, get_config, get_config_origins, init_config,
-    load_config, optimize_memory_usage, optimize_memory_usage_with, reset_config, save_config,
-    ByteSize, ByteSizeError, Config, ConfigBuilder, ConfigEntry, ConfigError, ConfigErrorKind,
-    ConfigSource, Device, ExportConfig, ExportFormat, LogLevel, MemoryConfig, OptimizeReport,
-    QuantizationConfig, ResolvedConfig, TrackingConfig, CONFIG_FILE_VAR, ENV_PREFIX,
+    configure, configure_with, get_config, init_config, load_config, optimize_memory_usage, Config,
 };
+pub use crate::error::{Error, ErrorKind, Result};
+pub use crate::scope::{enable_memory_tracking, track, MemoryTracker};
+pub use crate::stats::{get_memory_stats, reset_memory_stats, reset_peak_memory, MemoryStats};
+
+/// The README's Rust snippets, compiled and run as doctests (the model pipeline, which needs
+/// `memwise-model`, is marked `ignore` here and runs as that crate's example).
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeSnippets;

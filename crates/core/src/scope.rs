@@ -24,13 +24,32 @@ use crate::{alloc, device};
 pub const DEFAULT_RECORD_CAPACITY: usize = 10_000;
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
+/// Set once [`enable_memory_tracking`] has been called: from then on the configured default
+/// (`memory.tracking.enabled`) no longer changes tracking.
+static EXPLICIT: AtomicBool = AtomicBool::new(false);
 
 /// Turns scope tracking on or off, process-wide (the spec's `enable_memory_tracking`).
 ///
 /// While off, creating and dropping a [`MemoryTracker`] records nothing and costs one
 /// relaxed atomic load. Heap counters keep running either way: they are the allocator's.
+///
+/// An explicit call wins over the configuration: once it has been made,
+/// [`optimize_memory_usage`](crate::optimize_memory_usage) leaves tracking as this call set
+/// it, whatever `memory.tracking.enabled` says.
 pub fn enable_memory_tracking(enabled: bool) {
+    EXPLICIT.store(true, Ordering::Relaxed);
     ENABLED.store(enabled, Ordering::Relaxed);
+}
+
+/// Applies the configured default (`memory.tracking.enabled`) unless
+/// [`enable_memory_tracking`] was called. Returns whether tracking is on, and whether an
+/// explicit call decided it.
+pub(crate) fn apply_configured_tracking(enabled: bool) -> (bool, bool) {
+    let explicit = EXPLICIT.load(Ordering::Relaxed);
+    if !explicit {
+        ENABLED.store(enabled, Ordering::Relaxed);
+    }
+    (ENABLED.load(Ordering::Relaxed), explicit)
 }
 
 /// Whether scope tracking is on.

@@ -1,11 +1,14 @@
-//! `get_memory_stats()`: one typed snapshot of everything memwise knows.
+//! `get_memory_stats()`: one typed snapshot of everything memwise knows, and the process
+//! figures it is built from (`/proc` and the C allocator).
 
 use serde::Serialize;
 
 use crate::alloc::{self, HeapTotals};
 use crate::device::{self, DeviceUsage};
-use crate::process::{self, ProcessMemory};
+use crate::process;
 use crate::scope::{self, ScopeAggregate, ScopeRecord};
+
+pub use crate::process::{allocator_free_bytes, reset_rss_peak, trim_allocator, ProcessMemory};
 
 const MIB: f64 = 1024.0 * 1024.0;
 

@@ -4,7 +4,9 @@
 
 mod fake_device;
 
-use memwise::{configure, register_device, BatchSizeFinder, DevicePeak, ErrorKind, ProbeOutcome};
+use memwise::batch::{DevicePeak, ProbeOutcome};
+use memwise::device::register_device;
+use memwise::{configure, BatchSizeFinder, ErrorKind};
 use serde_json::json;
 
 use fake_device::FakeDevice;
@@ -62,5 +64,29 @@ fn a_missing_budget_names_the_key_to_set() {
     assert!(
         err.message().contains("MEMWISE_MEMORY__MAX_MEMORY__CUDA_1"),
         "{err}"
+    );
+}
+
+#[test]
+fn an_explicit_config_gives_the_budget_instead_of_the_one_in_force() {
+    let device = FakeDevice::new("cuda:2", 900 * MIB);
+    register_device(device.clone());
+    let mut config = memwise::Config::default();
+    config
+        .memory
+        .max_memory
+        .insert("cuda:2".into(), memwise::config::ByteSize(500 * MIB));
+    let report = BatchSizeFinder::from_config(&config)
+        .find(&mut DevicePeak::new("cuda:2"), |batch_size| {
+            let bytes = FIXED + batch_size as u64 * PER_SAMPLE;
+            device.alloc(bytes)?;
+            device.free(bytes);
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(report.budget, 500 * MIB);
+    assert_eq!(
+        report.batch_size,
+        ((500 * MIB - FIXED) / PER_SAMPLE) as usize
     );
 }

@@ -4,7 +4,9 @@
 #[global_allocator]
 static ALLOC: memwise::TrackingAllocator = memwise::TrackingAllocator::system();
 
-use memwise::{heap_totals, BatchSizeFinder, HeapPeak, PeakMeter, ProbeOutcome, WorkloadError};
+use memwise::alloc::heap_totals;
+use memwise::batch::{HeapPeak, PeakMeter, ProbeOutcome, WorkloadError};
+use memwise::BatchSizeFinder;
 
 const FIXED: usize = 3 << 20; // weights and buffers that do not depend on the batch
 const PER_SAMPLE: usize = 512 << 10; // activations per sample

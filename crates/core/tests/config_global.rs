@@ -3,10 +3,8 @@
 
 use std::sync::{Mutex, MutexGuard};
 
-use memwise::{
-    configure, configure_with, get_config, get_config_origins, load_config, reset_config,
-    save_config, ConfigErrorKind, ConfigSource,
-};
+use memwise::config::{self, get_config_origins, reset_config, save_config};
+use memwise::{configure, configure_with, get_config, load_config};
 use serde_json::json;
 
 static TURN: Mutex<()> = Mutex::new(());
@@ -31,7 +29,7 @@ fn a_refused_configure_leaves_the_previous_config_in_force() {
     }))
     .unwrap_err();
     assert_eq!(err.key(), Some("quantization.bits"));
-    assert_eq!(err.origin(), &ConfigSource::Code);
+    assert_eq!(err.origin(), &config::Source::Code);
     assert_eq!(get_config().memory.gpu_batch_size, 8);
     assert_eq!(*get_config(), *before);
 
@@ -44,11 +42,11 @@ fn a_refused_configure_leaves_the_previous_config_in_force() {
     assert_eq!(*get_config(), *before);
 
     let err = configure(json!({ "memory.gpu_batch_siz": 2 })).unwrap_err();
-    assert_eq!(err.kind(), ConfigErrorKind::UnknownKey);
+    assert_eq!(err.kind(), config::ErrorKind::UnknownKey);
     assert_eq!(*get_config(), *before);
     assert_eq!(
         get_config_origins().origin("memory.gpu_batch_size"),
-        Some(&ConfigSource::Code)
+        Some(&config::Source::Code)
     );
 }
 
@@ -68,18 +66,18 @@ fn a_loaded_file_sits_below_code_and_a_bad_one_changes_nothing() {
     let origins = get_config_origins();
     assert_eq!(
         origins.origin("memory.prefetch_depth"),
-        Some(&ConfigSource::File(good.clone()))
+        Some(&config::Source::File(good.clone()))
     );
 
     let bad = dir.path().join("bad.json");
     std::fs::write(
         &bad,
-        r#"{"memory": {"prefetch_depth": 2, "use_cpu_offload": "sometimes"}}"#,
+        r#"{"memory": {"prefetch_depth": 2, "trim_allocator": "sometimes"}}"#,
     )
     .unwrap();
     let err = load_config(&bad).unwrap_err();
-    assert_eq!(err.key(), Some("memory.use_cpu_offload"));
-    assert_eq!(err.origin(), &ConfigSource::File(bad));
+    assert_eq!(err.key(), Some("memory.trim_allocator"));
+    assert_eq!(err.origin(), &config::Source::File(bad));
     assert_eq!(get_config().memory.prefetch_depth, 4);
     assert_eq!(get_config().config_path.as_deref(), Some(good.as_path()));
 

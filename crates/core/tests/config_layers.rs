@@ -1,9 +1,9 @@
-//! Layer order and provenance, through `ConfigBuilder` with an explicit environment, so no
+//! Layer order and provenance, through `config::Builder` with an explicit environment, so no
 //! test here touches the process-wide configuration or environment.
 
 use std::path::{Path, PathBuf};
 
-use memwise::{ByteSize, ConfigBuilder, ConfigSource};
+use memwise::config::{self, ByteSize};
 use serde_json::json;
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
@@ -12,8 +12,8 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     path
 }
 
-fn no_env() -> ConfigBuilder {
-    ConfigBuilder::new().env_from(std::iter::empty::<(String, String)>())
+fn no_env() -> config::Builder {
+    config::Builder::new().env_from(std::iter::empty::<(String, String)>())
 }
 
 #[test]
@@ -23,13 +23,13 @@ fn each_layer_overrides_the_ones_below() {
     let env = [("MEMWISE_MEMORY__GPU_BATCH_SIZE", "8")];
     let code = json!({ "memory.gpu_batch_size": 4 });
 
-    let batch = |builder: ConfigBuilder| builder.build().unwrap().config().memory.gpu_batch_size;
+    let batch = |builder: config::Builder| builder.build().unwrap().config().memory.gpu_batch_size;
     assert_eq!(batch(no_env()), 16);
     assert_eq!(batch(no_env().file(&file)), 32);
-    assert_eq!(batch(ConfigBuilder::new().env_from(env).file(&file)), 8);
+    assert_eq!(batch(config::Builder::new().env_from(env).file(&file)), 8);
     assert_eq!(
         batch(
-            ConfigBuilder::new()
+            config::Builder::new()
                 .env_from(env)
                 .file(&file)
                 .values(code.clone())
@@ -37,8 +37,8 @@ fn each_layer_overrides_the_ones_below() {
         4
     );
     // Code beats the environment even without a file, and the environment beats defaults.
-    assert_eq!(batch(ConfigBuilder::new().env_from(env).values(code)), 4);
-    assert_eq!(batch(ConfigBuilder::new().env_from(env)), 8);
+    assert_eq!(batch(config::Builder::new().env_from(env).values(code)), 4);
+    assert_eq!(batch(config::Builder::new().env_from(env)), 8);
 }
 
 #[test]
@@ -49,7 +49,7 @@ fn every_value_says_where_it_came_from() {
         "c.toml",
         "device = \"cuda:1\"\n[quantization]\nbits = 8\n",
     );
-    let resolved = ConfigBuilder::new()
+    let resolved = config::Builder::new()
         .env_from([(
             "MEMWISE_OUTPUT_DIR",
             dir.path().join("out").to_str().unwrap(),
@@ -59,27 +59,30 @@ fn every_value_says_where_it_came_from() {
         .build()
         .unwrap();
     let config = resolved.config();
-    assert_eq!(config.device, memwise::Device::Cuda(Some(1)));
+    assert_eq!(config.device, memwise::config::DeviceChoice::Cuda(Some(1)));
     assert_eq!(config.quantization.bits, 8);
-    assert_eq!(config.export.export_format, memwise::ExportFormat::Awq);
+    assert_eq!(
+        config.export.export_format,
+        memwise::config::ExportFormat::Awq
+    );
     assert_eq!(config.output_dir, dir.path().join("out"));
 
-    let from_file = ConfigSource::File(file.clone());
+    let from_file = config::Source::File(file.clone());
     assert_eq!(resolved.origin("device"), Some(&from_file));
     assert_eq!(resolved.origin("quantization.bits"), Some(&from_file));
     assert_eq!(resolved.origin("config_path"), Some(&from_file));
     assert_eq!(config.config_path.as_deref(), Some(file.as_path()));
     assert_eq!(
         resolved.origin("output_dir"),
-        Some(&ConfigSource::Env("MEMWISE_OUTPUT_DIR".into()))
+        Some(&config::Source::Env("MEMWISE_OUTPUT_DIR".into()))
     );
     assert_eq!(
         resolved.origin("export.export_format"),
-        Some(&ConfigSource::Code)
+        Some(&config::Source::Code)
     );
     assert_eq!(
         resolved.origin("memory.gpu_batch_size"),
-        Some(&ConfigSource::Default)
+        Some(&config::Source::Default)
     );
 
     // entries() lists every key once, sources included, in section order.
@@ -95,7 +98,7 @@ fn every_value_says_where_it_came_from() {
             .clone()
     };
     assert_eq!(origin_of("quantization.bits"), from_file);
-    assert_eq!(origin_of("export.export_format"), ConfigSource::Code);
+    assert_eq!(origin_of("export.export_format"), config::Source::Code);
     let unset = entries.iter().find(|e| e.key == "model_path").unwrap();
     assert_eq!(unset.value, None);
 }
@@ -115,13 +118,13 @@ fn memwise_config_names_the_file_and_an_explicit_file_wins() {
     );
     let env = [("MEMWISE_CONFIG", named.to_str().unwrap())];
 
-    let resolved = ConfigBuilder::new().env_from(env).build().unwrap();
+    let resolved = config::Builder::new().env_from(env).build().unwrap();
     assert_eq!(resolved.config().memory.prefetch_depth, 3);
     assert_eq!(
         resolved.origin("memory.prefetch_depth"),
-        Some(&ConfigSource::File(named.clone()))
+        Some(&config::Source::File(named.clone()))
     );
-    let resolved = ConfigBuilder::new()
+    let resolved = config::Builder::new()
         .env_from(env)
         .file(&explicit)
         .build()
@@ -137,7 +140,7 @@ fn budgets_merge_per_device_across_layers() {
         "c.toml",
         "[memory.max_memory]\ncpu = \"2GiB\"\n\"cuda:0\" = \"10GiB\"\n",
     );
-    let resolved = ConfigBuilder::new()
+    let resolved = config::Builder::new()
         .env_from([("MEMWISE_MEMORY__MAX_MEMORY__CPU", "512MiB")])
         .file(&file)
         .values(json!({ "memory": { "max_memory": { "cuda:1": 4_000_000_000u64 } } }))
@@ -149,15 +152,17 @@ fn budgets_merge_per_device_across_layers() {
     assert_eq!(memory.budget("cuda:1"), Some(ByteSize(4_000_000_000)));
     assert_eq!(
         resolved.origin("memory.max_memory.cpu"),
-        Some(&ConfigSource::Env("MEMWISE_MEMORY__MAX_MEMORY__CPU".into()))
+        Some(&config::Source::Env(
+            "MEMWISE_MEMORY__MAX_MEMORY__CPU".into()
+        ))
     );
     assert_eq!(
         resolved.origin("memory.max_memory.cuda:0"),
-        Some(&ConfigSource::File(file))
+        Some(&config::Source::File(file))
     );
     assert_eq!(
         resolved.origin("memory.max_memory.cuda:1"),
-        Some(&ConfigSource::Code)
+        Some(&config::Source::Code)
     );
 }
 
@@ -179,14 +184,14 @@ fn nested_and_dotted_code_values_are_the_same() {
 fn the_cache_dir_comes_from_memwise_cache_dir_else_the_platform() {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
-    let resolved = ConfigBuilder::new()
+    let resolved = config::Builder::new()
         .env_from([("MEMWISE_CACHE_DIR", cache.to_str().unwrap())])
         .build()
         .unwrap();
     assert_eq!(resolved.config().cache_dir, cache);
     let default = no_env().build().unwrap();
     assert_eq!(default.config().cache_dir.file_name().unwrap(), "memwise");
-    assert_eq!(default.origin("cache_dir"), Some(&ConfigSource::Default));
+    assert_eq!(default.origin("cache_dir"), Some(&config::Source::Default));
 }
 
 #[test]
@@ -204,5 +209,5 @@ fn null_unsets_an_optional_key_set_below() {
         .build()
         .unwrap();
     assert_eq!(unset.config().model_path, None);
-    assert_eq!(unset.origin("model_path"), Some(&ConfigSource::Code));
+    assert_eq!(unset.origin("model_path"), Some(&config::Source::Code));
 }

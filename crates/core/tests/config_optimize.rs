@@ -3,7 +3,9 @@
 
 mod fake_device;
 
-use memwise::{configure, memory_tracking_enabled, optimize_memory_usage, register_device};
+use memwise::device::register_device;
+use memwise::scope::memory_tracking_enabled;
+use memwise::{configure, optimize_memory_usage};
 use serde_json::json;
 
 use fake_device::FakeDevice;

@@ -1,12 +1,13 @@
 //! save / load round trips in TOML and JSON.
 
-use memwise::{ByteSize, Config, ConfigBuilder, ConfigErrorKind, Device, ExportFormat, LogLevel};
+use memwise::config::{self, ByteSize, ExportFormat, LogLevel};
+use memwise::Config;
 
 fn changed_everywhere(dir: &std::path::Path) -> Config {
     let mut config = Config::default();
     config.memory.workspace_dir = dir.join("workspace");
     config.memory.gpu_batch_size = 3;
-    config.memory.use_meta_tensors = false;
+    config.memory.empty_device_cache = false;
     config
         .memory
         .max_memory
@@ -28,7 +29,7 @@ fn changed_everywhere(dir: &std::path::Path) -> Config {
     config.export.export_path = Some(dir.join("export"));
     config.export.interleave = true;
     config.model_path = Some("models/tiny-llama".into());
-    config.device = Device::Cuda(Some(2));
+    config.device = config::DeviceChoice::Cuda(Some(2));
     config.output_dir = dir.join("output");
     config.cache_dir = dir.join("cache");
     config.verbose = true;
@@ -37,7 +38,7 @@ fn changed_everywhere(dir: &std::path::Path) -> Config {
 }
 
 fn load(path: &std::path::Path) -> Config {
-    let resolved = ConfigBuilder::new()
+    let resolved = config::Builder::new()
         .env_from(std::iter::empty::<(String, String)>())
         .file(path)
         .build()
@@ -83,6 +84,6 @@ fn saving_to_an_unknown_format_is_refused() {
     let err = Config::default()
         .save(dir.path().join("c.yaml"))
         .unwrap_err();
-    assert_eq!(err.kind(), ConfigErrorKind::File);
+    assert_eq!(err.kind(), config::ErrorKind::File);
     assert!(err.to_string().contains("c.yaml"), "{err}");
 }

@@ -2,11 +2,12 @@
 
 use std::path::{Path, PathBuf};
 
-use memwise::{ConfigBuilder, ConfigError, ConfigErrorKind, ConfigSource, ErrorKind};
+use memwise::config;
+use memwise::ErrorKind;
 use serde_json::json;
 
-fn no_env() -> ConfigBuilder {
-    ConfigBuilder::new().env_from(std::iter::empty::<(String, String)>())
+fn no_env() -> config::Builder {
+    config::Builder::new().env_from(std::iter::empty::<(String, String)>())
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
@@ -16,25 +17,25 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
 }
 
 /// The error from a file holding `toml`, checked to name the key and the file.
-fn file_error(toml: &str, key: &str) -> ConfigError {
+fn file_error(toml: &str, key: &str) -> config::Error {
     let dir = tempfile::tempdir().unwrap();
     let file = write(dir.path(), "bad.toml", toml);
     let err = no_env().file(&file).build().unwrap_err();
     assert_eq!(err.key(), Some(key), "{err}");
-    assert_eq!(err.origin(), &ConfigSource::File(file.clone()), "{err}");
+    assert_eq!(err.origin(), &config::Source::File(file.clone()), "{err}");
     let text = err.to_string();
     assert!(text.contains(key), "{text}");
     assert!(text.contains(&format!("file {}", file.display())), "{text}");
     err
 }
 
-fn env_error(var: &str, value: &str, key: &str) -> ConfigError {
-    let err = ConfigBuilder::new()
+fn env_error(var: &str, value: &str, key: &str) -> config::Error {
+    let err = config::Builder::new()
         .env_from([(var, value)])
         .build()
         .unwrap_err();
     assert_eq!(err.key(), Some(key), "{err}");
-    assert_eq!(err.origin(), &ConfigSource::Env(var.to_owned()), "{err}");
+    assert_eq!(err.origin(), &config::Source::Env(var.to_owned()), "{err}");
     assert!(
         err.to_string()
             .contains(&format!("environment variable {var}")),
@@ -43,10 +44,10 @@ fn env_error(var: &str, value: &str, key: &str) -> ConfigError {
     err
 }
 
-fn code_error(values: serde_json::Value, key: &str) -> ConfigError {
+fn code_error(values: serde_json::Value, key: &str) -> config::Error {
     let err = no_env().values(values).build().unwrap_err();
     assert_eq!(err.key(), Some(key), "{err}");
-    assert_eq!(err.origin(), &ConfigSource::Code, "{err}");
+    assert_eq!(err.origin(), &config::Source::Code, "{err}");
     assert!(err.to_string().contains("code (configure)"), "{err}");
     err
 }
@@ -54,7 +55,7 @@ fn code_error(values: serde_json::Value, key: &str) -> ConfigError {
 #[test]
 fn unknown_keys_suggest_the_closest_valid_name() {
     let err = file_error("[memory]\ngpu_bach_size = 8\n", "memory.gpu_bach_size");
-    assert_eq!(err.kind(), ConfigErrorKind::UnknownKey);
+    assert_eq!(err.kind(), config::ErrorKind::UnknownKey);
     assert!(
         err.message()
             .contains("did you mean memory.gpu_batch_size?"),
@@ -67,7 +68,7 @@ fn unknown_keys_suggest_the_closest_valid_name() {
 
     // From the environment the suggestion is the variable to set.
     let err = env_error("MEMWISE_QUANTIZATION__BTIS", "4", "quantization.btis");
-    assert_eq!(err.kind(), ConfigErrorKind::UnknownKey);
+    assert_eq!(err.kind(), config::ErrorKind::UnknownKey);
     assert!(
         err.message().contains("MEMWISE_QUANTIZATION__BITS"),
         "{err}"
@@ -97,12 +98,24 @@ fn unknown_keys_suggest_the_closest_valid_name() {
 }
 
 #[test]
+fn keys_memwise_does_not_have_are_refused_with_the_reason() {
+    for key in ["use_cpu_offload", "use_meta_tensors"] {
+        let err = file_error(
+            &format!("[memory]\n{key} = true\n"),
+            &format!("memory.{key}"),
+        );
+        assert_eq!(err.kind(), config::ErrorKind::UnknownKey);
+        assert!(err.message().contains("remove the key"), "{err}");
+    }
+}
+
+#[test]
 fn wrong_types_say_what_was_expected_and_found() {
     let err = file_error(
         "[memory]\ngpu_batch_size = \"eight\"\n",
         "memory.gpu_batch_size",
     );
-    assert_eq!(err.kind(), ConfigErrorKind::WrongType);
+    assert_eq!(err.kind(), config::ErrorKind::WrongType);
     assert!(
         err.message()
             .contains("expected a whole number, found string \"eight\""),
@@ -110,20 +123,20 @@ fn wrong_types_say_what_was_expected_and_found() {
     );
 
     let err = file_error("[memory]\ngpu_batch_size = 8.5\n", "memory.gpu_batch_size");
-    assert_eq!(err.kind(), ConfigErrorKind::WrongType);
+    assert_eq!(err.kind(), config::ErrorKind::WrongType);
 
     let err = env_error("MEMWISE_VERBOSE", "maybe", "verbose");
-    assert_eq!(err.kind(), ConfigErrorKind::WrongType);
+    assert_eq!(err.kind(), config::ErrorKind::WrongType);
     assert!(err.message().contains("true or false"), "{err}");
 
     let err = code_error(
         json!({ "quantization.symmetric": "yes" }),
         "quantization.symmetric",
     );
-    assert_eq!(err.kind(), ConfigErrorKind::WrongType);
+    assert_eq!(err.kind(), config::ErrorKind::WrongType);
 
     let err = code_error(json!({ "device": 0 }), "device");
-    assert_eq!(err.kind(), ConfigErrorKind::WrongType);
+    assert_eq!(err.kind(), config::ErrorKind::WrongType);
 }
 
 #[test]
@@ -133,7 +146,7 @@ fn out_of_range_values_are_refused() {
         "0",
         "memory.gpu_batch_size",
     );
-    assert_eq!(err.kind(), ConfigErrorKind::InvalidValue);
+    assert_eq!(err.kind(), config::ErrorKind::InvalidValue);
     assert!(
         err.message().contains("at least") || err.message().contains("least allowed is 1"),
         "{err}"
@@ -141,7 +154,7 @@ fn out_of_range_values_are_refused() {
 
     for bits in [0, 1, 5, 6, 16] {
         let err = code_error(json!({ "quantization.bits": bits }), "quantization.bits");
-        assert_eq!(err.kind(), ConfigErrorKind::InvalidValue, "{bits}");
+        assert_eq!(err.kind(), config::ErrorKind::InvalidValue, "{bits}");
         assert!(err.message().contains("[2, 3, 4, 8]"), "{err}");
     }
     for bits in [2, 3, 4, 8] {
@@ -156,13 +169,13 @@ fn out_of_range_values_are_refused() {
         "[quantization]\ngroup_size = 100\n",
         "quantization.group_size",
     );
-    assert_eq!(err.kind(), ConfigErrorKind::InvalidValue);
+    assert_eq!(err.kind(), config::ErrorKind::InvalidValue);
     assert!(err.message().contains("power of two"), "{err}");
     let err = code_error(
         json!({ "quantization.act_group_size": 0 }),
         "quantization.act_group_size",
     );
-    assert_eq!(err.kind(), ConfigErrorKind::InvalidValue);
+    assert_eq!(err.kind(), config::ErrorKind::InvalidValue);
     let per_channel = no_env()
         .values(json!({ "quantization.group_size": -1 }))
         .build()
@@ -176,7 +189,7 @@ fn unknown_formats_and_devices_are_refused_with_the_choices() {
         "[export]\nexport_format = \"autorund\"\n",
         "export.export_format",
     );
-    assert_eq!(err.kind(), ConfigErrorKind::InvalidValue);
+    assert_eq!(err.kind(), config::ErrorKind::InvalidValue);
     assert!(
         err.message()
             .contains("[\"autoround\", \"awq\", \"autogptq\"]"),
@@ -186,22 +199,22 @@ fn unknown_formats_and_devices_are_refused_with_the_choices() {
 
     for device in ["tpu", "cuda:x", "cuda:", "CPU"] {
         let err = env_error("MEMWISE_DEVICE", device, "device");
-        assert_eq!(err.kind(), ConfigErrorKind::InvalidValue, "{device}");
+        assert_eq!(err.kind(), config::ErrorKind::InvalidValue, "{device}");
         assert!(err.message().contains("\"cuda:N\""), "{err}");
     }
     let err = file_error(
         "[memory.max_memory]\ngpu = \"1GiB\"\n",
         "memory.max_memory.gpu",
     );
-    assert_eq!(err.kind(), ConfigErrorKind::InvalidValue);
+    assert_eq!(err.kind(), config::ErrorKind::InvalidValue);
 
     let err = env_error("MEMWISE_LOG_LEVEL", "verbose", "log_level");
-    assert_eq!(err.kind(), ConfigErrorKind::InvalidValue);
+    assert_eq!(err.kind(), config::ErrorKind::InvalidValue);
 }
 
 #[test]
 fn byte_sizes_parse_from_strings_and_refuse_nonsense() {
-    let resolved = ConfigBuilder::new()
+    let resolved = config::Builder::new()
         .env_from([("MEMWISE_MEMORY__MAX_MEMORY", "cpu=512MiB,cuda:0=2GB")])
         .build()
         .unwrap();
@@ -213,13 +226,13 @@ fn byte_sizes_parse_from_strings_and_refuse_nonsense() {
         "[memory.max_memory]\ncpu = \"2 gigs\"\n",
         "memory.max_memory.cpu",
     );
-    assert_eq!(err.kind(), ConfigErrorKind::InvalidValue);
+    assert_eq!(err.kind(), config::ErrorKind::InvalidValue);
     assert!(err.message().contains("\"512MiB\""), "{err}");
     let err = file_error(
         "[memory]\npool_release_threshold = -5\n",
         "memory.pool_release_threshold",
     );
-    assert_eq!(err.kind(), ConfigErrorKind::InvalidValue);
+    assert_eq!(err.kind(), config::ErrorKind::InvalidValue);
     let err = env_error(
         "MEMWISE_MEMORY__MAX_MEMORY",
         "cpu:2GiB",
@@ -235,13 +248,13 @@ fn folders_that_cannot_be_created_are_refused() {
     let below = blocker.join("workspace");
     let toml = format!("[memory]\nworkspace_dir = {:?}\n", below.to_str().unwrap());
     let err = file_error(&toml, "memory.workspace_dir");
-    assert_eq!(err.kind(), ConfigErrorKind::UncreatablePath);
+    assert_eq!(err.kind(), config::ErrorKind::UncreatablePath);
     assert!(err.message().contains("is a file"), "{err}");
 
     let err = env_error("MEMWISE_OUTPUT_DIR", below.to_str().unwrap(), "output_dir");
-    assert_eq!(err.kind(), ConfigErrorKind::UncreatablePath);
+    assert_eq!(err.kind(), config::ErrorKind::UncreatablePath);
     let err = code_error(json!({ "export.export_path": below }), "export.export_path");
-    assert_eq!(err.kind(), ConfigErrorKind::UncreatablePath);
+    assert_eq!(err.kind(), config::ErrorKind::UncreatablePath);
     // Checking creates nothing.
     assert!(!dir.path().join("nothing-made").exists());
     let ok = no_env()
@@ -256,12 +269,12 @@ fn unreadable_files_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("missing.toml");
     let err = no_env().file(&missing).build().unwrap_err();
-    assert_eq!(err.kind(), ConfigErrorKind::File);
+    assert_eq!(err.kind(), config::ErrorKind::File);
     assert!(err.to_string().contains("missing.toml"), "{err}");
 
     let broken = write(dir.path(), "broken.toml", "[memory\ngpu_batch_size = 8\n");
     let err = no_env().file(&broken).build().unwrap_err();
-    assert_eq!(err.kind(), ConfigErrorKind::File);
+    assert_eq!(err.kind(), config::ErrorKind::File);
     assert!(err.message().contains("not valid TOML"), "{err}");
 
     let yaml = write(dir.path(), "c.yaml", "memory: {}\n");
@@ -270,7 +283,7 @@ fn unreadable_files_are_named() {
 
     let not_a_table = write(dir.path(), "list.json", "[1, 2]");
     let err = no_env().file(&not_a_table).build().unwrap_err();
-    assert_eq!(err.kind(), ConfigErrorKind::WrongType);
+    assert_eq!(err.kind(), config::ErrorKind::WrongType);
 }
 
 #[test]

@@ -4,7 +4,8 @@
 use std::sync::{Arc, Barrier};
 use std::thread;
 
-use memwise::{get_memory_stats, TrackingAllocator, FLUSH_BYTES};
+use memwise::alloc::FLUSH_BYTES;
+use memwise::{get_memory_stats, TrackingAllocator};
 
 #[global_allocator]
 static ALLOC: TrackingAllocator = TrackingAllocator::system();

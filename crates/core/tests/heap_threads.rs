@@ -5,7 +5,8 @@
 use std::alloc::{alloc, dealloc, realloc, Layout};
 use std::thread;
 
-use memwise::{heap_totals, thread_heap_totals, HeapTotals, TrackingAllocator};
+use memwise::alloc::{heap_totals, thread_heap_totals, HeapTotals};
+use memwise::TrackingAllocator;
 
 #[global_allocator]
 static ALLOC: TrackingAllocator = TrackingAllocator::system();

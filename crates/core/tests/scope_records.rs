@@ -4,10 +4,10 @@
 
 use std::sync::{Arc, Mutex};
 
+use memwise::device::{register_device, unregister_device, DeviceMemory, DeviceUsage};
+use memwise::scope::{set_record_capacity, DEFAULT_RECORD_CAPACITY};
 use memwise::{
-    enable_memory_tracking, get_memory_stats, register_device, reset_memory_stats,
-    set_record_capacity, track, unregister_device, DeviceMemory, DeviceUsage, Error, MemoryTracker,
-    DEFAULT_RECORD_CAPACITY,
+    enable_memory_tracking, get_memory_stats, reset_memory_stats, track, Error, MemoryTracker,
 };
 
 /// A device pool simulated in memory: what a CUDA caching allocator reports.
@@ -116,7 +116,7 @@ fn device_peaks_are_folded_per_scope() {
     let stats = get_memory_stats();
     let get = |name| stats.scopes_named(name).next().expect(name).clone();
     let (outer, inner, later) = (get("outer"), get("inner"), get("later"));
-    let dev = |r: &memwise::ScopeRecord| r.devices[0].clone();
+    let dev = |r: &memwise::scope::ScopeRecord| r.devices[0].clone();
     assert_eq!(
         (dev(&inner).used_at_entry, dev(&inner).peak_used),
         (100, 1_000)

@@ -7,7 +7,7 @@ use memwise::get_memory_stats;
 fn heap_figures_are_unavailable_without_the_tracking_allocator() {
     let stats = get_memory_stats();
     assert!(stats.heap.is_none());
-    assert!(!memwise::tracking_allocator_installed());
+    assert!(!memwise::alloc::tracking_allocator_installed());
     let process = stats.process.expect("Linux has /proc/self/status");
     assert_eq!(
         stats.peak_cpu_mb(),

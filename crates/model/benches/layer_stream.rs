@@ -252,7 +252,7 @@ fn orchestrate() {
 fn child(mode: &str, dir: &Path) {
     let checkpoint = Checkpoint::open(dir).unwrap();
     let stages: Vec<String> = checkpoint.stages().iter().map(|s| s.name.clone()).collect();
-    memwise::reset_rss_peak();
+    memwise::stats::reset_rss_peak();
     let started = Instant::now();
     let mut acc = 0u64;
     let mut bytes = 0u64;
@@ -287,7 +287,7 @@ fn child(mode: &str, dir: &Path) {
         other => panic!("unknown mode {other}"),
     }
     let seconds = started.elapsed().as_secs_f64();
-    let peak_rss = memwise::ProcessMemory::read().map_or(0, |m| m.rss_peak);
+    let peak_rss = memwise::stats::ProcessMemory::read().map_or(0, |m| m.rss_peak);
     println!(
         "{}",
         serde_json::json!({"mode": mode, "bytes": bytes, "seconds": seconds,

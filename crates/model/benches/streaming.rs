@@ -57,7 +57,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use memwise::ProcessMemory;
+use memwise::stats::ProcessMemory;
 use memwise_model::models::{ArchitectureConfig, DecoderModel};
 use memwise_model::{
     write_synthetic_checkpoint, Architecture, Checkpoint, Family, HookError, Inputs, LayerHook,

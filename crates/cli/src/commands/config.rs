@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::bail;
-use memwise::{ConfigBuilder, ConfigEntry};
+use memwise::config;
 
 /// Options for `memwise config`.
 #[derive(Debug, clap::Args)]
@@ -41,8 +41,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     match args.action {
         Action::Show { origin, json, file } => {
             let builder = match file {
-                Some(file) => ConfigBuilder::new().file(file),
-                None => ConfigBuilder::new(),
+                Some(file) => config::Builder::new().file(file),
+                None => config::Builder::new(),
             };
             let resolved = builder.build()?;
             let text = match (json, origin) {
@@ -54,7 +54,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             Ok(())
         }
         Action::Check { file } => {
-            let checked = ConfigBuilder::new()
+            let checked = config::Builder::new()
                 .env_from(std::iter::empty::<(String, String)>())
                 .file(&file)
                 .check();
@@ -65,7 +65,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                         .iter()
                         // config_path is recorded from the file's name, not set in it.
                         .filter(|e| e.key != "config_path")
-                        .filter(|e| matches!(e.origin, memwise::ConfigSource::File(_)))
+                        .filter(|e| matches!(e.origin, memwise::config::Source::File(_)))
                         .count();
                     println!("{}: ok ({set} key(s) set)", file.display());
                     Ok(())
@@ -82,7 +82,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 /// `key = value` lines, TOML-style, with the origin as a trailing comment when asked.
-fn render(entries: &[ConfigEntry], with_origin: bool) -> String {
+fn render(entries: &[config::Entry], with_origin: bool) -> String {
     let lines: Vec<(String, String)> = entries
         .iter()
         .map(|e| {

@@ -2,7 +2,8 @@
 
 use std::fmt::Write as _;
 
-use memwise::{MemoryStats, ScopeAggregate, ScopeRecord};
+use memwise::scope::{ScopeAggregate, ScopeRecord};
+use memwise::MemoryStats;
 
 const MIB: f64 = 1024.0 * 1024.0;
 

@@ -42,7 +42,7 @@ pub struct Args {
     /// Bytes the weights in memory at once may take, e.g. 400MiB (default:
     /// memory.max_memory.cpu). Read-ahead waits while the next layer would not fit.
     #[arg(long, value_name = "SIZE")]
-    budget: Option<memwise::ByteSize>,
+    budget: Option<memwise::config::ByteSize>,
     /// Write the final logits (decoders) or embeddings (encoders) here: .json or .safetensors.
     #[arg(long, value_name = "FILE")]
     output: Option<PathBuf>,

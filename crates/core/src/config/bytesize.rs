@@ -14,7 +14,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// A number of bytes, parsed from `"512MiB"`-style strings and written back the same way.
 ///
 /// ```
-/// use memwise::ByteSize;
+/// use memwise::config::ByteSize;
 ///
 /// let budget: ByteSize = "2GiB".parse().unwrap();
 /// assert_eq!(budget.bytes(), 2 << 30);

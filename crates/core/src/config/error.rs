@@ -2,13 +2,12 @@
 
 use std::fmt;
 
-use super::layers::ConfigSource;
-use crate::{Error, ErrorKind};
+use super::layers::Source;
 
 /// What kind of configuration problem this is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum ConfigErrorKind {
+pub enum ErrorKind {
     /// The key does not exist (the error suggests the closest one that does).
     UnknownKey,
     /// The value has the wrong type, e.g. a string where a number belongs.
@@ -25,32 +24,32 @@ pub enum ConfigErrorKind {
 /// A refused configuration value, with the key, where the value came from, and why.
 ///
 /// ```
-/// use memwise::{ConfigBuilder, ConfigErrorKind};
+/// use memwise::config::{Builder, ErrorKind};
 ///
-/// let err = ConfigBuilder::new()
+/// let err = Builder::new()
 ///     .env_from([("MEMWISE_MEMORY__GPU_BATCH_SIZE", "0")])
 ///     .build()
 ///     .unwrap_err();
-/// assert_eq!(err.kind(), ConfigErrorKind::InvalidValue);
+/// assert_eq!(err.kind(), ErrorKind::InvalidValue);
 /// assert_eq!(err.key(), Some("memory.gpu_batch_size"));
 /// assert!(err.to_string().contains("environment variable MEMWISE_MEMORY__GPU_BATCH_SIZE"));
 /// ```
 #[derive(Debug, Clone, PartialEq)]
-pub struct ConfigError {
-    kind: ConfigErrorKind,
+pub struct Error {
+    kind: ErrorKind,
     key: Option<String>,
-    origin: ConfigSource,
+    origin: Source,
     message: String,
 }
 
-impl ConfigError {
+impl Error {
     pub(crate) fn new(
-        kind: ConfigErrorKind,
+        kind: ErrorKind,
         key: Option<&str>,
-        origin: ConfigSource,
+        origin: Source,
         message: impl Into<String>,
     ) -> Self {
-        ConfigError {
+        Error {
             kind,
             key: key.map(str::to_owned),
             origin,
@@ -59,7 +58,7 @@ impl ConfigError {
     }
 
     /// What kind of problem it is.
-    pub fn kind(&self) -> ConfigErrorKind {
+    pub fn kind(&self) -> ErrorKind {
         self.kind
     }
 
@@ -69,7 +68,7 @@ impl ConfigError {
     }
 
     /// Where the refused value came from.
-    pub fn origin(&self) -> &ConfigSource {
+    pub fn origin(&self) -> &Source {
         &self.origin
     }
 
@@ -79,7 +78,7 @@ impl ConfigError {
     }
 }
 
-impl fmt::Display for ConfigError {
+impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.key {
             Some(key) => write!(f, "{key} (from {}): {}", self.origin, self.message),
@@ -88,11 +87,11 @@ impl fmt::Display for ConfigError {
     }
 }
 
-impl std::error::Error for ConfigError {}
+impl std::error::Error for Error {}
 
-impl From<ConfigError> for Error {
-    fn from(err: ConfigError) -> Self {
-        Error::new(ErrorKind::Config, err.to_string()).with_source(err)
+impl From<Error> for crate::Error {
+    fn from(err: Error) -> Self {
+        crate::Error::new(crate::ErrorKind::Config, err.to_string()).with_source(err)
     }
 }
 

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use super::bytesize::ByteSize;
-use super::error::ConfigErrorKind;
-use super::schema::Device;
+use super::error::ErrorKind;
+use super::schema::DeviceChoice;
 
 /// What a key accepts.
 #[derive(Debug, Clone, Copy)]
@@ -29,7 +29,7 @@ pub(crate) enum Kind {
     Text,
     /// One of these words.
     Choice(&'static [&'static str]),
-    Device,
+    DeviceChoice,
     ByteSize,
     /// A folder memwise creates: its nearest existing ancestor must be a writable folder.
     CreatableDir,
@@ -75,9 +75,7 @@ const ACTIVATION_BITS: &[u64] = &[2, 3, 4, 8, 16, 32];
 pub(crate) const FIELDS: &[Field] = &[
     field("memory.workspace_dir", Kind::CreatableDir),
     field("memory.clean_weights_after_use", Kind::Bool),
-    field("memory.use_cpu_offload", Kind::Bool),
     field("memory.gpu_batch_size", Kind::Count { min: 1 }),
-    field("memory.use_meta_tensors", Kind::Bool),
     optional("memory.max_memory.*", Kind::ByteSize),
     field("memory.prefetch_depth", Kind::Count { min: 0 }),
     field("memory.tracking.enabled", Kind::Bool),
@@ -100,7 +98,7 @@ pub(crate) const FIELDS: &[Field] = &[
     field("export.mixed_precision", Kind::Bool),
     field("export.interleave", Kind::Bool),
     optional("model_path", Kind::Path),
-    field("device", Kind::Device),
+    field("device", Kind::DeviceChoice),
     optional("config_path", Kind::Path),
     field("output_dir", Kind::CreatableDir),
     field("cache_dir", Kind::CreatableDir),
@@ -108,6 +106,19 @@ pub(crate) const FIELDS: &[Field] = &[
     field(
         "log_level",
         Kind::Choice(&["error", "warn", "info", "debug", "trace"]),
+    ),
+];
+
+/// Keys of the original `config_manager` that memwise does not have, and why: a file that
+/// sets one is refused like any unknown key, with this reason instead of a guess.
+pub(crate) const REMOVED: &[(&str, &str)] = &[
+    (
+        "memory.use_cpu_offload",
+        "memwise always keeps weights on the host and streams each stage to where it runs; remove the key",
+    ),
+    (
+        "memory.use_meta_tensors",
+        "memwise never allocates a model's weights before a stage needs them; remove the key",
     ),
 ];
 
@@ -120,11 +131,11 @@ pub(crate) fn lookup(key: &str) -> Result<&'static Field, Refusal> {
         .strip_prefix(MAX_MEMORY)
         .and_then(|rest| rest.strip_prefix('.'))
     else {
-        return Err(Refusal::new(ConfigErrorKind::UnknownKey, "unknown key"));
+        return Err(Refusal::new(ErrorKind::UnknownKey, "unknown key"));
     };
-    match device.parse::<Device>() {
-        Ok(Device::Auto) | Err(_) => Err(Refusal::new(
-            ConfigErrorKind::InvalidValue,
+    match device.parse::<DeviceChoice>() {
+        Ok(DeviceChoice::Auto) | Err(_) => Err(Refusal::new(
+            ErrorKind::InvalidValue,
             format!("{device:?} is not a device a budget can apply to; use \"cpu\", \"cuda\" or \"cuda:N\""),
         )),
         Ok(_) => Ok(FIELDS
@@ -139,7 +150,7 @@ pub(crate) fn lookup(key: &str) -> Result<&'static Field, Refusal> {
 /// `memory.max_memory.cpu`.
 pub(crate) fn suggestible_keys(key: &str) -> Vec<String> {
     let last = key.rsplit('.').next().unwrap_or(key);
-    let names_a_device = matches!(last.parse::<Device>(), Ok(d) if d != Device::Auto);
+    let names_a_device = matches!(last.parse::<DeviceChoice>(), Ok(d) if d != DeviceChoice::Auto);
     FIELDS
         .iter()
         .filter_map(|f| match f.key.strip_suffix('*') {
@@ -152,12 +163,12 @@ pub(crate) fn suggestible_keys(key: &str) -> Vec<String> {
 /// Why a value was refused, before the key and source are attached.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Refusal {
-    pub kind: ConfigErrorKind,
+    pub kind: ErrorKind,
     pub message: String,
 }
 
 impl Refusal {
-    fn new(kind: ConfigErrorKind, message: impl Into<String>) -> Self {
+    fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
         Refusal {
             kind,
             message: message.into(),
@@ -166,13 +177,13 @@ impl Refusal {
 
     fn wrong_type(expected: &str, found: &Value) -> Self {
         Refusal::new(
-            ConfigErrorKind::WrongType,
+            ErrorKind::WrongType,
             format!("expected {expected}, found {}", describe(found)),
         )
     }
 
     fn invalid(message: impl Into<String>) -> Self {
-        Refusal::new(ConfigErrorKind::InvalidValue, message)
+        Refusal::new(ErrorKind::InvalidValue, message)
     }
 }
 
@@ -281,14 +292,14 @@ impl Kind {
                     "{word:?} is not one of {choices:?}{hint}"
                 )))
             }
-            Kind::Device => {
+            Kind::DeviceChoice => {
                 let Value::String(text) = &value else {
                     return Err(Refusal::wrong_type(
                         "a device name such as \"cuda:0\"",
                         &value,
                     ));
                 };
-                text.parse::<Device>().map_err(Refusal::invalid)?;
+                text.parse::<DeviceChoice>().map_err(Refusal::invalid)?;
                 Ok(value)
             }
             Kind::ByteSize => {
@@ -319,7 +330,7 @@ impl Kind {
                 }
                 if matches!(self, Kind::CreatableDir) {
                     creatable(Path::new(text))
-                        .map_err(|why| Refusal::new(ConfigErrorKind::UncreatablePath, why))?;
+                        .map_err(|why| Refusal::new(ErrorKind::UncreatablePath, why))?;
                 }
                 Ok(value)
             }
@@ -409,7 +420,7 @@ mod tests {
         }
         for bad in [0, -2, 100, 3] {
             let err = check("quantization.group_size", bad.into()).unwrap_err();
-            assert_eq!(err.kind, ConfigErrorKind::InvalidValue, "{bad}");
+            assert_eq!(err.kind, ErrorKind::InvalidValue, "{bad}");
         }
     }
 
@@ -419,14 +430,14 @@ mod tests {
         assert_eq!(batch.check(&"8".into(), true).unwrap(), Value::from(8));
         assert_eq!(
             batch.check(&"eight".into(), true).unwrap_err().kind,
-            ConfigErrorKind::WrongType
+            ErrorKind::WrongType
         );
         let flag = lookup("verbose").unwrap();
         assert_eq!(flag.check(&"yes".into(), true).unwrap(), Value::Bool(true));
         // From a file, "8" is text and stays wrong for a number.
         assert_eq!(
             batch.check(&"8".into(), false).unwrap_err().kind,
-            ConfigErrorKind::WrongType
+            ErrorKind::WrongType
         );
     }
 
@@ -435,14 +446,14 @@ mod tests {
         assert!(lookup("memory.max_memory.cpu").is_ok());
         assert!(lookup("memory.max_memory.cuda:1").is_ok());
         let err = lookup("memory.max_memory.auto").unwrap_err();
-        assert_eq!(err.kind, ConfigErrorKind::InvalidValue);
+        assert_eq!(err.kind, ErrorKind::InvalidValue);
         assert_eq!(
             lookup("memory.max_memory.gpu").unwrap_err().kind,
-            ConfigErrorKind::InvalidValue
+            ErrorKind::InvalidValue
         );
         assert_eq!(
             lookup("memory.nope").unwrap_err().kind,
-            ConfigErrorKind::UnknownKey
+            ErrorKind::UnknownKey
         );
     }
 
@@ -463,7 +474,7 @@ mod tests {
         let file = tempfile::NamedTempFile::new().unwrap();
         let below = file.path().join("workspace");
         let err = check("memory.workspace_dir", below.to_str().unwrap().into()).unwrap_err();
-        assert_eq!(err.kind, ConfigErrorKind::UncreatablePath);
+        assert_eq!(err.kind, ErrorKind::UncreatablePath);
         assert!(err.message.contains("is a file"), "{}", err.message);
         let dir = tempfile::tempdir().unwrap();
         let nested = dir.path().join("a/b/c");

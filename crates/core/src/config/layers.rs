@@ -1,15 +1,16 @@
 //! The layers (defaults < file < environment < code), how they merge, and where each
 //! value came from.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use figment::{Figment, Metadata, Profile, Provider};
 use serde::{Serialize, Serializer};
 use serde_json::{Map, Value};
 
-use super::error::{closest, ConfigError, ConfigErrorKind};
+use super::error::{closest, Error, ErrorKind};
 use super::fields::{self, Field, MAX_MEMORY};
 use super::schema::Config;
 
@@ -22,7 +23,7 @@ pub const CONFIG_FILE_VAR: &str = "MEMWISE_CONFIG";
 /// Where a configuration value came from.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 #[non_exhaustive]
-pub enum ConfigSource {
+pub enum Source {
     /// memwise's built-in default.
     Default,
     /// A configuration file (TOML or JSON).
@@ -30,33 +31,33 @@ pub enum ConfigSource {
     /// An environment variable, by name.
     Env(String),
     /// A call to [`configure`](crate::configure) or [`configure_with`](crate::configure_with)
-    /// (or [`ConfigBuilder::values`]).
+    /// (or [`Builder::values`]).
     Code,
 }
 
-impl ConfigSource {
+impl Source {
     /// How `key` is written in this source, for suggestions: the environment variable's
     /// name for the environment, the dotted key elsewhere.
     fn spell(&self, key: &str) -> String {
         match self {
-            ConfigSource::Env(_) => env_var_for(key),
+            Source::Env(_) => env_var_for(key),
             _ => key.to_owned(),
         }
     }
 }
 
-impl fmt::Display for ConfigSource {
+impl fmt::Display for Source {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ConfigSource::Default => f.write_str("default"),
-            ConfigSource::File(path) => write!(f, "file {}", path.display()),
-            ConfigSource::Env(var) => write!(f, "environment variable {var}"),
-            ConfigSource::Code => f.write_str("code (configure)"),
+            Source::Default => f.write_str("default"),
+            Source::File(path) => write!(f, "file {}", path.display()),
+            Source::Env(var) => write!(f, "environment variable {var}"),
+            Source::Code => f.write_str("code (configure)"),
         }
     }
 }
 
-impl Serialize for ConfigSource {
+impl Serialize for Source {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.collect_str(self)
     }
@@ -66,7 +67,7 @@ impl Serialize for ConfigSource {
 /// `MEMWISE_MEMORY__GPU_BATCH_SIZE`.
 ///
 /// ```
-/// assert_eq!(memwise::env_var_for("memory.gpu_batch_size"), "MEMWISE_MEMORY__GPU_BATCH_SIZE");
+/// assert_eq!(memwise::config::env_var_for("memory.gpu_batch_size"), "MEMWISE_MEMORY__GPU_BATCH_SIZE");
 /// ```
 pub fn env_var_for(key: &str) -> String {
     let body = key
@@ -78,17 +79,17 @@ pub fn env_var_for(key: &str) -> String {
 
 /// One value from one layer, not yet checked.
 #[derive(Debug, Clone)]
-pub(crate) struct Entry {
+pub(crate) struct Raw {
     pub key: String,
     pub value: Value,
-    pub source: ConfigSource,
+    pub source: Source,
     /// The value is environment text that may spell a number or a boolean.
     pub textual: bool,
 }
 
 /// Entries for every leaf of `table`, keys joined with dots. Keys already dotted
 /// (`{"memory.gpu_batch_size": 8}`) come out the same as nested tables.
-fn flatten(prefix: &str, table: &Map<String, Value>, source: &ConfigSource, out: &mut Vec<Entry>) {
+fn flatten(prefix: &str, table: &Map<String, Value>, source: &Source, out: &mut Vec<Raw>) {
     for (name, value) in table {
         let key = if prefix.is_empty() {
             name.clone()
@@ -97,7 +98,7 @@ fn flatten(prefix: &str, table: &Map<String, Value>, source: &ConfigSource, out:
         };
         match value {
             Value::Object(inner) => flatten(&key, inner, source, out),
-            _ => out.push(Entry {
+            _ => out.push(Raw {
                 key,
                 value: value.clone(),
                 source: source.clone(),
@@ -108,13 +109,10 @@ fn flatten(prefix: &str, table: &Map<String, Value>, source: &ConfigSource, out:
 }
 
 /// A table of values (nested or dotted keys) as entries from `source`.
-pub(crate) fn table_entries(
-    values: &Value,
-    source: ConfigSource,
-) -> Result<Vec<Entry>, ConfigError> {
+pub(crate) fn table_entries(values: &Value, source: Source) -> Result<Vec<Raw>, Error> {
     let Value::Object(table) = values else {
-        return Err(ConfigError::new(
-            ConfigErrorKind::WrongType,
+        return Err(Error::new(
+            ErrorKind::WrongType,
             None,
             source,
             format!("expected a table of keys and values such as {{\"memory\": {{\"gpu_batch_size\": 8}}}}, found {values}"),
@@ -128,7 +126,7 @@ pub(crate) fn table_entries(
 /// The leaves of a typed config, canonical as the checks produce them.
 pub(crate) fn leaves(config: &Config) -> BTreeMap<String, Value> {
     let value = serde_json::to_value(config).expect("Config serializes to JSON");
-    table_entries(&value, ConfigSource::Default)
+    table_entries(&value, Source::Default)
         .expect("Config serializes to a table")
         .into_iter()
         .map(|e| (e.key, e.value))
@@ -137,12 +135,11 @@ pub(crate) fn leaves(config: &Config) -> BTreeMap<String, Value> {
 
 /// Reads a TOML or JSON configuration file into entries. The file's own path becomes
 /// `config_path`, unless the file sets that key itself.
-pub(crate) fn read_file(path: &Path) -> Result<Vec<Entry>, ConfigError> {
+pub(crate) fn read_file(path: &Path) -> Result<Vec<Raw>, Error> {
     // Absolute, so that the origin still names the file after the working folder changes.
     let path = &std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-    let source = ConfigSource::File(path.to_path_buf());
-    let unreadable =
-        |message: String| ConfigError::new(ConfigErrorKind::File, None, source.clone(), message);
+    let source = Source::File(path.to_path_buf());
+    let unreadable = |message: String| Error::new(ErrorKind::File, None, source.clone(), message);
     let text = std::fs::read_to_string(path)
         .map_err(|e| unreadable(format!("cannot read the file: {e}")))?;
     let extension = path.extension().and_then(|e| e.to_str()).unwrap_or("");
@@ -157,7 +154,7 @@ pub(crate) fn read_file(path: &Path) -> Result<Vec<Entry>, ConfigError> {
             ))
         }
     };
-    let mut entries = vec![Entry {
+    let mut entries = vec![Raw {
         key: "config_path".to_owned(),
         value: Value::String(path.display().to_string()),
         source: source.clone(),
@@ -170,9 +167,7 @@ pub(crate) fn read_file(path: &Path) -> Result<Vec<Entry>, ConfigError> {
 /// The configuration file named by `MEMWISE_CONFIG`, and an entry for every other
 /// `MEMWISE_*` variable. Every such variable is configuration: a misspelt one is refused,
 /// not ignored. Errors are returned beside the entries so that all are reported at once.
-pub(crate) fn read_env(
-    vars: &[(String, String)],
-) -> (Option<PathBuf>, Vec<Entry>, Vec<ConfigError>) {
+pub(crate) fn read_env(vars: &[(String, String)]) -> (Option<PathBuf>, Vec<Raw>, Vec<Error>) {
     let mut sorted: Vec<&(String, String)> = vars
         .iter()
         .filter(|(name, _)| name.starts_with(ENV_PREFIX))
@@ -188,7 +183,7 @@ pub(crate) fn read_env(
             file = Some(PathBuf::from(text));
             continue;
         }
-        let source = ConfigSource::Env(name.clone());
+        let source = Source::Env(name.clone());
         let key = name[ENV_PREFIX.len()..]
             .split("__")
             .map(str::to_ascii_lowercase)
@@ -199,14 +194,14 @@ pub(crate) fn read_env(
             // which a variable name cannot.
             for pair in text.split(',').filter(|p| !p.trim().is_empty()) {
                 match pair.split_once('=') {
-                    Some((device, size)) => entries.push(Entry {
+                    Some((device, size)) => entries.push(Raw {
                         key: format!("{MAX_MEMORY}.{}", device.trim()),
                         value: Value::String(size.trim().to_owned()),
                         source: source.clone(),
                         textual: true,
                     }),
-                    None => errors.push(ConfigError::new(
-                        ConfigErrorKind::InvalidValue,
+                    None => errors.push(Error::new(
+                        ErrorKind::InvalidValue,
                         Some(MAX_MEMORY),
                         source.clone(),
                         format!(
@@ -224,7 +219,7 @@ pub(crate) fn read_env(
             }
             _ => key,
         };
-        entries.push(Entry {
+        entries.push(Raw {
             key,
             value: Value::String(text.clone()),
             source,
@@ -237,16 +232,16 @@ pub(crate) fn read_env(
 /// The non-default layers, lowest first, as read.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Layers {
-    pub file: Vec<Entry>,
-    pub env: Vec<Entry>,
-    pub code: Vec<Entry>,
+    pub file: Vec<Raw>,
+    pub env: Vec<Raw>,
+    pub code: Vec<Raw>,
 }
 
 impl Layers {
     /// Adds entries to the code layer. An earlier entry for the same key is dropped: it is
     /// overridden anyway, and a long-running program that calls `configure` in a loop
     /// should not grow its configuration without bound.
-    pub fn push_code(&mut self, entries: impl IntoIterator<Item = Entry>) {
+    pub fn push_code(&mut self, entries: impl IntoIterator<Item = Raw>) {
         for entry in entries {
             self.code.retain(|e| e.key != entry.key);
             self.code.push(entry);
@@ -257,38 +252,38 @@ impl Layers {
 /// One key's value and origin, as `memwise config show` prints it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[non_exhaustive]
-pub struct ConfigEntry {
+pub struct Entry {
     /// The dotted key.
     pub key: String,
     /// The value as written in TOML or JSON; `None` when the key is unset.
     pub value: Option<Value>,
     /// Where the value (or its absence) came from.
-    pub origin: ConfigSource,
+    pub origin: Source,
 }
 
 /// A configuration and, for every key, where its value came from.
 ///
 /// ```
-/// use memwise::{ConfigBuilder, ConfigSource};
+/// use memwise::config::{Builder, Source};
 ///
-/// let resolved = ConfigBuilder::new()
+/// let resolved = Builder::new()
 ///     .env_from([("MEMWISE_QUANTIZATION__BITS", "8")])
 ///     .build()
 ///     .unwrap();
 /// assert_eq!(resolved.config().quantization.bits, 8);
 /// assert_eq!(
 ///     resolved.origin("quantization.bits"),
-///     Some(&ConfigSource::Env("MEMWISE_QUANTIZATION__BITS".into()))
+///     Some(&Source::Env("MEMWISE_QUANTIZATION__BITS".into()))
 /// );
-/// assert_eq!(resolved.origin("memory.gpu_batch_size"), Some(&ConfigSource::Default));
+/// assert_eq!(resolved.origin("memory.gpu_batch_size"), Some(&Source::Default));
 /// ```
 #[derive(Debug, Clone)]
-pub struct ResolvedConfig {
+pub struct Resolved {
     config: Arc<Config>,
-    values: BTreeMap<String, (Option<Value>, ConfigSource)>,
+    values: BTreeMap<String, (Option<Value>, Source)>,
 }
 
-impl ResolvedConfig {
+impl Resolved {
     /// The configuration.
     pub fn config(&self) -> &Arc<Config> {
         &self.config
@@ -296,13 +291,13 @@ impl ResolvedConfig {
 
     /// Where `key`'s value came from; `None` for a key no layer mentions and that has no
     /// default (an unset optional key).
-    pub fn origin(&self, key: &str) -> Option<&ConfigSource> {
+    pub fn origin(&self, key: &str) -> Option<&Source> {
         self.values.get(key).map(|(_, source)| source)
     }
 
     /// Every key with its value and origin, in the order of the configuration's sections.
     /// Unset optional keys are listed with no value.
-    pub fn entries(&self) -> Vec<ConfigEntry> {
+    pub fn entries(&self) -> Vec<Entry> {
         let mut out = Vec::new();
         for field in fields::FIELDS {
             let matching: Vec<_> = match field.key.strip_suffix(".*") {
@@ -314,14 +309,14 @@ impl ResolvedConfig {
                 None => self.values.get_key_value(field.key).into_iter().collect(),
             };
             if matching.is_empty() && field.optional && !field.key.ends_with(".*") {
-                out.push(ConfigEntry {
+                out.push(Entry {
                     key: field.key.to_owned(),
                     value: None,
-                    origin: ConfigSource::Default,
+                    origin: Source::Default,
                 });
             }
             for (key, (value, origin)) in matching {
-                out.push(ConfigEntry {
+                out.push(Entry {
                     key: key.clone(),
                     value: value.clone(),
                     origin: origin.clone(),
@@ -332,61 +327,126 @@ impl ResolvedConfig {
     }
 }
 
-/// Merges the layers over the defaults, checking every value. Returns every problem, not
-/// only the first, so one run of `memwise config check` lists them all.
-pub(crate) fn resolve(layers: &Layers) -> Result<ResolvedConfig, Vec<ConfigError>> {
-    let mut values: BTreeMap<String, (Option<Value>, ConfigSource)> = leaves(&Config::default())
-        .into_iter()
-        .map(|(key, value)| (key, (Some(value), ConfigSource::Default)))
-        .collect();
+/// Checks every value of every layer, then lets figment merge them over the defaults, one
+/// provider per value, so that figment can say for each key which layer set it. Returns
+/// every problem, not only the first, so one run of `memwise config check` lists them all.
+/// A value refused in a low layer is an error even when a higher layer overrides it.
+pub(crate) fn resolve(layers: &Layers) -> Result<Resolved, Vec<Error>> {
+    let mut stack = Stack::default();
+    stack.push(Source::Default, &leaves(&Config::default()));
     let mut errors = Vec::new();
-    let all = layers.file.iter().chain(&layers.env).chain(&layers.code);
-    for entry in all {
+    for entry in layers.file.iter().chain(&layers.env).chain(&layers.code) {
         match check(entry) {
-            Ok(value) => {
-                values.insert(entry.key.clone(), (value, entry.source.clone()));
-            }
+            Ok(value) => stack.push(
+                entry.source.clone(),
+                &BTreeMap::from([(entry.key.clone(), value)]),
+            ),
             Err(err) => errors.push(err),
         }
     }
     if !errors.is_empty() {
         return Err(errors);
     }
-    let mut tree = Map::new();
-    for (key, (value, _)) in &values {
-        if let Some(value) = value {
-            insert(&mut tree, key, value.clone());
-        }
-    }
-    // Every leaf was checked against its key's kind, so only a disagreement between the
-    // key table and the typed Config could fail here; the tests keep the two in step.
-    let config: Config = serde_json::from_value(Value::Object(tree))
-        .expect("checked values deserialize into Config");
-    Ok(ResolvedConfig {
-        config: Arc::new(config),
-        values,
-    })
+    Ok(stack.resolve())
 }
 
-fn check(entry: &Entry) -> Result<Option<Value>, ConfigError> {
-    let refuse = |kind, message: String| {
-        ConfigError::new(kind, Some(&entry.key), entry.source.clone(), message)
-    };
+/// The layers as figment providers, lowest first, and the source behind each provider's name.
+#[derive(Default)]
+struct Stack {
+    figment: Figment,
+    sources: HashMap<String, Source>,
+}
+
+impl Stack {
+    /// Merges `values` (dotted keys; null unsets an optional key) as one provider from `source`.
+    fn push(&mut self, source: Source, values: &BTreeMap<String, Value>) {
+        let mut tree = Map::new();
+        for (key, value) in values {
+            insert(&mut tree, key, value.clone());
+        }
+        let layer = Layer {
+            name: source.to_string(),
+            values: serde_json::from_value(Value::Object(tree))
+                .expect("JSON converts to figment values"),
+        };
+        self.sources.insert(layer.name.clone(), source);
+        self.figment = std::mem::take(&mut self.figment).merge(layer);
+    }
+
+    fn resolve(self) -> Resolved {
+        // Every leaf was checked against its key's kind, so only a disagreement between the
+        // key table and the typed Config could fail here; the tests keep the two in step.
+        let config: Config = self
+            .figment
+            .extract()
+            .expect("checked values deserialize into Config");
+        let merged = self
+            .figment
+            .data()
+            .expect("layers hold data")
+            .remove(&Profile::Default)
+            .unwrap_or_default();
+        let merged = serde_json::to_value(merged).expect("figment values convert to JSON");
+        let values = table_entries(&merged, Source::Default)
+            .expect("the merged layers are a table")
+            .into_iter()
+            .map(|leaf| {
+                let source = self
+                    .figment
+                    .find_metadata(&leaf.key)
+                    .and_then(|meta| self.sources.get(meta.name.as_ref()))
+                    .cloned()
+                    .unwrap_or(Source::Default);
+                (
+                    leaf.key,
+                    ((!leaf.value.is_null()).then_some(leaf.value), source),
+                )
+            })
+            .collect();
+        Resolved {
+            config: Arc::new(config),
+            values,
+        }
+    }
+}
+
+/// Checked values from one source, as a figment provider named after the source.
+struct Layer {
+    name: String,
+    values: figment::value::Dict,
+}
+
+impl Provider for Layer {
+    fn metadata(&self) -> Metadata {
+        Metadata::named(self.name.clone())
+    }
+
+    fn data(&self) -> Result<figment::value::Map<Profile, figment::value::Dict>, figment::Error> {
+        Ok(Profile::Default.collect(self.values.clone()))
+    }
+}
+
+fn check(entry: &Raw) -> Result<Value, Error> {
+    let refuse =
+        |kind, message: String| Error::new(kind, Some(&entry.key), entry.source.clone(), message);
     let field: &Field = fields::lookup(&entry.key).map_err(|refusal| {
-        if refusal.kind != ConfigErrorKind::UnknownKey {
+        if refusal.kind != ErrorKind::UnknownKey {
             return refuse(refusal.kind, refusal.message);
+        }
+        if let Some((_, why)) = fields::REMOVED.iter().find(|(key, _)| *key == entry.key) {
+            return refuse(ErrorKind::UnknownKey, format!("unknown key: {why}"));
         }
         let candidates = fields::suggestible_keys(&entry.key);
         let hint = match closest(&entry.key, candidates.iter().map(String::as_str)) {
             Some(key) => format!("did you mean {}?", entry.source.spell(key)),
             None => "`memwise config show` lists every key".to_owned(),
         };
-        refuse(ConfigErrorKind::UnknownKey, format!("unknown key; {hint}"))
+        refuse(ErrorKind::UnknownKey, format!("unknown key; {hint}"))
     })?;
     let value = field
         .check(&entry.value, entry.textual)
         .map_err(|refusal| refuse(refusal.kind, refusal.message))?;
-    Ok((!value.is_null()).then_some(value))
+    Ok(value)
 }
 
 /// Sets `tree[a][b][c] = value` for the key `a.b.c`, creating tables on the way.
@@ -416,9 +476,9 @@ fn insert(tree: &mut Map<String, Value>, key: &str, value: Value) {
 /// [`file`](Self::file) names the file.
 ///
 /// ```
-/// use memwise::ConfigBuilder;
+/// use memwise::config::Builder;
 ///
-/// let resolved = ConfigBuilder::new()
+/// let resolved = Builder::new()
 ///     .env_from([("MEMWISE_MEMORY__GPU_BATCH_SIZE", "8")])
 ///     .values(serde_json::json!({ "memory": { "prefetch_depth": 2 } }))
 ///     .build()
@@ -427,16 +487,16 @@ fn insert(tree: &mut Map<String, Value>, key: &str, value: Value) {
 /// assert_eq!(resolved.config().memory.prefetch_depth, 2);
 /// ```
 #[derive(Debug, Clone, Default)]
-pub struct ConfigBuilder {
+pub struct Builder {
     file: Option<PathBuf>,
     env: Option<Vec<(String, String)>>,
     code: Vec<Value>,
 }
 
-impl ConfigBuilder {
+impl Builder {
     /// Defaults, plus the process environment and `MEMWISE_CONFIG` when built.
     pub fn new() -> Self {
-        ConfigBuilder::default()
+        Builder::default()
     }
 
     /// Loads this file (TOML or JSON, by extension) instead of the one `MEMWISE_CONFIG` names.
@@ -468,16 +528,16 @@ impl ConfigBuilder {
     }
 
     /// Reads the layers and builds the configuration, refusing the first bad value.
-    pub fn build(&self) -> Result<ResolvedConfig, ConfigError> {
+    pub fn build(&self) -> Result<Resolved, Error> {
         self.check().map_err(|mut errors| errors.remove(0))
     }
 
     /// Like [`build`](Self::build) but returns every problem found.
-    pub fn check(&self) -> Result<ResolvedConfig, Vec<ConfigError>> {
+    pub fn check(&self) -> Result<Resolved, Vec<Error>> {
         resolve(&self.layers()?)
     }
 
-    pub(crate) fn layers(&self) -> Result<Layers, Vec<ConfigError>> {
+    pub(crate) fn layers(&self) -> Result<Layers, Vec<Error>> {
         let vars = match &self.env {
             Some(vars) => vars.clone(),
             None => process_env(),
@@ -494,7 +554,7 @@ impl ConfigBuilder {
             }
         }
         for values in &self.code {
-            match table_entries(values, ConfigSource::Code) {
+            match table_entries(values, Source::Code) {
                 Ok(entries) => layers.code.extend(entries),
                 Err(err) => errors.push(err),
             }

@@ -5,14 +5,19 @@ use std::fmt;
 use serde::Serialize;
 
 use super::schema::Config;
-use crate::{clear_memory_with, device, enable_memory_tracking, set_record_capacity, ClearReport};
+use crate::scope::{apply_configured_tracking, set_record_capacity};
+use crate::{clear_memory_with, device, ClearReport};
 
 /// What [`optimize_memory_usage`] did, and what it freed (measured, not assumed).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct OptimizeReport {
-    /// Scope tracking is now on (`memory.tracking.enabled`).
+    /// Scope tracking is now on (`memory.tracking.enabled`, unless an explicit
+    /// [`enable_memory_tracking`](crate::enable_memory_tracking) decided it).
     pub tracking_enabled: bool,
+    /// An explicit [`enable_memory_tracking`](crate::enable_memory_tracking) call decided
+    /// tracking, so the configured default was not applied.
+    pub tracking_explicit: bool,
     /// Finished scope records now kept (`memory.tracking.record_capacity`).
     pub record_capacity: usize,
     /// Devices whose pool release threshold was set (`memory.pool_release_threshold`), with
@@ -31,9 +36,14 @@ impl fmt::Display for OptimizeReport {
     /// One line per action, for people.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let on = if self.tracking_enabled { "on" } else { "off" };
+        let why = if self.tracking_explicit {
+            " (set by enable_memory_tracking)"
+        } else {
+            ""
+        };
         writeln!(
             f,
-            "scope tracking {on}, keeping {} records",
+            "scope tracking {on}{why}, keeping {} records",
             self.record_capacity
         )?;
         for (device, bytes) in &self.release_thresholds {
@@ -67,7 +77,8 @@ impl fmt::Display for OptimizeReport {
 }
 
 /// Applies the memory configuration in force (the spec's `optimize_memory_usage()`): turns
-/// scope tracking on or off and sizes its record buffer, sets each device pool's release
+/// scope tracking on or off (unless [`enable_memory_tracking`](crate::enable_memory_tracking)
+/// was called: an explicit call wins over the configured default) and sizes its record buffer, sets each device pool's release
 /// threshold where one is configured, then cleans up: reclaim hooks, allocator trim and
 /// device cache release as the configuration says. Returns what it did and what it freed.
 ///
@@ -77,7 +88,7 @@ impl fmt::Display for OptimizeReport {
 ///
 /// configure(json!({ "memory": { "tracking": { "enabled": true } } })).unwrap();
 /// let report = optimize_memory_usage();
-/// assert!(report.tracking_enabled && memwise::memory_tracking_enabled());
+/// assert!(report.tracking_enabled && memwise::scope::memory_tracking_enabled());
 /// print!("{report}");
 /// ```
 ///
@@ -91,7 +102,7 @@ pub fn optimize_memory_usage() -> OptimizeReport {
 /// [`optimize_memory_usage`] with a given configuration instead of the one in force.
 pub fn optimize_memory_usage_with(config: &Config) -> OptimizeReport {
     let memory = &config.memory;
-    enable_memory_tracking(memory.tracking.enabled);
+    let (tracking_enabled, tracking_explicit) = apply_configured_tracking(memory.tracking.enabled);
     set_record_capacity(memory.tracking.record_capacity);
 
     let mut release_thresholds = Vec::new();
@@ -111,7 +122,8 @@ pub fn optimize_memory_usage_with(config: &Config) -> OptimizeReport {
     }
     let cleanup = clear_memory_with((), memory.clear_options());
     OptimizeReport {
-        tracking_enabled: memory.tracking.enabled,
+        tracking_enabled,
+        tracking_explicit,
         record_capacity: memory.tracking.record_capacity,
         release_thresholds,
         release_threshold_unsupported,

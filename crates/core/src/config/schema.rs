@@ -21,7 +21,7 @@ use crate::ClearOptions;
 /// let config = memwise::Config::default();
 /// assert_eq!(config.memory.gpu_batch_size, 16);
 /// assert_eq!(config.quantization.bits, 4);
-/// assert_eq!(config.export.export_format, memwise::ExportFormat::AutoRound);
+/// assert_eq!(config.export.export_format, memwise::config::ExportFormat::AutoRound);
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -37,9 +37,9 @@ pub struct Config {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_path: Option<PathBuf>,
     /// Where the model runs. Default `auto`.
-    pub device: Device,
+    pub device: DeviceChoice,
     /// The configuration file in force: set to the file [`load_config`](crate::load_config)
-    /// or `MEMWISE_CONFIG` read, and where [`save_config`](crate::save_config) writes.
+    /// or `MEMWISE_CONFIG` read, and where [`save_config`](crate::config::save_config) writes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_path: Option<PathBuf>,
     /// Where results are written. Default `output`.
@@ -63,12 +63,8 @@ pub struct MemoryConfig {
     pub workspace_dir: PathBuf,
     /// Release each layer's weights right after it has run. Default true.
     pub clean_weights_after_use: bool,
-    /// Keep weights on the host and move them to the device only while in use. Default true.
-    pub use_cpu_offload: bool,
     /// Samples per batch on an accelerator. Default 16; at least 1.
     pub gpu_batch_size: usize,
-    /// Build the model skeleton without allocating weights. Default true.
-    pub use_meta_tensors: bool,
     /// Memory budget per device (`cpu`, `cuda:0`, ...). Empty by default: no budget.
     #[serde(default)]
     pub max_memory: BTreeMap<String, ByteSize>,
@@ -112,7 +108,7 @@ pub struct TrackingConfig {
     /// nothing, so it is opt-in.
     pub enabled: bool,
     /// How many finished scope records are kept. Default
-    /// [`DEFAULT_RECORD_CAPACITY`](crate::DEFAULT_RECORD_CAPACITY).
+    /// [`DEFAULT_RECORD_CAPACITY`](crate::scope::DEFAULT_RECORD_CAPACITY).
     pub record_capacity: usize,
 }
 
@@ -188,15 +184,15 @@ pub enum LogLevel {
 /// Where work runs: `auto`, `cpu`, `cuda` or `cuda:N`.
 ///
 /// ```
-/// use memwise::Device;
+/// use memwise::config::DeviceChoice;
 ///
-/// assert_eq!("cuda:1".parse::<Device>().unwrap(), Device::Cuda(Some(1)));
-/// assert_eq!(Device::Cuda(Some(1)).to_string(), "cuda:1");
-/// assert!("tpu".parse::<Device>().is_err());
+/// assert_eq!("cuda:1".parse::<DeviceChoice>().unwrap(), DeviceChoice::Cuda(Some(1)));
+/// assert_eq!(DeviceChoice::Cuda(Some(1)).to_string(), "cuda:1");
+/// assert!("tpu".parse::<DeviceChoice>().is_err());
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
-pub enum Device {
+pub enum DeviceChoice {
     /// The first CUDA device if the build has one, else the CPU.
     Auto,
     /// The host.
@@ -205,43 +201,43 @@ pub enum Device {
     Cuda(Option<u32>),
 }
 
-impl FromStr for Device {
+impl FromStr for DeviceChoice {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         match text {
-            "auto" => return Ok(Device::Auto),
-            "cpu" => return Ok(Device::Cpu),
-            "cuda" => return Ok(Device::Cuda(None)),
+            "auto" => return Ok(DeviceChoice::Auto),
+            "cpu" => return Ok(DeviceChoice::Cpu),
+            "cuda" => return Ok(DeviceChoice::Cuda(None)),
             _ => {}
         }
         text.strip_prefix("cuda:")
             .and_then(|index| index.parse().ok())
-            .map(|index| Device::Cuda(Some(index)))
+            .map(|index| DeviceChoice::Cuda(Some(index)))
             .ok_or_else(|| {
                 format!("{text:?} is not a device; use \"auto\", \"cpu\", \"cuda\" or \"cuda:N\" (e.g. \"cuda:0\")")
             })
     }
 }
 
-impl fmt::Display for Device {
+impl fmt::Display for DeviceChoice {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Device::Auto => f.write_str("auto"),
-            Device::Cpu => f.write_str("cpu"),
-            Device::Cuda(None) => f.write_str("cuda"),
-            Device::Cuda(Some(index)) => write!(f, "cuda:{index}"),
+            DeviceChoice::Auto => f.write_str("auto"),
+            DeviceChoice::Cpu => f.write_str("cpu"),
+            DeviceChoice::Cuda(None) => f.write_str("cuda"),
+            DeviceChoice::Cuda(Some(index)) => write!(f, "cuda:{index}"),
         }
     }
 }
 
-impl Serialize for Device {
+impl Serialize for DeviceChoice {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.collect_str(self)
     }
 }
 
-impl<'de> Deserialize<'de> for Device {
+impl<'de> Deserialize<'de> for DeviceChoice {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         String::deserialize(deserializer)?
             .parse()
@@ -256,7 +252,7 @@ impl Default for Config {
             quantization: QuantizationConfig::default(),
             export: ExportConfig::default(),
             model_path: None,
-            device: Device::Auto,
+            device: DeviceChoice::Auto,
             config_path: None,
             output_dir: PathBuf::from("output"),
             cache_dir: default_cache_dir(),
@@ -279,9 +275,7 @@ impl Default for MemoryConfig {
         MemoryConfig {
             workspace_dir: PathBuf::from("layer_wise_quantize_workspace"),
             clean_weights_after_use: true,
-            use_cpu_offload: true,
             gpu_batch_size: 16,
-            use_meta_tensors: true,
             max_memory: BTreeMap::new(),
             prefetch_depth: 1,
             tracking: TrackingConfig::default(),
@@ -296,7 +290,7 @@ impl Default for TrackingConfig {
     fn default() -> Self {
         TrackingConfig {
             enabled: false,
-            record_capacity: crate::DEFAULT_RECORD_CAPACITY,
+            record_capacity: crate::scope::DEFAULT_RECORD_CAPACITY,
         }
     }
 }

@@ -5,7 +5,9 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use memwise::{DeviceMemory, DeviceUsage, Error, WorkloadError};
+use memwise::batch::WorkloadError;
+use memwise::device::{DeviceMemory, DeviceUsage};
+use memwise::Error;
 
 #[derive(Debug, Default)]
 struct Counters {

@@ -50,7 +50,7 @@ pub struct ModelConverter {
     strategy: ReadStrategy,
     hooks: Vec<Arc<dyn LayerHook>>,
     /// Why the configuration could not be read, reported when the model is loaded.
-    config_error: Option<memwise::ConfigError>,
+    config_error: Option<memwise::config::Error>,
 }
 
 impl ModelConverter {
@@ -159,7 +159,7 @@ impl ModelConverter {
     /// Where the program installed a [`memwise::BlockCache`], this raises its capacity to
     /// one repeated layer (plus a quarter), so each layer reuses the blocks the previous one
     /// freed; up to that much freed memory stays resident until
-    /// [`memwise::clear_memory`] or [`memwise::set_block_cache_capacity`]`(0)`.
+    /// [`memwise::clear_memory`] or [`memwise::alloc::set_block_cache_capacity`]`(0)`.
     pub fn load(self) -> Result<StreamedModel, RunError> {
         if let Some(error) = self.config_error {
             return Err(RunError::Config(Box::new(error)));
@@ -241,21 +241,21 @@ impl ModelConverter {
 }
 
 /// The candle device `device` names, or why this build or machine cannot use it.
-fn configured_device(device: &memwise::Device) -> Result<Device, RunError> {
+fn configured_device(device: &memwise::config::DeviceChoice) -> Result<Device, RunError> {
     let refused = |reason: String| RunError::Device {
         requested: device.to_string(),
         reason,
     };
     match device {
-        memwise::Device::Cpu => Ok(Device::Cpu),
-        memwise::Device::Auto if candle_core::utils::cuda_is_available() => {
+        memwise::config::DeviceChoice::Cpu => Ok(Device::Cpu),
+        memwise::config::DeviceChoice::Auto if candle_core::utils::cuda_is_available() => {
             Device::new_cuda(0).map_err(|e| refused(e.to_string()))
         }
-        memwise::Device::Auto => Ok(Device::Cpu),
-        memwise::Device::Cuda(index) if candle_core::utils::cuda_is_available() => {
+        memwise::config::DeviceChoice::Auto => Ok(Device::Cpu),
+        memwise::config::DeviceChoice::Cuda(index) if candle_core::utils::cuda_is_available() => {
             Device::new_cuda(index.unwrap_or(0) as usize).map_err(|e| refused(e.to_string()))
         }
-        memwise::Device::Cuda(_) => Err(refused(
+        memwise::config::DeviceChoice::Cuda(_) => Err(refused(
             "this build of memwise has no CUDA support; set device = \"cpu\" or \"auto\"".into(),
         )),
         _ => Err(refused("this kind of device is not supported".into())),
@@ -281,8 +281,8 @@ fn repeated_stage_bytes(stages: &[Stage], dtype: DType) -> Option<u64> {
 fn reserve_block_cache(layer_bytes: Option<u64>) {
     if let Some(bytes) = layer_bytes {
         let wanted = usize::try_from(bytes + bytes / 4).unwrap_or(usize::MAX);
-        if memwise::block_cache_capacity() < wanted {
-            memwise::set_block_cache_capacity(wanted);
+        if memwise::alloc::block_cache_capacity() < wanted {
+            memwise::alloc::set_block_cache_capacity(wanted);
         }
     }
 }

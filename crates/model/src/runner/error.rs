@@ -39,7 +39,7 @@ pub enum RunError {
     },
     /// The memwise configuration (environment or `MEMWISE_CONFIG` file) holds a bad value.
     #[error(transparent)]
-    Config(Box<memwise::ConfigError>),
+    Config(Box<memwise::config::Error>),
     /// The configured or requested device cannot be used by this build or machine.
     #[error("device {requested}: {reason}")]
     Device {

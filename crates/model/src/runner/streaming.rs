@@ -35,7 +35,7 @@ impl StageReader {
         if self.layer_bytes != Some(stage.weight_bytes(self.dtype)) {
             // Not a repeated layer (embeddings, head): the cached layer blocks would only
             // sit beside it, so give them back first.
-            memwise::release_block_cache();
+            memwise::alloc::release_block_cache();
         }
         let names: Vec<&str> = stage.tensor_names().collect();
         let compute = Some(self.stored);
