@@ -14,8 +14,8 @@ use candle_core::{DType, Device};
 use serde::Serialize;
 
 use crate::models::{
-    Architecture, BertConfig, DecoderModel, EncoderModel, Family, LlamaConfig, ModelError,
-    TensorSpec,
+    Activation, Architecture, BertConfig, DecoderModel, EncoderModel, Family, LlamaConfig,
+    ModelError, TensorSpec, TokenIds,
 };
 
 /// What model [`write_synthetic_checkpoint`] writes.
@@ -98,7 +98,7 @@ impl SynthSpec {
             num_attention_heads: self.num_heads,
             num_key_value_heads: Some(self.num_kv_heads),
             head_dim: None,
-            hidden_act: "silu".into(),
+            hidden_act: Activation::Silu,
             rms_norm_eps: 1e-6,
             rope_theta: Some(10_000.0),
             rope_scaling: None,
@@ -113,7 +113,7 @@ impl SynthSpec {
             max_window_layers: None,
             layer_types: None,
             bos_token_id: Some(1),
-            eos_token_id: Some(2.into()),
+            eos_token_id: Some(TokenIds(vec![2])),
             torch_dtype: Some(self.torch_dtype()?.into()),
         })
     }
@@ -127,7 +127,7 @@ impl SynthSpec {
             num_hidden_layers: self.num_layers,
             num_attention_heads: self.num_heads,
             intermediate_size: self.intermediate_size,
-            hidden_act: "gelu".into(),
+            hidden_act: Activation::Gelu,
             max_position_embeddings: self.max_position_embeddings,
             type_vocab_size: 2,
             layer_norm_eps: 1e-12,

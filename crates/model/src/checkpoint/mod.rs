@@ -31,6 +31,7 @@ pub use self::summary::{CheckpointSummary, StageSummary};
 pub use self::torch_bin::parse_torch_zip;
 
 use crate::error::{Error, Result};
+use crate::models::{ArchitectureConfig, ModelError};
 
 /// The largest `config.json` or `*.index.json` memwise reads.
 const MAX_JSON_BYTES: u64 = 64 << 20;
@@ -175,6 +176,8 @@ pub struct Checkpoint {
     config: ModelConfig,
     files: Vec<PathBuf>,
     index: TensorIndex,
+    /// `config.json` typed for its family, where memwise runs the architecture.
+    architecture: Option<ArchitectureConfig>,
     stages: Vec<StageTensors>,
     stage_origin: StageOrigin,
     /// Stages served from elsewhere (a workspace): each one's own tensors, by stage name.
@@ -198,7 +201,9 @@ impl Checkpoint {
         let mut index = TensorIndex::build(per_file)?;
         add_tied_head(&mut index, &config);
         check_layer_count(&config_path, &config, &index)?;
-        let (stages, stage_origin) = find_stages(&config_bytes, &index);
+        let origin = config_path.display().to_string();
+        let architecture = ArchitectureConfig::from_value(&config.raw, &origin).ok();
+        let (stages, stage_origin) = find_stages(architecture.as_ref(), &index);
         let owners = owners(&stages);
         Ok(Checkpoint {
             folder,
@@ -206,6 +211,7 @@ impl Checkpoint {
             config,
             files,
             index,
+            architecture,
             stages,
             stage_origin,
             overrides: HashMap::new(),
@@ -245,9 +251,22 @@ impl Checkpoint {
         self.format
     }
 
-    /// The parsed `config.json`.
+    /// The parsed `config.json`: what any architecture's config says.
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    /// The same `config.json` typed for its architecture family (parsed once, when the
+    /// checkpoint was opened); for an architecture memwise cannot run, the error naming the
+    /// key and value at fault.
+    pub fn architecture(&self) -> std::result::Result<&ArchitectureConfig, ModelError> {
+        if let Some(architecture) = &self.architecture {
+            return Ok(architecture);
+        }
+        let origin = self.folder.join("config.json").display().to_string();
+        Err(ArchitectureConfig::from_value(&self.config.raw, &origin)
+            .err()
+            .unwrap_or_else(|| ModelError::unsupported("model_type", "unreadable")))
     }
 
     /// The weight files, in the order they were indexed.
@@ -508,14 +527,14 @@ fn check_layer_count(file: &Path, config: &ModelConfig, index: &TensorIndex) -> 
     }
 }
 
-/// The stages of the model `config_json` describes, traced from its blocks, or, for an
+/// The stages of the model `architecture` describes, traced from its blocks, or, for an
 /// architecture memwise cannot run, every tensor grouped by module.
-fn find_stages(config_json: &[u8], index: &TensorIndex) -> (Vec<StageTensors>, StageOrigin) {
-    let names = || index.tensors().iter().map(|t| t.name.as_str());
-    let traced = std::str::from_utf8(config_json)
-        .ok()
-        .and_then(|text| crate::models::ArchitectureConfig::from_json(text).ok())
-        .and_then(|config| config.stages(names()).ok());
+fn find_stages(
+    architecture: Option<&ArchitectureConfig>,
+    index: &TensorIndex,
+) -> (Vec<StageTensors>, StageOrigin) {
+    let names = index.tensors().iter().map(|t| t.name.as_str());
+    let traced = architecture.and_then(|config| config.stages(names).ok());
     match traced {
         Some(model_stages) => (stages::traced(&model_stages, index), StageOrigin::Traced),
         None => (stages::by_module(index), StageOrigin::ByModule),

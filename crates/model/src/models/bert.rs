@@ -35,7 +35,7 @@ pub struct BertConfig {
     /// The MLP's activation: `gelu` (exact), `gelu_new` / `gelu_pytorch_tanh` (tanh
     /// approximation) or `relu`.
     #[serde(default = "default_hidden_act")]
-    pub hidden_act: String,
+    pub hidden_act: super::Activation,
     /// Positions the position embeddings cover.
     #[serde(default = "default_max_position_embeddings")]
     pub max_position_embeddings: usize,
@@ -56,8 +56,8 @@ pub struct BertConfig {
     pub torch_dtype: Option<String>,
 }
 
-fn default_hidden_act() -> String {
-    "gelu".into()
+fn default_hidden_act() -> super::Activation {
+    super::Activation::Gelu
 }
 
 fn default_max_position_embeddings() -> usize {
@@ -117,10 +117,10 @@ impl EncoderConfig {
                 format!("`{}` is not a BERT encoder", config.model_type),
             ));
         }
-        let activation = match config.hidden_act.as_str() {
-            "gelu" => Activation::GeluErf,
-            "gelu_new" | "gelu_pytorch_tanh" => Activation::GeluTanh,
-            "relu" => Activation::Relu,
+        let activation = match &config.hidden_act {
+            super::Activation::Gelu => Activation::GeluErf,
+            super::Activation::GeluTanh(_) => Activation::GeluTanh,
+            super::Activation::Relu => Activation::Relu,
             other => {
                 return Err(ModelError::unsupported(
                     "hidden_act",

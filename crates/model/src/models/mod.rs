@@ -10,11 +10,8 @@
 //! running the stage's own `load` against a recording backend, so the list a runner streams
 //! and the names the block reads cannot drift apart.
 
-use std::path::Path;
-
-use serde::Deserialize;
-
 mod bert;
+mod config;
 mod error;
 mod family;
 mod generate;
@@ -22,6 +19,7 @@ mod llama;
 mod stage;
 
 pub use bert::{mean_pool, BertConfig, EncoderBlock, EncoderModel, EncoderState};
+pub use config::{Activation, ArchitectureConfig, RopeType, TokenIds};
 pub use error::ModelError;
 pub use family::{Family, Inputs, Loaded, Pass};
 pub(crate) use generate::greedy;
@@ -71,99 +69,6 @@ impl Architecture {
             Self::Mistral => "MistralForCausalLM",
             Self::Qwen2 => "Qwen2ForCausalLM",
             Self::Bert => "BertModel",
-        }
-    }
-}
-
-/// A `config.json` parsed for the architecture its `model_type` names, with every key the
-/// blocks need typed (the checkpoint reader's `ModelConfig` keeps only a summary).
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub enum ArchitectureConfig {
-    /// A Llama-family decoder (Llama, Mistral, Qwen2).
-    Decoder(Box<LlamaConfig>),
-    /// A BERT-style encoder.
-    Encoder(BertConfig),
-}
-
-impl ArchitectureConfig {
-    /// Reads and parses a model folder's `config.json` (or the file itself).
-    pub fn from_file(path: impl AsRef<Path>) -> Result<Self, ModelError> {
-        let path = path.as_ref();
-        let path = if path.is_dir() {
-            path.join("config.json")
-        } else {
-            path.to_path_buf()
-        };
-        let text = std::fs::read_to_string(&path).map_err(|source| ModelError::ConfigRead {
-            path: path.clone(),
-            source,
-        })?;
-        Self::from_json_named(&text, &path.display().to_string())
-    }
-
-    /// Parses the text of a `config.json`, choosing the architecture by its `model_type`.
-    pub fn from_json(text: &str) -> Result<Self, ModelError> {
-        Self::from_json_named(text, "<json>")
-    }
-
-    fn from_json_named(text: &str, origin: &str) -> Result<Self, ModelError> {
-        #[derive(Deserialize)]
-        struct ModelType {
-            model_type: Option<String>,
-        }
-        let parse_error = |source| ModelError::ConfigParse {
-            origin: origin.to_owned(),
-            source,
-        };
-        let model_type = serde_json::from_str::<ModelType>(text)
-            .map_err(parse_error)?
-            .model_type
-            .ok_or_else(|| ModelError::unsupported("model_type", "missing"))?;
-        match Architecture::from_model_type(&model_type) {
-            Some(Architecture::Bert) => Ok(Self::Encoder(
-                serde_json::from_str(text).map_err(parse_error)?,
-            )),
-            Some(_) => Ok(Self::Decoder(Box::new(
-                serde_json::from_str(text).map_err(parse_error)?,
-            ))),
-            None => Err(ModelError::unsupported(
-                "model_type",
-                format!(
-                    "`{model_type}` is not implemented; supported: {}",
-                    Architecture::ALL.map(Architecture::model_type).join(", ")
-                ),
-            )),
-        }
-    }
-
-    /// The stages of the model this config describes, as its blocks' load code traces them
-    /// (computing in f32), for a checkpoint whose tensors are called `names` (an encoder's
-    /// weights may carry a prefix such as `bert.`).
-    pub fn stages<'n>(
-        &self,
-        names: impl IntoIterator<Item = &'n str>,
-    ) -> Result<Vec<Stage>, ModelError> {
-        let device = candle_core::Device::Cpu;
-        Ok(match self {
-            Self::Decoder(config) => DecoderModel::new(config, candle_core::DType::F32, &device)?
-                .stages()
-                .to_vec(),
-            Self::Encoder(config) => {
-                let mut model = EncoderModel::new(config, candle_core::DType::F32, &device)?;
-                if let Some(prefix) = EncoderModel::detect_weight_prefix(names) {
-                    model = model.with_weight_prefix(prefix)?;
-                }
-                model.stages().to_vec()
-            }
-        })
-    }
-
-    /// The architecture this config describes.
-    pub fn architecture(&self) -> Result<Architecture, ModelError> {
-        match self {
-            Self::Decoder(config) => config.architecture(),
-            Self::Encoder(_) => Ok(Architecture::Bert),
         }
     }
 }

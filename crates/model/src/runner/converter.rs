@@ -175,7 +175,7 @@ impl ModelConverter {
             Some(ws) if ws.manifest()?.is_some() => ws.checkpoint(&source)?,
             _ => source.clone(),
         };
-        let skeleton = match ArchitectureConfig::from_file(&self.path)? {
+        let skeleton = match source.architecture()?.clone() {
             ArchitectureConfig::Decoder(cfg) => {
                 Skeleton::Decoder(Resident::new(DecoderModel::new(&cfg, self.dtype, &device)?))
             }

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::models::{head_dim, Architecture, ModelError};
+use crate::models::{head_dim, Activation, Architecture, ModelError, RopeType, TokenIds};
 
 /// `config.json` of a Llama, Mistral or Qwen2 model, with Hugging Face's keys and defaults.
 ///
@@ -33,7 +33,7 @@ pub struct LlamaConfig {
     pub head_dim: Option<usize>,
     /// The MLP's activation; only `silu` is implemented.
     #[serde(default = "default_hidden_act")]
-    pub hidden_act: String,
+    pub hidden_act: Activation,
     /// RMSNorm's epsilon.
     #[serde(default = "default_rms_norm_eps")]
     pub rms_norm_eps: f64,
@@ -75,14 +75,14 @@ pub struct LlamaConfig {
     pub bos_token_id: Option<u32>,
     /// Token(s) that end generation: one id or a list.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub eos_token_id: Option<serde_json::Value>,
+    pub eos_token_id: Option<TokenIds>,
     /// The dtype the weights were saved in (older releases' key).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub torch_dtype: Option<String>,
 }
 
-fn default_hidden_act() -> String {
-    "silu".into()
+fn default_hidden_act() -> Activation {
+    Activation::Silu
 }
 
 fn default_rms_norm_eps() -> f64 {
@@ -101,10 +101,10 @@ const DEFAULT_ROPE_THETA: f64 = 10_000.0;
 pub struct RopeScaling {
     /// The kind: `default`, `linear` or `llama3` are implemented.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rope_type: Option<String>,
+    pub rope_type: Option<RopeType>,
     /// The kind, under the key older releases wrote (often next to `rope_type`).
     #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
-    pub legacy_type: Option<String>,
+    pub legacy_type: Option<RopeType>,
     /// RoPE base frequency (`rope_parameters` only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_theta: Option<f64>,
@@ -157,21 +157,21 @@ impl LlamaConfig {
         };
         let kind = scaling
             .rope_type
-            .as_deref()
-            .or(scaling.legacy_type.as_deref())
-            .unwrap_or("default");
+            .as_ref()
+            .or(scaling.legacy_type.as_ref())
+            .unwrap_or(&RopeType::Default);
         let factor = || {
             scaling
                 .factor
                 .ok_or_else(|| ModelError::unsupported(key, format!("`{kind}` needs `factor`")))
         };
         let scaled: Vec<f64> = match kind {
-            "default" => base,
-            "linear" => {
+            RopeType::Default => base,
+            RopeType::Linear => {
                 let factor = factor()?;
                 base.into_iter().map(|f| f / factor).collect()
             }
-            "llama3" => {
+            RopeType::Llama3 => {
                 let factor = factor()?;
                 let missing =
                     |name: &str| ModelError::unsupported(key, format!("`llama3` needs `{name}`"));
@@ -273,7 +273,7 @@ pub(super) struct DecoderConfig {
 impl DecoderConfig {
     pub(super) fn resolve(config: &LlamaConfig) -> Result<Self, ModelError> {
         let arch = config.architecture()?;
-        if config.hidden_act != "silu" {
+        if config.hidden_act != Activation::Silu {
             return Err(ModelError::unsupported(
                 "hidden_act",
                 format!("`{}` is not implemented (only silu)", config.hidden_act),
