@@ -99,12 +99,52 @@ fn run_refuses_bad_requests_clearly() {
         text(&missing)
     );
 
-    let out_of_vocab = memwise(&["run", folder, "--input-ids", "999999"]);
+    // Refused before any stage is read, in one line, even where Rust developers have
+    // backtraces on.
+    let out_of_vocab = Command::new(env!("CARGO_BIN_EXE_memwise"))
+        .args(["run", folder, "--input-ids", "1,2,999999"])
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .unwrap();
     assert_eq!(out_of_vocab.status.code(), Some(1), "an error, not a panic");
+    let said = text(&out_of_vocab);
     assert!(
-        text(&out_of_vocab).contains("invalid index 999999"),
+        said.contains("input_ids holds 999999, but the model's vocab_size is 128"),
+        "{said}"
+    );
+    assert!(
+        !said.contains("backtrace") && !said.contains("model.layers"),
+        "{said}"
+    );
+
+    let too_long = memwise(&[
+        "run",
+        folder,
+        "--input-ids",
+        "1,2",
+        "--max-new-tokens",
+        "100000",
+    ]);
+    assert!(!too_long.status.success());
+    assert!(
+        text(&too_long).contains("max_position_embeddings"),
         "{}",
-        text(&out_of_vocab)
+        text(&too_long)
+    );
+
+    let nowhere = memwise(&[
+        "run",
+        folder,
+        "--input-ids",
+        "1",
+        "--output",
+        "/missing/dir/x.json",
+    ]);
+    assert!(!nowhere.status.success());
+    assert!(
+        text(&nowhere).contains("/missing/dir does not exist"),
+        "{}",
+        text(&nowhere)
     );
 }
 
@@ -177,4 +217,128 @@ fn a_prompt_is_tokenized_with_the_models_tokenizer() {
         "{}",
         text(&from_text)
     );
+}
+
+/// A copy of reference fixture `name` with a word-level tokenizer ("hello" = 1, "world" = 2,
+/// `wN` = N) whose padding is `padding` (tokenizers' JSON, or null).
+fn with_word_tokenizer(name: &str, padding: serde_json::Value) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join(name);
+    std::fs::create_dir(&folder).unwrap();
+    for file in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture(name).join(file), folder.join(file)).unwrap();
+    }
+    let vocab: serde_json::Map<String, serde_json::Value> = (0..64u32)
+        .map(|id| {
+            let word = match id {
+                0 => "[PAD]".to_owned(),
+                1 => "hello".to_owned(),
+                2 => "world".to_owned(),
+                _ => format!("w{id}"),
+            };
+            (word, id.into())
+        })
+        .collect();
+    let tokenizer = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": padding, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[PAD]"}
+    });
+    std::fs::write(folder.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    dir
+}
+
+/// The tensor a `--output x.json` run wrote, as rows.
+fn output_rows(path: &Path) -> Vec<Vec<f32>> {
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    let shape: Vec<usize> = serde_json::from_value(json["shape"].clone()).unwrap();
+    let data: Vec<f32> = serde_json::from_value(json["data"].clone()).unwrap();
+    let width = data.len() / shape[0];
+    data.chunks(width).map(<[f32]>::to_vec).collect()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn prompts_padded_by_the_tokenizer_embed_as_they_would_alone() {
+    // As sentence-transformers' MiniLM ships it: every input padded to a fixed length.
+    let padding = serde_json::json!({
+        "strategy": {"Fixed": 12}, "direction": "Right", "pad_to_multiple_of": null,
+        "pad_id": 0, "pad_type_id": 0, "pad_token": "[PAD]"
+    });
+    let dir = with_word_tokenizer("tiny-bert", padding);
+    let folder = dir.path().join("tiny-bert");
+    let out = |name: &str| dir.path().join(name);
+    let run = |args: &[&str]| {
+        let mut all = vec!["run", folder.to_str().unwrap()];
+        all.extend_from_slice(args);
+        let output = memwise(&all);
+        assert!(output.status.success(), "{}", text(&output));
+        output
+    };
+    let a = out("a.json");
+    let b = out("b.json");
+    let batch = out("batch.json");
+    run(&["--prompt", "hello world", "--output", a.to_str().unwrap()]);
+    run(&["--input-ids", "5,6,7,1", "--output", b.to_str().unwrap()]);
+    let both = run(&[
+        "--prompt",
+        "hello world",
+        "--prompt",
+        "w5 w6 w7 hello",
+        "--output",
+        batch.to_str().unwrap(),
+    ]);
+    assert!(
+        text(&both).contains("[prompt 2] embedding"),
+        "{}",
+        text(&both)
+    );
+    run(&[
+        "--input-ids",
+        "1,2",
+        "--output",
+        out("c.json").to_str().unwrap(),
+    ]);
+    let (alone_a, alone_b) = (output_rows(&out("c.json")), output_rows(&b));
+    // The padded prompt embeds as its two tokens alone: padding is neither attended to nor
+    // pooled.
+    assert!(max_diff(&output_rows(&a)[0], &alone_a[0]) < 1e-5);
+    let rows = output_rows(&batch);
+    assert_eq!(rows.len(), 2);
+    assert!(max_diff(&rows[0], &alone_a[0]) < 1e-5);
+    assert!(max_diff(&rows[1], &alone_b[0]) < 1e-5);
+}
+
+#[test]
+fn a_batch_of_prompts_of_different_lengths_runs_on_a_decoder() {
+    let dir = with_word_tokenizer("tiny-llama", serde_json::Value::Null);
+    let folder = dir.path().join("tiny-llama");
+    let folder = folder.to_str().unwrap();
+    let next = |output: &Output| -> Vec<String> {
+        assert!(output.status.success(), "{}", text(output));
+        text(output)
+            .lines()
+            .filter(|l| l.contains("next token after the input: "))
+            .map(|l| l.rsplit(' ').next().unwrap().to_owned())
+            .collect()
+    };
+    let batch = memwise(&[
+        "run",
+        folder,
+        "--prompt",
+        "hello world w9 w4",
+        "--prompt",
+        "w7",
+    ]);
+    let first = memwise(&["run", folder, "--input-ids", "1,2,9,4"]);
+    let second = memwise(&["run", folder, "--input-ids", "7"]);
+    assert_eq!(next(&batch), [next(&first), next(&second)].concat());
 }

@@ -380,3 +380,121 @@ fn last_position_logits_are_the_last_row_of_all_logits() {
         assert!(diff <= 1e-6 * max_abs(&all), "{name}: {diff}");
     }
 }
+
+/// `rows` padded to one length on the left or the right with id 0, and their mask.
+fn pad_batch(rows: &[&[u32]], left: bool) -> (Tensor, Tensor) {
+    let len = rows.iter().map(|r| r.len()).max().unwrap();
+    let (mut ids, mut mask) = (Vec::new(), Vec::new());
+    for row in rows {
+        let pad = len - row.len();
+        let (real, padding) = (row.iter().copied(), std::iter::repeat_n(0u32, pad));
+        let ones = std::iter::repeat_n(1u32, row.len());
+        let zeros = std::iter::repeat_n(0u32, pad);
+        if left {
+            ids.extend(padding.chain(real));
+            mask.extend(zeros.chain(ones));
+        } else {
+            ids.extend(real.chain(padding));
+            mask.extend(ones.chain(zeros));
+        }
+    }
+    let shape = (rows.len(), len);
+    (
+        Tensor::from_vec(ids, shape, &Device::Cpu).unwrap(),
+        Tensor::from_vec(mask, shape, &Device::Cpu).unwrap(),
+    )
+}
+
+#[test]
+fn a_padded_batch_gives_each_sequence_what_it_gives_alone() {
+    for name in FIXTURES {
+        let fixture = Fixture::load(name);
+        let model = fixture
+            .model()
+            .load(full_weights(&fixture.weights))
+            .expect("loads");
+        let ids: Vec<Vec<u32>> = fixture.input_ids().to_vec2().unwrap();
+        let long = ids[0].as_slice();
+        let short = &ids[1][..ids[1].len() - 4];
+        let alone = |seq: &[u32], last: bool| {
+            let ids = Tensor::new(seq, &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let inputs = Inputs::new(&ids);
+            let inputs = if last {
+                inputs.last_position_only()
+            } else {
+                inputs
+            };
+            model.forward(inputs).unwrap().squeeze(0).unwrap()
+        };
+        for left in [true, false] {
+            let side = if left { "left" } else { "right" };
+            let (batch, mask) = pad_batch(&[long, short], left);
+            let all = model
+                .forward(Inputs::new(&batch).attention_mask(&mask))
+                .unwrap();
+            let expected = alone(long, false);
+            // 1e-5, or a few f32 ulps where logits are larger than 10: a padded matmul sums
+            // in another order.
+            let tolerance = 1e-5 * (max_abs(&expected) / 10.0).max(1.0);
+            let diff = max_abs_diff(&all.get(0).unwrap(), &expected);
+            assert!(diff < tolerance, "{name}, {side} padding, full row: {diff}");
+            let start = if left { long.len() - short.len() } else { 0 };
+            let short_rows = all.get(1).unwrap().narrow(0, start, short.len()).unwrap();
+            let diff = max_abs_diff(&short_rows, &alone(short, false));
+            println!("{name}, {side} padding: the padded sequence differs by {diff:e}");
+            assert!(
+                diff < tolerance,
+                "{name}, {side} padding, padded row: {diff}"
+            );
+
+            // Only the last token's logits: each sequence's own last token.
+            let last = model
+                .forward(
+                    Inputs::new(&batch)
+                        .attention_mask(&mask)
+                        .last_position_only(),
+                )
+                .unwrap();
+            for (row, seq) in [long, short].into_iter().enumerate() {
+                let got = last.get(row).unwrap();
+                let diff = max_abs_diff(&got, &alone(seq, true));
+                assert!(
+                    diff < tolerance,
+                    "{name}, {side} padding, last of row {row}: {diff}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn ids_past_the_vocabulary_and_bad_masks_are_refused_before_any_stage_runs() {
+    let fixture = Fixture::load("tiny-llama");
+    let model = fixture.model();
+    let vocab = model.vocab_size() as u32;
+    let ids = Tensor::new(&[[1u32, vocab]], &Device::Cpu).unwrap();
+    let err = model.pass(Inputs::new(&ids)).err().unwrap().to_string();
+    assert!(
+        err.contains(&format!("holds {vocab}")) && err.contains("vocab_size"),
+        "{err}"
+    );
+
+    let ids = Tensor::new(&[[1u32, 2, 3]], &Device::Cpu).unwrap();
+    let short_mask = Tensor::new(&[[1u32, 1]], &Device::Cpu).unwrap();
+    let err = model
+        .pass(Inputs::new(&ids).attention_mask(&short_mask))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("attention_mask"), "{err}");
+    let empty = Tensor::new(&[[0u32, 0, 0]], &Device::Cpu).unwrap();
+    let err = model
+        .pass(Inputs::new(&ids).attention_mask(&empty))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("only padding"), "{err}");
+}

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context as _};
 use candle_core::{Device, Tensor};
 use memwise::{enable_memory_tracking, get_memory_stats, reset_peak_memory, track};
-use memwise_model::{ModelConverter, StreamedModel};
+use memwise_model::{Inputs, ModelConverter, StreamedModel};
 
 use super::report::{aggregate_table, memory_summary};
 
@@ -24,10 +24,12 @@ pub struct Args {
         conflicts_with = "prompt"
     )]
     input_ids: Vec<u32>,
-    /// Text to run, tokenized with the model's tokenizer.json.
-    #[arg(long)]
-    prompt: Option<String>,
+    /// Text to run, tokenized with the model's tokenizer.json (its padding, truncation and
+    /// special tokens). Repeat it to run several texts as one padded batch.
+    #[arg(long, value_name = "TEXT")]
+    prompt: Vec<String>,
     /// Decoders: tokens to generate greedily after the input (0 runs one forward pass).
+    /// Generation stops early at the model's end-of-sequence token.
     #[arg(long, default_value_t = 0, value_name = "N")]
     max_new_tokens: usize,
     /// Load every layer before running, for comparison with streaming.
@@ -51,7 +53,7 @@ pub struct Args {
 /// Loads the model's skeleton, runs it, and prints the result and a per-layer breakdown.
 pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(out) = &args.output {
-        output_format(out)?; // refuse a bad extension before any work
+        check_output(out)?; // refuse a bad name or folder before any work
     }
     memwise::init_config().context("reading the memwise configuration")?;
     enable_memory_tracking(true);
@@ -71,12 +73,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         track("load_all", || model.load_all()).context("loading every layer")?;
     }
 
-    let (ids, tokenizer) = input_ids(&args)?;
-    let input = Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+    let batch = input_batch(&args, model.is_decoder())?;
     let result = if model.is_decoder() {
-        decoder(&mut model, &input, &args, tokenizer.as_ref())?
+        decoder(&mut model, &batch, &args)?
     } else {
-        encoder(&mut model, &input)?
+        encoder(&mut model, &batch)?
     };
 
     let stats = get_memory_stats();
@@ -94,77 +95,182 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs a decoder: one forward pass, or greedy generation. Returns the final logits.
-fn decoder(
-    model: &mut StreamedModel,
-    input: &Tensor,
-    args: &Args,
-    tokenizer: Option<&tokenizers::Tokenizer>,
-) -> anyhow::Result<Tensor> {
-    if args.max_new_tokens == 0 {
-        let logits = track("forward", || model.forward(input))?;
-        let last = logits.dim(1)? - 1;
-        let next = logits.get(0)?.get(last)?.argmax(0)?.to_scalar::<u32>()?;
-        println!("next token after the input: {next}");
-        return Ok(logits);
-    }
-    let prompt = input.flatten_all()?.to_vec1::<u32>()?;
-    let generated = track("generate", || {
-        model.generate(&prompt, args.max_new_tokens, &[])
-    })?;
-    let ids: Vec<String> = generated.tokens.iter().map(u32::to_string).collect();
-    println!("generated token ids: {}", ids.join(","));
-    if let Some(tokenizer) = tokenizer {
-        let text = tokenizer
-            .decode(&generated.tokens, true)
-            .map_err(|e| anyhow::anyhow!("decoding the generated tokens: {e}"))?;
-        println!("generated text: {text}");
-    }
-    println!(
-        "KV cache: {:.1} KiB",
-        generated.kv_cache_bytes as f64 / 1024.0
-    );
-    generated.last_logits.context("no token was generated")
+/// The sequences to run: token ids, padding mask and token types, `(batch, len)` each.
+struct Batch {
+    ids: Tensor,
+    mask: Tensor,
+    types: Tensor,
+    /// Each sequence's tokens without padding.
+    sequences: Vec<Vec<u32>>,
+    tokenizer: Option<tokenizers::Tokenizer>,
 }
 
-/// Runs an encoder and prints its mean-pooled embedding. Returns the embedding.
-fn encoder(model: &mut StreamedModel, input: &Tensor) -> anyhow::Result<Tensor> {
-    let types = input.zeros_like()?;
-    let mask = input.ones_like()?;
-    let pooled = track("forward", || model.embed(input, &types, &mask))?;
-    let values: Vec<f32> = pooled.get(0)?.to_vec1()?;
-    let norm = values.iter().map(|v| v * v).sum::<f32>().sqrt();
-    let first: Vec<String> = values.iter().take(8).map(|v| format!("{v:.5}")).collect();
-    println!("embedding: {} values, L2 norm {norm:.5}", values.len());
-    println!("first values: [{}]", first.join(", "));
-    Ok(pooled)
-}
-
-/// The ids to run, and the tokenizer when the input was text.
-fn input_ids(args: &Args) -> anyhow::Result<(Vec<u32>, Option<tokenizers::Tokenizer>)> {
-    let Some(prompt) = &args.prompt else {
-        return Ok((args.input_ids.clone(), None));
-    };
+/// The ids to run: `--input-ids` as one sequence, or each `--prompt` tokenized as the model's
+/// `tokenizer.json` says (its own padding and truncation; batches of unequal length are
+/// padded to the longest, on the left for decoders), with the tokenizer's attention mask.
+fn input_batch(args: &Args, decoder: bool) -> anyhow::Result<Batch> {
+    let device = Device::Cpu;
+    if args.prompt.is_empty() {
+        let ids = Tensor::new(args.input_ids.as_slice(), &device)?.unsqueeze(0)?;
+        return Ok(Batch {
+            mask: ids.ones_like()?,
+            types: ids.zeros_like()?,
+            ids,
+            sequences: vec![args.input_ids.clone()],
+            tokenizer: None,
+        });
+    }
     let path = args.model.join("tokenizer.json");
-    let tokenizer = tokenizers::Tokenizer::from_file(&path).map_err(|e| {
+    let mut tokenizer = tokenizers::Tokenizer::from_file(&path).map_err(|e| {
         anyhow::anyhow!(
             "--prompt needs {}: {e} (pass --input-ids instead)",
             path.display()
         )
     })?;
-    let encoding = tokenizer
-        .encode(prompt.as_str(), true)
-        .map_err(|e| anyhow::anyhow!("tokenizing the prompt with {}: {e}", path.display()))?;
-    if encoding.get_ids().is_empty() {
-        bail!("the prompt tokenized to no tokens");
+    if tokenizer.get_padding().is_none() && args.prompt.len() > 1 {
+        // The mask hides padding, so any id in the vocabulary pads; 0 always is one.
+        tokenizer.with_padding(Some(tokenizers::PaddingParams {
+            direction: if decoder {
+                tokenizers::PaddingDirection::Left
+            } else {
+                tokenizers::PaddingDirection::Right
+            },
+            pad_id: 0,
+            ..Default::default()
+        }));
     }
-    Ok((encoding.get_ids().to_vec(), Some(tokenizer)))
+    let encodings = tokenizer
+        .encode_batch(args.prompt.clone(), true)
+        .map_err(|e| anyhow::anyhow!("tokenizing the prompts with {}: {e}", path.display()))?;
+    let rows = encodings.len();
+    let len = encodings
+        .iter()
+        .map(|e| e.get_ids().len())
+        .max()
+        .unwrap_or(0);
+    let (mut ids, mut mask, mut types, mut sequences) = (vec![], vec![], vec![], vec![]);
+    for (prompt, encoding) in args.prompt.iter().zip(&encodings) {
+        if !encoding.get_attention_mask().contains(&1) {
+            bail!("the prompt {prompt:?} tokenized to no tokens");
+        }
+        if encoding.get_ids().len() != len {
+            bail!("the tokenizer gave prompts of different lengths without padding them");
+        }
+        ids.extend_from_slice(encoding.get_ids());
+        mask.extend_from_slice(encoding.get_attention_mask());
+        types.extend_from_slice(encoding.get_type_ids());
+        let real = encoding.get_ids().iter().zip(encoding.get_attention_mask());
+        sequences.push(real.filter(|(_, &m)| m == 1).map(|(&id, _)| id).collect());
+    }
+    Ok(Batch {
+        ids: Tensor::from_vec(ids, (rows, len), &device)?,
+        mask: Tensor::from_vec(mask, (rows, len), &device)?,
+        types: Tensor::from_vec(types, (rows, len), &device)?,
+        sequences,
+        tokenizer: Some(tokenizer),
+    })
+}
+
+/// Whether any position of the batch is padding.
+fn padded(batch: &Batch) -> anyhow::Result<bool> {
+    Ok(batch.mask.flatten_all()?.min(0)?.to_scalar::<u32>()? == 0)
+}
+
+/// Runs a decoder: one forward pass over the batch, or greedy generation for each
+/// sequence. Returns the final logits.
+fn decoder(model: &mut StreamedModel, batch: &Batch, args: &Args) -> anyhow::Result<Tensor> {
+    if args.max_new_tokens == 0 {
+        let mut inputs = Inputs::new(&batch.ids);
+        if padded(batch)? {
+            inputs = inputs.attention_mask(&batch.mask);
+        }
+        let logits = track("forward", || model.run(inputs))?;
+        let mask: Vec<Vec<u32>> = batch.mask.to_vec2()?;
+        for (row, mask) in mask.iter().enumerate() {
+            // The last real token's logits, wherever the padding is.
+            let last = mask.iter().rposition(|&m| m == 1).unwrap_or(0);
+            let next = logits.get(row)?.get(last)?.argmax(0)?.to_scalar::<u32>()?;
+            println!("{}next token after the input: {next}", prefix(batch, row));
+        }
+        return Ok(logits);
+    }
+    let eos = model.eos_token_ids().to_vec();
+    let mut last = Vec::new();
+    for (row, prompt) in batch.sequences.iter().enumerate() {
+        let generated = track("generate", || {
+            model.generate(prompt, args.max_new_tokens, &eos)
+        })?;
+        let prefix = prefix(batch, row);
+        let ids: Vec<String> = generated.tokens.iter().map(u32::to_string).collect();
+        println!("{prefix}generated token ids: {}", ids.join(","));
+        if let Some(tokenizer) = &batch.tokenizer {
+            let text = tokenizer
+                .decode(&generated.tokens, true)
+                .map_err(|e| anyhow::anyhow!("decoding the generated tokens: {e}"))?;
+            println!("{prefix}generated text: {text}");
+        }
+        if let Some(end) = generated.tokens.last().filter(|t| eos.contains(t)) {
+            println!("{prefix}stopped at the end-of-sequence token {end}");
+        }
+        println!(
+            "{prefix}KV cache: {:.1} KiB",
+            generated.kv_cache_bytes as f64 / 1024.0
+        );
+        last.push(generated.last_logits.context("no token was generated")?);
+    }
+    Ok(Tensor::cat(&last, 0)?)
+}
+
+/// `[prompt N] ` before each line of a batch's output; nothing for a single sequence.
+fn prefix(batch: &Batch, row: usize) -> String {
+    if batch.sequences.len() > 1 {
+        format!("[prompt {}] ", row + 1)
+    } else {
+        String::new()
+    }
+}
+
+/// Runs an encoder and prints each sequence's mean-pooled embedding (padding excluded).
+/// Returns the embeddings, `(batch, hidden)`.
+fn encoder(model: &mut StreamedModel, batch: &Batch) -> anyhow::Result<Tensor> {
+    let pooled = track("forward", || {
+        model.embed(&batch.ids, &batch.types, &batch.mask)
+    })?;
+    for row in 0..batch.sequences.len() {
+        let values: Vec<f32> = pooled.get(row)?.to_vec1()?;
+        let norm = values.iter().map(|v| v * v).sum::<f32>().sqrt();
+        let first: Vec<String> = values.iter().take(8).map(|v| format!("{v:.5}")).collect();
+        let prefix = prefix(batch, row);
+        println!(
+            "{prefix}embedding: {} values, L2 norm {norm:.5}",
+            values.len()
+        );
+        println!("{prefix}first values: [{}]", first.join(", "));
+    }
+    Ok(pooled)
 }
 
 #[derive(Clone, Copy)]
 enum OutputFormat {
     Json,
     Safetensors,
+}
+
+/// Refuses an output whose name or folder cannot work, before the model runs.
+fn check_output(path: &Path) -> anyhow::Result<()> {
+    output_format(path)?;
+    let folder = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    if !folder.is_dir() {
+        bail!(
+            "--output {}: the folder {} does not exist",
+            path.display(),
+            folder.display()
+        );
+    }
+    Ok(())
 }
 
 fn output_format(path: &Path) -> anyhow::Result<OutputFormat> {

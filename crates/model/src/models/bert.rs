@@ -458,6 +458,15 @@ impl Family for EncoderModel {
                 }
             }
         }
+        inputs.check_ids_below(self.cfg.vocab_size, "vocab_size")?;
+        if let Some(types) = inputs.token_type_ids {
+            super::family::check_ids_below(
+                types,
+                self.cfg.type_vocab_size,
+                "token_type_ids",
+                "type_vocab_size",
+            )?;
+        }
         let setup = |e| ModelError::stage("pass setup")(e);
         let device = &self.device;
         let token_type_ids = match inputs.token_type_ids {

@@ -78,6 +78,44 @@ impl<'a> Inputs<'a> {
         self
     }
 
+    /// Refuses any id at or above `limit` (the config's `key`) before a stage is read:
+    /// candle would fail deep inside the embedding lookup instead.
+    pub(crate) fn check_ids_below(&self, limit: usize, key: &str) -> Result<(), ModelError> {
+        check_ids_below(self.input_ids, limit, "input_ids", key)
+    }
+
+    /// The padding mask as `real[b][k]` (true for a token), checked to be
+    /// `(batch, len)`; `None` when absent or all ones (nothing is hidden).
+    pub(crate) fn padding(
+        &self,
+        batch: usize,
+        len: usize,
+    ) -> Result<Option<Vec<Vec<bool>>>, ModelError> {
+        let Some(mask) = self.attention_mask else {
+            return Ok(None);
+        };
+        if mask.dims() != [batch, len] {
+            return Err(ModelError::Input(format!(
+                "attention_mask is {:?}; it must be (batch, cached + new tokens) = ({batch}, {len})",
+                mask.dims()
+            )));
+        }
+        let values = mask
+            .to_dtype(DType::F32)
+            .and_then(|m| m.to_vec2::<f32>())
+            .map_err(|e| ModelError::Input(format!("attention_mask: {e}")))?;
+        let real: Vec<Vec<bool>> = values
+            .iter()
+            .map(|row| row.iter().map(|&v| v != 0.0).collect())
+            .collect();
+        if let Some(b) = real.iter().position(|row| !row.contains(&true)) {
+            return Err(ModelError::Input(format!(
+                "attention_mask: sequence {b} has no token, only padding"
+            )));
+        }
+        Ok(Some(real).filter(|real| real.iter().flatten().any(|&r| !r)))
+    }
+
     /// The ids as `(batch, seq_len)`, checked to be non-empty `u32`.
     pub(crate) fn dims(&self) -> Result<(usize, usize), ModelError> {
         let ids = self.input_ids;
@@ -93,6 +131,28 @@ impl<'a> Inputs<'a> {
         }
         Ok(dims)
     }
+}
+
+/// Refuses any value of `ids` (named `what`) at or above `limit` (the config's `key`).
+pub(crate) fn check_ids_below(
+    ids: &Tensor,
+    limit: usize,
+    what: &str,
+    key: &str,
+) -> Result<(), ModelError> {
+    let largest = ids
+        .flatten_all()
+        .and_then(|ids| ids.max(0))
+        .and_then(|max| max.to_dtype(DType::U32))
+        .and_then(|max| max.to_scalar::<u32>())
+        .map_err(|e| ModelError::Input(format!("{what}: {e}")))?;
+    if largest as usize >= limit {
+        return Err(ModelError::Input(format!(
+            "{what} holds {largest}, but the model's {key} is {limit} (ids 0 to {})",
+            limit.saturating_sub(1)
+        )));
+    }
+    Ok(())
 }
 
 /// An architecture family: a skeleton built from `config.json` alone whose [`Stage`]s load

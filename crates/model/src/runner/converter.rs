@@ -175,7 +175,9 @@ impl ModelConverter {
             Some(ws) if ws.manifest()?.is_some() => ws.checkpoint(&source)?,
             _ => source.clone(),
         };
-        let skeleton = match source.architecture()?.clone() {
+        let architecture = source.architecture()?.clone();
+        let eos_token_ids = architecture.eos_token_ids().to_vec();
+        let skeleton = match architecture {
             ArchitectureConfig::Decoder(cfg) => {
                 Skeleton::Decoder(Resident::new(DecoderModel::new(&cfg, self.dtype, &device)?))
             }
@@ -236,6 +238,7 @@ impl ModelConverter {
                 workspace,
             },
             skeleton,
+            eos_token_ids,
         })
     }
 }

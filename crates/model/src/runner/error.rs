@@ -89,6 +89,20 @@ pub enum RunError {
         /// What the model is.
         actual: &'static str,
     },
+    /// A generation would pass the positions the model was trained for.
+    #[error(
+        "{prompt} prompt tokens + {new_tokens} new tokens pass the model's \
+         max_position_embeddings of {limit}; ask for at most {} new tokens",
+        limit.saturating_sub(*prompt)
+    )]
+    TooLong {
+        /// Tokens in the prompt.
+        prompt: usize,
+        /// Tokens asked for.
+        new_tokens: usize,
+        /// `max_position_embeddings`.
+        limit: usize,
+    },
     /// A hook asked to persist a stage, but the converter has no workspace.
     #[error("a hook asked to persist stage {stage}, but no workspace is set")]
     NoWorkspace {

@@ -70,6 +70,8 @@ impl Skeleton {
 pub struct StreamedModel {
     pipeline: Pipeline,
     skeleton: Skeleton,
+    /// `eos_token_id` of the config: where generation stops.
+    eos_token_ids: Vec<u32>,
 }
 
 impl StreamedModel {
@@ -81,6 +83,20 @@ impl StreamedModel {
     /// Whether this is a decoder (generates tokens) rather than an encoder.
     pub fn is_decoder(&self) -> bool {
         matches!(self.skeleton, Skeleton::Decoder(_))
+    }
+
+    /// The tokens that end generation (`eos_token_id` in `config.json`; empty for
+    /// encoders or when unset).
+    pub fn eos_token_ids(&self) -> &[u32] {
+        &self.eos_token_ids
+    }
+
+    /// Decoders: the positions the model was trained for (`max_position_embeddings`).
+    pub fn max_positions(&self) -> Option<usize> {
+        match &self.skeleton {
+            Skeleton::Decoder(r) => Some(r.model.max_positions()),
+            Skeleton::Encoder(_) => None,
+        }
     }
 
     /// The checkpoint the weights come from.
@@ -132,8 +148,10 @@ impl StreamedModel {
     }
 
     /// Decoders: greedy decoding of up to `max_new_tokens` after `prompt`, stopping after
-    /// any token of `eos`. Keys and values are cached, so each new token streams the model
-    /// once over one position; the cache's bytes are reported in the result.
+    /// any token of `eos` (pass [`StreamedModel::eos_token_ids`] for the model's own). Keys
+    /// and values are cached, so each new token streams the model once over one position;
+    /// the cache's bytes are reported in the result. A prompt and length that together
+    /// pass the model's trained positions are refused before anything runs.
     pub fn generate(
         &mut self,
         prompt: &[u32],
@@ -143,6 +161,14 @@ impl StreamedModel {
         let Skeleton::Decoder(resident) = &mut self.skeleton else {
             return Err(self.wrong_family("generate", "a decoder"));
         };
+        let limit = resident.model.max_positions();
+        if prompt.len().saturating_add(max_new_tokens) > limit {
+            return Err(RunError::TooLong {
+                prompt: prompt.len(),
+                new_tokens: max_new_tokens,
+                limit,
+            });
+        }
         let Resident { model, blocks } = resident;
         let pipeline = &self.pipeline;
         greedy(model, prompt, max_new_tokens, eos, true, |inputs| {

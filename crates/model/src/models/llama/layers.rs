@@ -20,13 +20,36 @@ fn linear(
     }
 }
 
-/// The cos and sin tables of the positions one pass covers, each `(seq_len, head_dim / 2)`.
+/// The cos and sin tables of the positions one pass covers, each `(seq_len, head_dim / 2)`,
+/// or `(batch, seq_len, head_dim / 2)` when padding gives each sequence its own positions.
 pub(super) struct RotaryTables {
     cos: Tensor,
     sin: Tensor,
 }
 
 impl RotaryTables {
+    /// Tables for each sequence's own positions, `positions[b][i]` for token `i` of
+    /// sequence `b` (all rows of one length).
+    pub(super) fn per_sequence(
+        inverse_frequencies: &[f32],
+        positions: &[Vec<usize>],
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        let half = inverse_frequencies.len();
+        let seq_len = positions.first().map_or(0, Vec::len);
+        let angles: Vec<f32> = positions
+            .iter()
+            .flatten()
+            .flat_map(|&p| inverse_frequencies.iter().map(move |f| p as f32 * f))
+            .collect();
+        let angles = Tensor::from_vec(angles, (positions.len(), seq_len, half), device)?;
+        Ok(Self {
+            cos: angles.cos()?.to_dtype(dtype)?,
+            sin: angles.sin()?.to_dtype(dtype)?,
+        })
+    }
+
     pub(super) fn new(
         inverse_frequencies: &[f32],
         positions: std::ops::Range<usize>,
@@ -44,6 +67,42 @@ impl RotaryTables {
             sin: angles.sin()?.to_dtype(dtype)?,
         })
     }
+}
+
+/// Additive attention mask `(batch, 1, seq_len, offset + seq_len)` for padded sequences:
+/// `real[b][k]` says whether key `k` of sequence `b` is a token or padding. A token sees
+/// the earlier tokens of its own sequence (within `window`), never padding; a padding
+/// position sees only itself, so its row stays finite and nothing else reads it.
+pub(super) fn padded_attention_mask(
+    seq_len: usize,
+    offset: usize,
+    window: Option<usize>,
+    real: &[Vec<bool>],
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    let total = offset + seq_len;
+    let visible = |query: usize, key: usize| key <= query && window.is_none_or(|w| query - key < w);
+    let mask: Vec<f32> = real
+        .iter()
+        .flat_map(|row| {
+            (0..seq_len).flat_map(move |i| {
+                let query = offset + i;
+                (0..total).map(move |key| {
+                    let seen = if row[query] {
+                        row[key] && visible(query, key)
+                    } else {
+                        key == query
+                    };
+                    if seen {
+                        0.0
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                })
+            })
+        })
+        .collect();
+    Tensor::from_vec(mask, (real.len(), 1, seq_len, total), device)
 }
 
 /// Additive attention mask `(seq_len, offset + seq_len)`: 0 where a query may look, -inf

@@ -16,7 +16,7 @@ use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
 pub use config::{LlamaConfig, RopeScaling};
 
 use self::config::DecoderConfig;
-use self::layers::{attention_mask, DecoderLayer, RotaryTables};
+use self::layers::{attention_mask, padded_attention_mask, DecoderLayer, RotaryTables};
 use super::stage::previous_output;
 use super::{Family, Inputs, ModelError, Stage};
 
@@ -107,6 +107,11 @@ impl DecoderModel {
     pub fn vocab_size(&self) -> usize {
         self.cfg.vocab_size
     }
+
+    /// Positions the model was trained for (`max_position_embeddings`).
+    pub fn max_positions(&self) -> usize {
+        self.cfg.max_position_embeddings
+    }
 }
 
 /// What a decoder pass carries from one stage to the next: the ids, the rotary tables and
@@ -119,6 +124,9 @@ pub struct DecoderState<'a> {
     cache: Option<&'a mut KvCache>,
     new_tokens: usize,
     last_position_only: bool,
+    /// With padding: each sequence's last real position among the new tokens, which is
+    /// where its next-token logits are.
+    last_real: Option<Vec<usize>>,
 }
 
 impl Family for DecoderModel {
@@ -172,20 +180,19 @@ impl Family for DecoderModel {
         block.index
     }
 
-    /// The sequences of a batch share their positions: there is no padding mask yet, so
-    /// batch only sequences of equal length.
+    /// A padding mask (`(batch, cached + new)`, 1 for tokens, 0 for padding, left or right)
+    /// gives each sequence its own positions and hides the padding, so each sequence of a
+    /// batch gets what it would alone.
     fn begin<'a>(&'a self, inputs: Inputs<'a>) -> Result<DecoderState<'a>, ModelError> {
-        let (_, seq_len) = inputs.dims()?;
-        for (name, given) in [
-            ("attention_mask", inputs.attention_mask.is_some()),
-            ("token_type_ids", inputs.token_type_ids.is_some()),
-        ] {
-            if given {
-                return Err(ModelError::Input(format!(
-                    "{name} is not read by a decoder; batch sequences of equal length"
-                )));
-            }
+        let (batch, seq_len) = inputs.dims()?;
+        if inputs.token_type_ids.is_some() {
+            return Err(ModelError::Input(
+                "token_type_ids are not read by a decoder".into(),
+            ));
         }
+        inputs.check_ids_below(self.cfg.vocab_size, "vocab_size")?;
+        let cached = inputs.cache.as_ref().map(|cache| cache.seq_len);
+        let real = inputs.padding(batch, cached.unwrap_or(0) + seq_len)?;
         let cache = inputs.cache;
         let offset = match &cache {
             None => 0,
@@ -199,20 +206,62 @@ impl Family for DecoderModel {
             }
         };
         let setup = |e| ModelError::stage("pass setup")(e);
-        let rotary = RotaryTables::new(
-            &self.cfg.inverse_frequencies,
-            offset..offset + seq_len,
-            self.dtype,
-            &self.device,
-        )
+        let rotary = match &real {
+            None => RotaryTables::new(
+                &self.cfg.inverse_frequencies,
+                offset..offset + seq_len,
+                self.dtype,
+                &self.device,
+            ),
+            Some(real) => {
+                // Each token's position counts the real tokens before it, as transformers
+                // derives positions from the mask; padding takes position 0.
+                let positions: Vec<Vec<usize>> = real
+                    .iter()
+                    .map(|row| {
+                        let mut seen = 0usize;
+                        let all: Vec<usize> = row
+                            .iter()
+                            .map(|&is_real| {
+                                seen += usize::from(is_real);
+                                seen.saturating_sub(1)
+                            })
+                            .collect();
+                        all[offset..].to_vec()
+                    })
+                    .collect();
+                RotaryTables::per_sequence(
+                    &self.cfg.inverse_frequencies,
+                    &positions,
+                    self.dtype,
+                    &self.device,
+                )
+            }
+        }
         .map_err(setup)?;
         let mut masks: Vec<(Option<usize>, Option<Tensor>)> = Vec::new();
         for &window in &self.cfg.sliding_windows {
             if masks.iter().all(|(w, _)| *w != window) {
-                let mask = attention_mask(seq_len, offset, window, &self.device).map_err(setup)?;
+                let mask = match &real {
+                    None => attention_mask(seq_len, offset, window, &self.device),
+                    Some(real) => {
+                        padded_attention_mask(seq_len, offset, window, real, &self.device).map(Some)
+                    }
+                }
+                .map_err(setup)?;
                 masks.push((window, mask));
             }
         }
+        let last_real = real.as_ref().map(|real| {
+            real.iter()
+                .map(|row| {
+                    (offset..offset + seq_len)
+                        .rev()
+                        .find(|&i| row[i])
+                        .map_or(seq_len - 1, |i| i - offset)
+                })
+                .collect()
+        });
         Ok(DecoderState {
             input_ids: inputs.input_ids.to_device(&self.device).map_err(setup)?,
             rotary,
@@ -220,6 +269,7 @@ impl Family for DecoderModel {
             cache,
             new_tokens: seq_len,
             last_position_only: inputs.last_position_only,
+            last_real,
         })
     }
 
@@ -247,12 +297,22 @@ impl Family for DecoderModel {
             }
             Block::FinalNorm(norm) => {
                 let hidden = previous_output(hidden)?;
-                if state.last_position_only {
-                    let last = hidden.dim(1)? - 1;
-                    norm.forward(&hidden.narrow(1, last, 1)?.contiguous()?)
-                } else {
-                    norm.forward(hidden)
+                if !state.last_position_only {
+                    return norm.forward(hidden);
                 }
+                let last = match &state.last_real {
+                    // Right padding: each sequence's last token is at its own place.
+                    Some(last_real) => {
+                        let rows = last_real
+                            .iter()
+                            .enumerate()
+                            .map(|(b, &i)| hidden.narrow(0, b, 1)?.narrow(1, i, 1))
+                            .collect::<candle_core::Result<Vec<_>>>()?;
+                        Tensor::cat(&rows, 0)?
+                    }
+                    None => hidden.narrow(1, hidden.dim(1)? - 1, 1)?,
+                };
+                norm.forward(&last.contiguous()?)
             }
             Block::LmHead(head) => head.forward(previous_output(hidden)?),
         }
