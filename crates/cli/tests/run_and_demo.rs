@@ -168,30 +168,8 @@ fn encoder_run_prints_the_embedding() {
 #[test]
 fn a_prompt_is_tokenized_with_the_models_tokenizer() {
     // A copy of the fixture with a tiny word-level tokenizer: "hello" = 1, "world" = 2.
-    let dir = tempfile::tempdir().unwrap();
+    let dir = with_word_tokenizer("tiny-llama", serde_json::Value::Null);
     let folder = dir.path().join("tiny-llama");
-    std::fs::create_dir(&folder).unwrap();
-    for file in ["config.json", "model.safetensors"] {
-        std::fs::copy(fixture("tiny-llama").join(file), folder.join(file)).unwrap();
-    }
-    let vocab: serde_json::Map<String, serde_json::Value> = (0..128u32)
-        .map(|id| {
-            let word = match id {
-                0 => "[UNK]".to_owned(),
-                1 => "hello".to_owned(),
-                2 => "world".to_owned(),
-                _ => format!("w{id}"),
-            };
-            (word, id.into())
-        })
-        .collect();
-    let tokenizer = serde_json::json!({
-        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
-        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"},
-        "post_processor": null, "decoder": null,
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
-    });
-    std::fs::write(folder.join("tokenizer.json"), tokenizer.to_string()).unwrap();
     let folder = folder.to_str().unwrap();
 
     let generated = |output: &Output| {
