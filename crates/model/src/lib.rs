@@ -148,6 +148,7 @@
 mod checkpoint;
 mod error;
 pub mod models;
+pub mod quant;
 mod runner;
 mod stream;
 mod synth;
