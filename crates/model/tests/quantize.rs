@@ -9,7 +9,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
-use memwise_model::quant::{quantize_rtn, GroupSize, PackedWeight, PackingFormat, QuantScheme};
+use memwise_model::quant::{
+    quantize_checkpoint, quantize_rtn, Error, GroupSize, PackedWeight, PackingFormat, QuantScheme,
+    QuantizeOptions,
+};
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
@@ -257,5 +260,136 @@ fn packing_round_trips_for_every_scheme() {
                 }
             }
         }
+    }
+}
+
+fn options_of(config: &Value) -> QuantizeOptions {
+    QuantizeOptions::from_values(
+        config["bits"].as_u64().unwrap() as u8,
+        config["group_size"].as_i64().unwrap(),
+        config["sym"].as_bool().unwrap(),
+        "auto_round",
+    )
+    .unwrap()
+}
+
+/// Every tensor of a model folder (single file or shards): name → (dtype, shape, bytes).
+fn all_tensors(folder: &Path) -> BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(folder)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    files.sort();
+    let mut tensors = BTreeMap::new();
+    for file in files {
+        let bytes = std::fs::read(&file).unwrap();
+        for (name, view) in SafeTensors::deserialize(&bytes).unwrap().tensors() {
+            let entry = (view.dtype(), view.shape().to_vec(), view.data().to_vec());
+            assert!(
+                tensors.insert(name.clone(), entry).is_none(),
+                "{name} twice"
+            );
+        }
+    }
+    tensors
+}
+
+#[test]
+fn a_quantized_checkpoint_equals_auto_round_tensor_for_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    for (input, expected) in quantized_folders() {
+        let config = read_json(&expected.join("quantization_config.json"));
+        let out = dir.path().join(expected.file_name().unwrap());
+        let report = quantize_checkpoint(&input, &out, &options_of(&config)).unwrap();
+        assert_eq!(
+            (report.quantized, report.shards),
+            (14, 1),
+            "{}",
+            out.display()
+        );
+
+        let ours = all_tensors(&out);
+        let theirs = all_tensors(&expected);
+        assert_eq!(
+            ours.keys().collect::<Vec<_>>(),
+            theirs.keys().collect::<Vec<_>>(),
+            "{}",
+            expected.display()
+        );
+        for (name, tensor) in &theirs {
+            assert!(
+                ours[name] == *tensor,
+                "{} {name} differs",
+                expected.display()
+            );
+        }
+        for file in ["config.json", "quantization_config.json"] {
+            assert_eq!(
+                read_json(&out.join(file)),
+                read_json(&expected.join(file)),
+                "{} {file}",
+                expected.display()
+            );
+        }
+    }
+}
+
+#[test]
+fn shards_an_index_and_copied_files_make_a_folder_that_reads_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("source");
+    let input = fixtures().join("llama-bf16");
+    std::fs::create_dir(&source).unwrap();
+    for file in ["config.json", "model.safetensors"] {
+        std::fs::copy(input.join(file), source.join(file)).unwrap();
+    }
+    std::fs::write(source.join("tokenizer.json"), b"{\"version\":\"1.0\"}").unwrap();
+    std::fs::write(source.join("generation_config.json"), b"{}").unwrap();
+
+    let expected = fixtures().join("llama-bf16.w4g32-asym");
+    let options = options_of(&read_json(&expected.join("quantization_config.json")))
+        .max_shard_bytes(std::num::NonZeroU64::new(20_000).unwrap());
+    let out = dir.path().join("out");
+    let report = quantize_checkpoint(&source, &out, &options).unwrap();
+    assert!(report.shards > 2, "{report:?}");
+    assert_eq!(all_tensors(&out), all_tensors(&expected));
+    assert_eq!(
+        std::fs::read(out.join("tokenizer.json")).unwrap(),
+        b"{\"version\":\"1.0\"}"
+    );
+    assert!(out.join("generation_config.json").is_file());
+    // The index is one the checkpoint reader accepts, and it lists every tensor.
+    let checkpoint = memwise_model::Checkpoint::open(&out).unwrap();
+    assert_eq!(checkpoint.files().len(), report.shards);
+    let index = read_json(&out.join("model.safetensors.index.json"));
+    assert_eq!(
+        index["weight_map"].as_object().unwrap().len(),
+        all_tensors(&expected).len()
+    );
+    // Nothing but the finished folder is left beside it.
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+
+    // A second run refuses to overwrite it.
+    let err = quantize_checkpoint(&source, &out, &options).unwrap_err();
+    assert!(matches!(err, Error::OutputExists(_)), "{err}");
+    assert!(err.to_string().contains("out"), "{err}");
+}
+
+#[test]
+fn bad_options_are_refused_naming_the_value() {
+    for (bits, group, format, needle) in [
+        (5, 128, "auto_round", "bits 5"),
+        (4, 0, "auto_round", "group size 0"),
+        (4, 128, "gguf:q4_k_m", "gguf:q4_k_m"),
+    ] {
+        let err = QuantizeOptions::from_values(bits, group, true, format).unwrap_err();
+        let message = err.to_string();
+        assert!(message.contains(needle), "{message}");
+        assert!(!message.contains('\n'), "{message}");
     }
 }

@@ -24,6 +24,23 @@
 //! # Ok::<(), memwise_model::quant::Error>(())
 //! ```
 //!
+//! [`quantize_checkpoint`] does this for a whole model folder, one stage at a time, and
+//! writes what auto-round writes: the packed decoder linears, every other tensor as
+//! stored, `config.json` with a `quantization_config`, and `quantization_config.json`.
+//!
+//! ```
+//! use memwise_model::quant::{quantize_checkpoint, QuantizeOptions};
+//!
+//! let source = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/quant/llama-bf16");
+//! let out = tempfile::tempdir()?.keep().join("llama-bf16-w4g32");
+//! let options = QuantizeOptions::from_values(4, 32, true, "auto_round")?;
+//! let report = quantize_checkpoint(source, &out, &options)?;
+//! assert_eq!(report.quantized, 14); // 7 linears in each of 2 blocks
+//! assert!(out.join("quantization_config.json").is_file());
+//! # std::fs::remove_dir_all(out.parent().unwrap())?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
 //! # Which auto-round this matches
 //!
 //! auto-round (0.16.1) has two round-to-nearest paths (iters 0, optimized RTN off), and
@@ -74,12 +91,17 @@
 
 mod pack;
 mod rtn;
+mod writer;
 
 pub use self::pack::{PackedWeight, PackingFormat};
 pub use self::rtn::{quantize_rtn, QuantizedWeight};
+pub use self::writer::{
+    quantize_checkpoint, ExportFormat, QuantizeOptions, QuantizeReport, AUTO_ROUND_VERSION,
+};
 
 use std::fmt;
 use std::num::NonZeroUsize;
+use std::path::PathBuf;
 
 /// The number of inputs that share one scale and zero point.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -191,8 +213,9 @@ impl QuantScheme {
     }
 }
 
-/// What can go wrong while quantizing, packing or unpacking a weight.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// What can go wrong while quantizing, packing or unpacking a weight, or writing a
+/// quantized checkpoint.
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// A bit width memwise does not write.
@@ -225,4 +248,34 @@ pub enum Error {
     /// A packed weight's tensors disagree with each other or with the scheme.
     #[error("packed weight is inconsistent: {0}")]
     Packed(String),
+    /// An export format memwise does not write.
+    #[error("export format {0:?} is not implemented: memwise writes auto_round")]
+    ExportFormat(String),
+    /// The output folder exists already.
+    #[error("{} exists already: quantize into a new folder", .0.display())]
+    OutputExists(PathBuf),
+    /// The output path has no usable folder name.
+    #[error("{} does not name a folder", .0.display())]
+    OutputName(PathBuf),
+    /// Quantizing one tensor of a checkpoint failed.
+    #[error("{tensor}: {source}")]
+    Tensor {
+        /// The tensor.
+        tensor: String,
+        /// What went wrong.
+        #[source]
+        source: Box<Error>,
+    },
+    /// Reading the source checkpoint or writing the output failed.
+    #[error(transparent)]
+    Checkpoint(#[from] crate::error::Error),
+}
+
+impl Error {
+    fn in_tensor(tensor: &str, source: Error) -> Error {
+        Error::Tensor {
+            tensor: tensor.to_owned(),
+            source: Box::new(source),
+        }
+    }
 }

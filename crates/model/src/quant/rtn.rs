@@ -67,15 +67,7 @@ pub fn quantize_rtn(
             zeros.push(zero);
         }
     }
-    Ok(QuantizedWeight {
-        scheme: *scheme,
-        out_features,
-        in_features,
-        group_len,
-        codes,
-        scales,
-        zeros,
-    })
+    QuantizedWeight::from_parts(*scheme, out_features, in_features, codes, scales, zeros)
 }
 
 /// auto-round's floor on a scale's magnitude (`q_scale_thresh` for fp16 scales).
