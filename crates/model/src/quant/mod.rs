@@ -75,7 +75,9 @@
 //! Every division is in `f32` (the fp16 scale widened), every rounding is to nearest with
 //! ties to even (`torch.round`), and the fp16 conversion rounds to nearest even.
 //! [`GroupSize::PerChannel`] (auto-round's `-1`) makes each row one group, unpadded, as
-//! auto-round's quantizer does.
+//! auto-round's quantizer functions do; its model-free path itself fails on `-1` (it asks
+//! for `in / -1` groups) and keeps such weights unquantized, so no fixture covers it. A
+//! group holding NaN is not reproduced (torch's min and max propagate NaN; these skip it).
 //!
 //! # Packing
 //!
