@@ -1,4 +1,4 @@
-//! `memwise inspect` and `memwise convert` on the model crate's fixtures.
+//! `memwise inspect`, `memwise convert` and `memwise quantize` on the model crate's fixtures.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -126,4 +126,75 @@ fn convert_writes_and_then_resumes() {
     let (ok, _, stderr) = memwise(&[args[0], args[1], args[2], args[3], "--dtype", "i64"]);
     assert!(!ok);
     assert!(stderr.contains("not a float dtype"), "{stderr}");
+}
+
+#[test]
+fn quantize_writes_what_auto_round_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    for (flags, expected) in [
+        (["--group-size", "32", "--asym"], "llama-bf16.w4g32-asym"),
+        (["--group-size", "128", "--sym"], "llama-bf16.w4g128-sym"),
+    ] {
+        let out = dir.path().join(expected);
+        let model = fixture("quant/llama-bf16");
+        let mut args = vec!["quantize", model.to_str().unwrap(), "--bits", "4"];
+        args.extend(flags);
+        args.extend(["--out", out.to_str().unwrap()]);
+        let (ok, stdout, stderr) = memwise(&args);
+        assert!(ok, "{stderr}");
+        assert!(stdout.contains("14 linear weights quantized"), "{stdout}");
+        // The same tensors as auto-round wrote (their bytes are compared in the model
+        // crate's tests/quantize.rs).
+        let tensors = |folder: PathBuf| {
+            let checkpoint = memwise_model::Checkpoint::open(folder).unwrap();
+            let mut list: Vec<_> = checkpoint
+                .index()
+                .tensors()
+                .iter()
+                .map(|t| (t.name.clone(), t.dtype, t.shape.clone(), t.byte_len()))
+                .collect();
+            list.sort();
+            list
+        };
+        assert_eq!(
+            tensors(out.clone()),
+            tensors(fixture(&format!("quant/{expected}"))),
+            "{expected}"
+        );
+        for file in ["config.json", "quantization_config.json"] {
+            let read = |p: PathBuf| -> serde_json::Value {
+                serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+            };
+            assert_eq!(
+                read(out.join(file)),
+                read(fixture(&format!("quant/{expected}")).join(file)),
+                "{file}"
+            );
+        }
+    }
+}
+
+#[test]
+fn bad_options_are_refused_before_the_model_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    for (flag, value, needle) in [
+        ("--bits", "5", "bits 5"),
+        ("--group-size", "0", "group size 0"),
+        ("--format", "gguf", "\"gguf\""),
+    ] {
+        // The model folder does not exist: the option is what must be reported.
+        let (ok, _, stderr) = memwise(&[
+            "quantize",
+            "/nonexistent/model",
+            flag,
+            value,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(!ok);
+        assert!(stderr.contains(needle), "{stderr}");
+        assert!(!stderr.contains("nonexistent"), "{stderr}");
+    }
+    assert!(!out.exists());
 }

@@ -117,6 +117,7 @@
 pub mod checkpoint;
 mod error;
 pub mod models;
+pub mod quant;
 mod runner;
 pub mod stream;
 pub mod synth;

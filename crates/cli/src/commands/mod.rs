@@ -6,6 +6,7 @@ mod config;
 mod convert;
 mod demo;
 mod inspect;
+mod quantize;
 mod report;
 mod run;
 mod stats;
@@ -37,6 +38,9 @@ enum Command {
     Synth(synth::Args),
     /// Stream a model through memory one layer at a time; print its output and per-layer memory.
     Run(run::Args),
+    /// Quantize a model's linear weights with round-to-nearest, stage by stage, into
+    /// auto-round's checkpoint format.
+    Quantize(quantize::Args),
 }
 
 /// Dispatches to the chosen subcommand.
@@ -49,6 +53,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Convert(args) => convert::run(args),
         Command::Synth(args) => synth::run(args),
         Command::Run(args) => run::run(args),
+        Command::Quantize(args) => quantize::run(args),
     }
 }
 

@@ -1,0 +1,395 @@
+//! Round-to-nearest quantization against auto-round, bit for bit.
+//!
+//! `tests/fixtures/quant/make_fixtures.py` quantized two tiny Llama checkpoints (tied
+//! embeddings in f32; untied in bf16) with auto-round's model-free round-to-nearest into
+//! `<input>.<scheme>/` folders; every packed tensor memwise makes from the same input
+//! weight must equal auto-round's byte for byte.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+use memwise_model::quant::{
+    quantize_checkpoint, quantize_rtn, Error, GroupSize, PackedWeight, PackingFormat, QuantScheme,
+    QuantizeOptions,
+};
+use safetensors::{Dtype, SafeTensors};
+use serde_json::Value;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/quant")
+}
+
+/// The quantized folders, each with the input folder it was made from.
+fn quantized_folders() -> Vec<(PathBuf, PathBuf)> {
+    let mut found: Vec<(PathBuf, PathBuf)> = std::fs::read_dir(fixtures())
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter_map(|path| {
+            let name = path.file_name()?.to_str()?.to_owned();
+            let (input, _scheme) = name.split_once('.')?;
+            Some((fixtures().join(input), path))
+        })
+        .filter(|(_, path)| path.is_dir())
+        .collect();
+    found.sort();
+    found
+}
+
+fn read_json(path: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+fn to_f32(name: &str, view: &safetensors::tensor::TensorView<'_>) -> Vec<f32> {
+    let data = view.data();
+    match view.dtype() {
+        Dtype::F32 => data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::BF16 => data
+            .chunks_exact(2)
+            .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        other => panic!("{name}: unexpected dtype {other:?}"),
+    }
+}
+
+fn i32s(view: &safetensors::tensor::TensorView<'_>) -> Vec<i32> {
+    assert_eq!(view.dtype(), Dtype::I32);
+    view.data()
+        .chunks_exact(4)
+        .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+fn f16s(view: &safetensors::tensor::TensorView<'_>) -> Vec<f16> {
+    assert_eq!(view.dtype(), Dtype::F16);
+    view.data()
+        .chunks_exact(2)
+        .map(|b| f16::from_le_bytes([b[0], b[1]]))
+        .collect()
+}
+
+fn scheme_of(config: &Value) -> QuantScheme {
+    let bits = config["bits"].as_u64().unwrap() as u8;
+    let group = GroupSize::from_auto_round(config["group_size"].as_i64().unwrap()).unwrap();
+    QuantScheme::new(bits, group, config["sym"].as_bool().unwrap()).unwrap()
+}
+
+#[test]
+fn every_packed_tensor_equals_auto_round_bit_for_bit() {
+    let folders = quantized_folders();
+    let mut covered = BTreeMap::<&str, usize>::new();
+    let mut layers_checked = 0;
+    for (input, output) in &folders {
+        let config = read_json(&output.join("quantization_config.json"));
+        let scheme = scheme_of(&config);
+        assert_eq!(
+            config["packing_format"].as_str().unwrap(),
+            scheme.packing_format().name(),
+            "{}",
+            output.display()
+        );
+        let in_bytes = std::fs::read(input.join("model.safetensors")).unwrap();
+        let out_bytes = std::fs::read(output.join("model.safetensors")).unwrap();
+        let source = SafeTensors::deserialize(&in_bytes).unwrap();
+        let quantized = SafeTensors::deserialize(&out_bytes).unwrap();
+        for name in quantized.names() {
+            let Some(layer) = name.strip_suffix(".qweight") else {
+                continue;
+            };
+            let weight_name = format!("{layer}.weight");
+            let weight = source.tensor(&weight_name).unwrap();
+            let &[out_features, in_features] = weight.shape() else {
+                panic!("{weight_name} is not 2-D")
+            };
+            let values = to_f32(&weight_name, &weight);
+            let ours = quantize_rtn(&values, out_features, in_features, &scheme)
+                .unwrap()
+                .pack();
+
+            let what = format!("{} {layer}", output.display());
+            let qweight = quantized.tensor(name).unwrap();
+            let qzeros = quantized.tensor(&format!("{layer}.qzeros")).unwrap();
+            let scales = quantized.tensor(&format!("{layer}.scales")).unwrap();
+            assert_eq!(
+                qweight.shape(),
+                ours.qweight_shape(),
+                "{what} qweight shape"
+            );
+            assert_eq!(qzeros.shape(), ours.qzeros_shape(), "{what} qzeros shape");
+            assert_eq!(scales.shape(), ours.scales_shape(), "{what} scales shape");
+            let theirs_scales = f16s(&scales);
+            let mismatched_scales = ours
+                .scales()
+                .iter()
+                .zip(&theirs_scales)
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
+            assert_eq!(mismatched_scales, 0, "{what}: scales differ");
+            assert_eq!(ours.qzeros(), i32s(&qzeros), "{what}: qzeros differ");
+            let theirs_qweight = i32s(&qweight);
+            let mismatched_words = ours
+                .qweight()
+                .iter()
+                .zip(&theirs_qweight)
+                .filter(|(a, b)| a != b)
+                .count();
+            assert_eq!(mismatched_words, 0, "{what}: qweight words differ");
+
+            // Their packed weight reads back as ours does.
+            let theirs = PackedWeight::new(
+                scheme,
+                theirs_qweight,
+                i32s(&qzeros),
+                theirs_scales,
+                [scales.shape()[0], scales.shape()[1]],
+            )
+            .unwrap();
+            assert_eq!(
+                theirs.dequantize(in_features).unwrap(),
+                ours.dequantize(in_features).unwrap()
+            );
+
+            layers_checked += 1;
+            *covered
+                .entry(if scheme.sym() { "sym" } else { "asym" })
+                .or_default() += 1;
+            *covered
+                .entry(if weight.dtype() == Dtype::BF16 {
+                    "bf16"
+                } else {
+                    "f32"
+                })
+                .or_default() += 1;
+            if let GroupSize::Size(g) = scheme.group_size() {
+                if in_features % g.get() != 0 {
+                    *covered.entry("padded").or_default() += 1;
+                }
+                *covered
+                    .entry(if g.get() == 32 { "g32" } else { "g128" })
+                    .or_default() += 1;
+            }
+        }
+    }
+    // The fixtures hold what the issue asks for; a missing folder fails here, not silently.
+    assert!(folders.len() >= 10, "{folders:?}");
+    for needed in ["sym", "asym", "bf16", "f32", "padded", "g32", "g128"] {
+        assert!(
+            covered.get(needed).copied().unwrap_or(0) > 0,
+            "no {needed} layer: {covered:?}"
+        );
+    }
+    assert_eq!(layers_checked, folders.len() * 14);
+}
+
+#[test]
+fn auto_round_quantizes_the_decoder_linears_and_keeps_the_rest() {
+    for (input, output) in quantized_folders() {
+        let in_bytes = std::fs::read(input.join("model.safetensors")).unwrap();
+        let out_bytes = std::fs::read(output.join("model.safetensors")).unwrap();
+        let source = SafeTensors::deserialize(&in_bytes).unwrap();
+        let quantized = SafeTensors::deserialize(&out_bytes).unwrap();
+        for (name, tensor) in source.tensors() {
+            let linear = name.starts_with("model.layers.") && tensor.shape().len() == 2;
+            match quantized.tensor(&name) {
+                Ok(kept) => {
+                    assert!(!linear, "{name} kept in {}", output.display());
+                    assert_eq!(kept.data(), tensor.data(), "{name} changed");
+                    assert_eq!(kept.dtype(), tensor.dtype(), "{name} dtype changed");
+                }
+                Err(_) => {
+                    assert!(linear, "{name} dropped from {}", output.display());
+                    let layer = name.strip_suffix(".weight").unwrap();
+                    assert!(quantized.tensor(&format!("{layer}.qweight")).is_ok());
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_schemes_are_refused_naming_the_value() {
+    let err = QuantScheme::new(3, GroupSize::PerChannel, true).unwrap_err();
+    assert!(err.to_string().contains("bits 3"), "{err}");
+    let err = QuantScheme::new(16, GroupSize::PerChannel, true).unwrap_err();
+    assert!(err.to_string().contains("bits 16"), "{err}");
+    let err = GroupSize::from_auto_round(0).unwrap_err();
+    assert!(err.to_string().contains("group size 0"), "{err}");
+    let err = GroupSize::from_auto_round(-2).unwrap_err();
+    assert!(err.to_string().contains("group size -2"), "{err}");
+    let err = PackingFormat::parse("auto_round:auto_awq").unwrap_err();
+    assert!(err.to_string().contains("auto_round:auto_awq"), "{err}");
+    assert_eq!(
+        PackingFormat::parse("auto_round:auto_gptq").unwrap(),
+        PackingFormat::AutoGptq
+    );
+}
+
+#[test]
+fn packing_round_trips_for_every_scheme() {
+    let (out_features, in_features) = (20, 72);
+    let weight: Vec<f32> = (0..out_features * in_features)
+        .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+        .collect();
+    for bits in QuantScheme::SUPPORTED_BITS {
+        for group in [-1, 16, 64] {
+            for sym in [true, false] {
+                let group = GroupSize::from_auto_round(group).unwrap();
+                let scheme = QuantScheme::new(bits, group, sym).unwrap();
+                let quantized = match quantize_rtn(&weight, out_features, in_features, &scheme) {
+                    Ok(q) => q,
+                    // 72 inputs per channel do not fill 16 two-bit codes per word.
+                    Err(e) => {
+                        assert!(bits == 2 && group == GroupSize::PerChannel, "{e}");
+                        continue;
+                    }
+                };
+                let packed = quantized.pack();
+                assert_eq!(packed.unpack(in_features).unwrap(), quantized, "{scheme:?}");
+                let restored = packed.dequantize(in_features).unwrap();
+                let steps = if sym {
+                    1u32 << (bits - 1)
+                } else {
+                    (1u32 << bits) - 1
+                };
+                let tolerance = 2.0 / steps as f32;
+                for (w, r) in weight.iter().zip(&restored) {
+                    assert!((w - r).abs() <= tolerance, "{scheme:?}: {w} vs {r}");
+                }
+            }
+        }
+    }
+}
+
+fn options_of(config: &Value) -> QuantizeOptions {
+    QuantizeOptions::from_values(
+        config["bits"].as_u64().unwrap() as u8,
+        config["group_size"].as_i64().unwrap(),
+        config["sym"].as_bool().unwrap(),
+        "auto_round",
+    )
+    .unwrap()
+}
+
+/// Every tensor of a model folder (single file or shards): name → (dtype, shape, bytes).
+fn all_tensors(folder: &Path) -> BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(folder)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    files.sort();
+    let mut tensors = BTreeMap::new();
+    for file in files {
+        let bytes = std::fs::read(&file).unwrap();
+        for (name, view) in SafeTensors::deserialize(&bytes).unwrap().tensors() {
+            let entry = (view.dtype(), view.shape().to_vec(), view.data().to_vec());
+            assert!(
+                tensors.insert(name.clone(), entry).is_none(),
+                "{name} twice"
+            );
+        }
+    }
+    tensors
+}
+
+#[test]
+fn a_quantized_checkpoint_equals_auto_round_tensor_for_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    for (input, expected) in quantized_folders() {
+        let config = read_json(&expected.join("quantization_config.json"));
+        let out = dir.path().join(expected.file_name().unwrap());
+        let report = quantize_checkpoint(&input, &out, &options_of(&config)).unwrap();
+        assert_eq!(
+            (report.quantized, report.shards),
+            (14, 1),
+            "{}",
+            out.display()
+        );
+
+        let ours = all_tensors(&out);
+        let theirs = all_tensors(&expected);
+        assert_eq!(
+            ours.keys().collect::<Vec<_>>(),
+            theirs.keys().collect::<Vec<_>>(),
+            "{}",
+            expected.display()
+        );
+        for (name, tensor) in &theirs {
+            assert!(
+                ours[name] == *tensor,
+                "{} {name} differs",
+                expected.display()
+            );
+        }
+        for file in ["config.json", "quantization_config.json"] {
+            assert_eq!(
+                read_json(&out.join(file)),
+                read_json(&expected.join(file)),
+                "{} {file}",
+                expected.display()
+            );
+        }
+    }
+}
+
+#[test]
+fn shards_an_index_and_copied_files_make_a_folder_that_reads_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("source");
+    let input = fixtures().join("llama-bf16");
+    std::fs::create_dir(&source).unwrap();
+    for file in ["config.json", "model.safetensors"] {
+        std::fs::copy(input.join(file), source.join(file)).unwrap();
+    }
+    std::fs::write(source.join("tokenizer.json"), b"{\"version\":\"1.0\"}").unwrap();
+    std::fs::write(source.join("generation_config.json"), b"{}").unwrap();
+
+    let expected = fixtures().join("llama-bf16.w4g32-asym");
+    let options = options_of(&read_json(&expected.join("quantization_config.json")))
+        .max_shard_bytes(std::num::NonZeroU64::new(20_000).unwrap());
+    let out = dir.path().join("out");
+    let report = quantize_checkpoint(&source, &out, &options).unwrap();
+    assert!(report.shards > 2, "{report:?}");
+    assert_eq!(all_tensors(&out), all_tensors(&expected));
+    assert_eq!(
+        std::fs::read(out.join("tokenizer.json")).unwrap(),
+        b"{\"version\":\"1.0\"}"
+    );
+    assert!(out.join("generation_config.json").is_file());
+    // The index is one the checkpoint reader accepts, and it lists every tensor.
+    let checkpoint = memwise_model::Checkpoint::open(&out).unwrap();
+    assert_eq!(checkpoint.files().len(), report.shards);
+    let index = read_json(&out.join("model.safetensors.index.json"));
+    assert_eq!(
+        index["weight_map"].as_object().unwrap().len(),
+        all_tensors(&expected).len()
+    );
+    // Nothing but the finished folder is left beside it.
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+
+    // A second run refuses to overwrite it.
+    let err = quantize_checkpoint(&source, &out, &options).unwrap_err();
+    assert!(matches!(err, Error::OutputExists(_)), "{err}");
+    assert!(err.to_string().contains("out"), "{err}");
+}
+
+#[test]
+fn bad_options_are_refused_naming_the_value() {
+    for (bits, group, format, needle) in [
+        (5, 128, "auto_round", "bits 5"),
+        (4, 0, "auto_round", "group size 0"),
+        (4, 128, "gguf:q4_k_m", "gguf:q4_k_m"),
+    ] {
+        let err = QuantizeOptions::from_values(bits, group, true, format).unwrap_err();
+        let message = err.to_string();
+        assert!(message.contains(needle), "{message}");
+        assert!(!message.contains('\n'), "{message}");
+    }
+}
