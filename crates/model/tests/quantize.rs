@@ -393,3 +393,125 @@ fn bad_options_are_refused_naming_the_value() {
         assert!(!message.contains('\n'), "{message}");
     }
 }
+
+/// `folder` (auto-round's own output) with every packed weight dequantized to an f32
+/// `weight` and every other tensor as f32, without `quantization_config`: what the packed
+/// checkpoint means, written as a plain one.
+fn dequantized_copy(folder: &Path, into: &Path) {
+    let bytes = std::fs::read(folder.join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut config = read_json(&folder.join("config.json"));
+    let scheme = scheme_of(&config["quantization_config"]);
+    config
+        .as_object_mut()
+        .unwrap()
+        .remove("quantization_config");
+    let mut out = std::collections::HashMap::new();
+    let device = candle_core::Device::Cpu;
+    for (name, view) in st.tensors() {
+        if let Some(module) = name.strip_suffix(".qweight") {
+            let scales = st.tensor(&format!("{module}.scales")).unwrap();
+            let [groups, outs] = [scales.shape()[0], scales.shape()[1]];
+            let qzeros = st.tensor(&format!("{module}.qzeros")).unwrap();
+            let packed = PackedWeight::new(
+                scheme,
+                i32s(&view),
+                i32s(&qzeros),
+                f16s(&scales),
+                [groups, outs],
+            )
+            .unwrap();
+            // The block's weight is (out, in); its in is the config's width of this input.
+            let source = st.tensor(&name).unwrap();
+            let padded_in = source.shape()[0] * (32 / usize::from(scheme.bits()));
+            let in_features = in_features_of(&config, module).min(padded_in);
+            let values = packed.dequantize(in_features).unwrap();
+            let weight = candle_core::Tensor::from_vec(values, (outs, in_features), &device);
+            out.insert(format!("{module}.weight"), weight.unwrap());
+        } else if !name.ends_with(".qzeros") && !name.ends_with(".scales") {
+            let values = to_f32(&name, &view);
+            let tensor = candle_core::Tensor::from_vec(values, view.shape(), &device).unwrap();
+            out.insert(name, tensor);
+        }
+    }
+    std::fs::create_dir_all(into).unwrap();
+    candle_core::safetensors::save(&out, into.join("model.safetensors")).unwrap();
+    std::fs::write(into.join("config.json"), config.to_string()).unwrap();
+}
+
+/// The input width of a Llama linear: the MLP's inner width for `down_proj`, the hidden
+/// width (or heads × head width for `o_proj`) otherwise.
+fn in_features_of(config: &Value, module: &str) -> usize {
+    let get = |key: &str| config[key].as_u64().unwrap() as usize;
+    if module.ends_with("down_proj") {
+        get("intermediate_size")
+    } else if module.ends_with("o_proj") {
+        get("num_attention_heads")
+            * config["head_dim"]
+                .as_u64()
+                .map_or(get("hidden_size") / get("num_attention_heads"), |d| {
+                    d as usize
+                })
+    } else {
+        get("hidden_size")
+    }
+}
+
+#[test]
+fn auto_round_checkpoints_run_streamed_and_full_as_their_dequantized_weights() {
+    let ids = candle_core::Tensor::new(&[[1u32, 5, 9, 3, 7, 2, 11, 4]], &candle_core::Device::Cpu)
+        .unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    for (_, folder) in quantized_folders() {
+        let name = folder.file_name().unwrap().to_str().unwrap().to_owned();
+        let plain = scratch.path().join(&name);
+        dequantized_copy(&folder, &plain);
+        let expected = memwise_model::ModelConverter::new(&plain)
+            .load_model_with_hooks(true)
+            .unwrap()
+            .forward(&ids)
+            .unwrap();
+        let mut streamed = memwise_model::ModelConverter::new(&folder)
+            .load_model_with_hooks(true)
+            .unwrap();
+        let logits = streamed.forward(&ids).unwrap();
+        let same = |a: &candle_core::Tensor, b: &candle_core::Tensor| {
+            let (a, b): (Vec<f32>, Vec<f32>) = (
+                a.flatten_all().unwrap().to_vec1().unwrap(),
+                b.flatten_all().unwrap().to_vec1().unwrap(),
+            );
+            a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits())
+        };
+        assert!(
+            same(&logits, &expected),
+            "{name}: streamed from the packed weights"
+        );
+        streamed.load_all().unwrap();
+        assert!(
+            same(&streamed.forward(&ids).unwrap(), &expected),
+            "{name}: full load"
+        );
+    }
+}
+
+#[test]
+fn a_quantization_config_memwise_cannot_read_is_refused_naming_the_key() {
+    let scratch = tempfile::tempdir().unwrap();
+    let folder = fixtures().join("llama-bf16.w4g32-sym");
+    let copy = scratch.path().join("copy");
+    std::fs::create_dir(&copy).unwrap();
+    std::fs::copy(
+        folder.join("model.safetensors"),
+        copy.join("model.safetensors"),
+    )
+    .unwrap();
+    let mut config = read_json(&folder.join("config.json"));
+    config["quantization_config"]["quant_method"] = "gptq".into();
+    std::fs::write(copy.join("config.json"), config.to_string()).unwrap();
+    let err = memwise_model::ModelConverter::new(&copy)
+        .load_model_with_hooks(true)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("quantization_config.quant_method"), "{err}");
+}

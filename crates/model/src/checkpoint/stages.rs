@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::checkpoint::index::TensorIndex;
+use crate::checkpoint::index::{TensorIndex, TensorInfo};
 use crate::models::Stage;
 
 /// One stage of a checkpoint: the tensors it reads and the bytes they take as stored.
@@ -47,7 +47,7 @@ pub(crate) fn traced(stages: &[Stage], index: &TensorIndex) -> Vec<StageTensors>
             let tensors: Vec<String> = stage.tensor_names().map(str::to_owned).collect();
             let bytes = tensors
                 .iter()
-                .filter_map(|name| index.get(name))
+                .flat_map(|name| stored_parts(index, name))
                 .map(|t| t.byte_len())
                 .fold(0, u64::saturating_add);
             StageTensors {
@@ -56,6 +56,21 @@ pub(crate) fn traced(stages: &[Stage], index: &TensorIndex) -> Vec<StageTensors>
                 bytes,
             }
         })
+        .collect()
+}
+
+/// What tensor `name` is stored as: itself, or for a linear weight a quantized checkpoint
+/// stores packed (`X.weight` as `X.qweight`, `X.qzeros`, `X.scales`, `X.g_idx`), its parts.
+pub(crate) fn stored_parts<'i>(index: &'i TensorIndex, name: &str) -> Vec<&'i TensorInfo> {
+    if let Some(tensor) = index.get(name) {
+        return vec![tensor];
+    }
+    let Some(module) = name.strip_suffix(".weight") else {
+        return Vec::new();
+    };
+    ["qweight", "qzeros", "scales", "g_idx"]
+        .iter()
+        .filter_map(|part| index.get(&format!("{module}.{part}")))
         .collect()
 }
 
@@ -101,7 +116,6 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::checkpoint::index::TensorInfo;
     use crate::checkpoint::StoredDType;
 
     #[test]

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use serde::Serialize;
 
 use crate::checkpoint::index::TiedWeight;
-use crate::checkpoint::{Checkpoint, SourceFormat, StageOrigin};
+use crate::checkpoint::{stages, Checkpoint, SourceFormat, StageOrigin};
 
 /// One stage's size, by dtype.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -78,7 +78,11 @@ impl Checkpoint {
             .iter()
             .map(|stage| {
                 let mut bytes_by_dtype = BTreeMap::new();
-                for tensor in stage.tensors.iter().filter_map(|n| index.get(n)) {
+                let stored = stage
+                    .tensors
+                    .iter()
+                    .flat_map(|n| stages::stored_parts(index, n));
+                for tensor in stored {
                     let bytes = bytes_by_dtype
                         .entry(tensor.dtype.to_string())
                         .or_insert(0u64);

@@ -191,11 +191,13 @@ impl ModelConverter {
             }
         };
         let stages = skeleton.stages().to_vec();
+        let quantization = super::packed::scheme(&source)?;
         for stage in &stages {
-            if let Some(missing) = stage
-                .tensor_names()
-                .find(|name| checkpoint.index().get(name).is_none())
-            {
+            if let Some(missing) = stage.tensor_names().find(|name| {
+                checkpoint.index().get(name).is_none()
+                    && (quantization.is_none()
+                        || super::packed::packed_module(&checkpoint, name).is_none())
+            }) {
                 return Err(crate::Error::NotFound {
                     name: missing.to_owned(),
                     folder: self.path.clone(),
@@ -229,6 +231,7 @@ impl ModelConverter {
                     strategy: self.strategy,
                     dtype: self.dtype,
                     stored: compute,
+                    quantization,
                     device,
                 }),
                 clean_weights: self.clean_weights,

@@ -89,6 +89,23 @@ pub enum RunError {
         /// What the model is.
         actual: &'static str,
     },
+    /// `quantization_config` in `config.json` describes packing memwise cannot read.
+    #[error("{key}: {reason}")]
+    Quantization {
+        /// The key at fault, e.g. `quantization_config.quant_method`.
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A packed weight (`qweight`, `qzeros`, `scales`) does not fit its scheme or block.
+    #[error("packed weight {tensor}: {source}")]
+    Packed {
+        /// The weight the block reads, e.g. `model.layers.0.mlp.up_proj.weight`.
+        tensor: String,
+        /// What the unpacking said.
+        #[source]
+        source: Box<crate::quant::Error>,
+    },
     /// A generation would pass the positions the model was trained for.
     #[error(
         "{prompt} prompt tokens + {new_tokens} new tokens pass the model's \

@@ -18,6 +18,7 @@
 mod converter;
 mod error;
 mod hooks;
+mod packed;
 mod streaming;
 
 use candle_core::Tensor;

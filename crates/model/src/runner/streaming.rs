@@ -9,7 +9,7 @@ use memwise::MemoryTracker;
 
 use super::{LayerHook, LayerWeights, RunError};
 use crate::checkpoint::{tensor_bytes, Checkpoint, ReadStrategy};
-use crate::models::{Family, Inputs, Stage};
+use crate::models::{Family, Inputs, Stage, TensorSpec};
 use crate::stream::LayerStream;
 use crate::workspace::{ConvertOptions, TensorBytes, Workspace};
 
@@ -26,6 +26,8 @@ pub(super) struct StageReader {
     pub(super) dtype: DType,
     /// `dtype` as checkpoints store it.
     pub(super) stored: crate::checkpoint::StoredDType,
+    /// How packed linear weights are stored, for an auto-round checkpoint.
+    pub(super) quantization: Option<crate::quant::QuantScheme>,
     pub(super) device: Device,
 }
 
@@ -37,9 +39,15 @@ impl StageReader {
             // sit beside it, so give them back first.
             memwise::alloc::release_block_cache();
         }
-        let names: Vec<&str> = stage.tensor_names().collect();
+        // Packed weights are dequantized on their own; the rest is read as stored.
+        let (packed, names): (Vec<&TensorSpec>, Vec<&TensorSpec>) =
+            stage.tensors().iter().partition(|t| {
+                self.quantization.is_some()
+                    && super::packed::packed_module(&self.checkpoint, &t.name).is_some()
+            });
+        let names: Vec<&str> = names.iter().map(|t| t.name.as_str()).collect();
         let compute = Some(self.stored);
-        let tensors = match (self.strategy, &self.device) {
+        let mut tensors = match (self.strategy, &self.device) {
             // pread straight into each tensor's storage: the stage costs its weights once.
             (ReadStrategy::Pread, Device::Cpu) => {
                 self.checkpoint
@@ -52,6 +60,21 @@ impl StageReader {
                 // `data` drops here: mapped pages are released before the stage runs.
             }
         };
+        if let Some(scheme) = &self.quantization {
+            let mut reader = self.checkpoint.reader(self.strategy);
+            for spec in packed {
+                let tensor = super::packed::load(
+                    &mut reader,
+                    stage.name(),
+                    &spec.name,
+                    &spec.shape,
+                    scheme,
+                    self.dtype,
+                    &self.device,
+                )?;
+                tensors.insert(spec.name.clone(), tensor);
+            }
+        }
         Ok(LayerWeights {
             name: stage.name().to_owned(),
             index,
