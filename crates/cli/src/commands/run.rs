@@ -230,12 +230,25 @@ fn prefix(batch: &Batch, row: usize) -> String {
     }
 }
 
-/// Runs an encoder and prints each sequence's mean-pooled embedding (padding excluded).
+/// Runs an encoder and prints each sequence's embedding, pooled over its tokens as the
+/// folder's sentence-transformers modules say (mean where it has none).
 /// Returns the embeddings, `(batch, hidden)`.
 fn encoder(model: &mut StreamedModel, batch: &Batch) -> anyhow::Result<Tensor> {
     let pooled = track("forward", || {
         model.embed(&batch.ids, &batch.types, &batch.mask)
     })?;
+    let pooling = model.pooling();
+    let modes: Vec<String> = pooling
+        .modes
+        .iter()
+        .map(|m| format!("{m:?}").to_lowercase())
+        .collect();
+    let normalized = if pooling.normalize {
+        ", normalized"
+    } else {
+        ""
+    };
+    println!("pooling: {}{normalized}", modes.join(" + "));
     for row in 0..batch.sequences.len() {
         let values: Vec<f32> = pooled.get(row)?.to_vec1()?;
         let norm = values.iter().map(|v| v * v).sum::<f32>().sqrt();

@@ -7,7 +7,7 @@
 //! follows. The pooler is not a stage: sentence-embedding models pool with
 //! [`mean_pool`] over the last hidden states instead.
 
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
@@ -510,14 +510,5 @@ impl Family for EncoderModel {
 /// Sentence embeddings `(batch, hidden)`: the mean of each sequence's hidden states over
 /// its tokens (`attention_mask` 1), as sentence-transformers pools MiniLM and its kin.
 pub fn mean_pool(hidden: &Tensor, attention_mask: &Tensor) -> Result<Tensor, ModelError> {
-    let pooled = || -> candle_core::Result<Tensor> {
-        let mask = attention_mask
-            .to_dtype(hidden.dtype())?
-            .unsqueeze(D::Minus1)?;
-        let summed = hidden.broadcast_mul(&mask)?.sum(1)?;
-        // A sequence of padding only would divide by zero; transformers clamps the same way.
-        let counts = mask.sum(1)?.clamp(1e-9, f64::INFINITY)?;
-        summed.broadcast_div(&counts)
-    };
-    pooled().map_err(ModelError::stage("mean_pool"))
+    super::SentencePooling::default().embed(hidden, attention_mask)
 }

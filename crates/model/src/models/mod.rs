@@ -16,6 +16,7 @@ mod error;
 mod family;
 mod generate;
 mod llama;
+mod pooling;
 mod stage;
 
 pub use bert::{mean_pool, BertConfig, EncoderBlock, EncoderModel, EncoderState};
@@ -25,6 +26,7 @@ pub use family::{Family, Inputs, Loaded, Pass};
 pub(crate) use generate::greedy;
 pub use generate::Generation;
 pub use llama::{DecoderBlock, DecoderModel, DecoderState, KvCache, LlamaConfig, RopeScaling};
+pub use pooling::{PoolingMode, SentencePooling};
 pub use stage::{Stage, TensorSpec};
 
 /// The architectures these blocks implement, as `config.json`'s `model_type` names them.

@@ -8,7 +8,7 @@ use candle_core::{DType, Device};
 use super::streaming::{Pipeline, StageReader};
 use super::{LayerHook, Resident, RunError, Skeleton, StreamedModel};
 use crate::checkpoint::{stored_dtype, Checkpoint, ReadStrategy};
-use crate::models::{ArchitectureConfig, DecoderModel, EncoderModel, Stage};
+use crate::models::{ArchitectureConfig, DecoderModel, EncoderModel, SentencePooling, Stage};
 use crate::workspace::Workspace;
 
 /// Builds a model whose forward pass streams its weights (the spec's `ModelConverter`).
@@ -192,6 +192,7 @@ impl ModelConverter {
         };
         let stages = skeleton.stages().to_vec();
         let quantization = super::packed::scheme(&source)?;
+        let pooling = SentencePooling::from_folder(&self.path)?.unwrap_or_default();
         for stage in &stages {
             if let Some(missing) = stage.tensor_names().find(|name| {
                 checkpoint.index().get(name).is_none()
@@ -242,6 +243,7 @@ impl ModelConverter {
             },
             skeleton,
             eos_token_ids,
+            pooling,
         })
     }
 }

@@ -29,7 +29,9 @@ pub use self::hooks::{LayerHook, LayerWeights};
 
 use self::streaming::Pipeline;
 use crate::checkpoint::Checkpoint;
-use crate::models::{greedy, DecoderModel, EncoderModel, Family, Generation, Inputs, Stage};
+use crate::models::{
+    greedy, DecoderModel, EncoderModel, Family, Generation, Inputs, SentencePooling, Stage,
+};
 
 /// A skeleton and the blocks kept resident between passes (when weights are not cleaned),
 /// one slot per stage.
@@ -73,6 +75,8 @@ pub struct StreamedModel {
     skeleton: Skeleton,
     /// `eos_token_id` of the config: where generation stops.
     eos_token_ids: Vec<u32>,
+    /// How [`StreamedModel::embed`] pools: the folder's sentence-transformers modules, or mean.
+    pooling: SentencePooling,
 }
 
 impl StreamedModel {
@@ -137,7 +141,9 @@ impl StreamedModel {
         self.run(inputs)
     }
 
-    /// Encoders: mean-pooled sentence embeddings `(batch, hidden)`.
+    /// Encoders: sentence embeddings `(batch, width)`, pooled over real tokens as the
+    /// folder's sentence-transformers `modules.json` says (pooling modes, normalization),
+    /// or by the mean where it has none; see [`StreamedModel::pooling`].
     pub fn embed(
         &mut self,
         input_ids: &Tensor,
@@ -145,7 +151,12 @@ impl StreamedModel {
         attention_mask: &Tensor,
     ) -> Result<Tensor, RunError> {
         let hidden = self.encode(input_ids, Some(token_type_ids), Some(attention_mask))?;
-        Ok(crate::models::mean_pool(&hidden, attention_mask)?)
+        Ok(self.pooling.embed(&hidden, attention_mask)?)
+    }
+
+    /// How [`StreamedModel::embed`] pools.
+    pub fn pooling(&self) -> &SentencePooling {
+        &self.pooling
     }
 
     /// Decoders: greedy decoding of up to `max_new_tokens` after `prompt`, stopping after
