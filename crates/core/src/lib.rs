@@ -128,6 +128,7 @@ pub mod config;
 pub mod device;
 mod error;
 mod process;
+pub mod report;
 pub mod scope;
 pub mod stats;
 
