@@ -20,7 +20,8 @@
 //! | `timeline.svg` | memory over time (RSS stacked anonymous over file-backed, live heap as a line, the budget as a line), the scopes drawn under it |
 //!
 //! Counter values come from every scope edge (each record keeps its entry and exit
-//! figures) and from the [`Sample`]s passed in [`ReportOptions::samples`].
+//! figures) and from the [`Sample`]s passed in [`ReportOptions::samples`], which a
+//! [`Sampler`] takes in the background at an interval, in a ring of bounded size.
 
 use std::path::{Path, PathBuf};
 
@@ -30,7 +31,7 @@ mod sampler;
 mod timeline;
 mod trace;
 
-pub use sampler::Sample;
+pub use sampler::{Sample, SampleRing, Sampler, DEFAULT_CAPACITY, DEFAULT_INTERVAL};
 
 /// What a report shows besides the stats.
 #[derive(Debug, Clone, Default)]
