@@ -2,17 +2,25 @@
 //! on its thread and counters in timestamp order, and its timeline is well-formed SVG that
 //! names the scopes.
 
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use memwise::report::{self, ReportOptions, Sample};
 use memwise::stats::ProcessMemory;
-use memwise::{enable_memory_tracking, get_memory_stats, track, MemoryTracker};
+use memwise::{enable_memory_tracking, get_memory_stats, reset_memory_stats, track, MemoryTracker};
 use serde_json::Value;
 
 #[global_allocator]
 static ALLOC: memwise::TrackingAllocator = memwise::TrackingAllocator::system();
 
 const MIB: usize = 1 << 20;
+
+/// Heap peaks are process-wide: the tests here run one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 fn work(mib: usize) {
     let buffer = vec![1u8; mib * MIB];
@@ -22,6 +30,7 @@ fn work(mib: usize) {
 
 #[test]
 fn report_folder_holds_stats_trace_and_timeline() {
+    let _serial = serial();
     enable_memory_tracking(true);
     {
         let _outer = MemoryTracker::new("report.outer");
@@ -144,6 +153,7 @@ fn report_folder_holds_stats_trace_and_timeline() {
 
 #[test]
 fn a_report_of_nothing_is_still_a_report() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let mut stats = get_memory_stats();
     stats.scopes.clear();
@@ -156,4 +166,45 @@ fn a_report_of_nothing_is_still_a_report() {
         .iter()
         .all(|e| e["ph"] != "X"));
     roxmltree::Document::parse(&std::fs::read_to_string(&files.timeline).unwrap()).unwrap();
+}
+
+#[test]
+fn a_report_compared_with_itself_shows_no_difference_and_a_changed_one_shows_the_change() {
+    let _serial = serial();
+    enable_memory_tracking(true);
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    track("compare.stage", || work(2));
+    let mut stats = get_memory_stats();
+    stats.scopes.retain(|r| r.name == "compare.stage");
+    stats.aggregates.retain(|g| g.name == "compare.stage");
+    report::write(&a, &stats, &ReportOptions::new()).unwrap();
+
+    let same = report::compare(&a, &a).unwrap();
+    assert_eq!(same.differences().count(), 0, "{same}");
+    assert!(same.to_string().contains("no differences"));
+    assert!(same
+        .rows
+        .iter()
+        .any(|r| r.label == "compare.stage peak delta"));
+
+    reset_memory_stats();
+    track("compare.stage", || work(6));
+    track("compare.new", || work(1));
+    let mut stats = get_memory_stats();
+    stats.scopes.retain(|r| r.name.starts_with("compare."));
+    stats.aggregates.retain(|g| g.name.starts_with("compare."));
+    report::write(&b, &stats, &ReportOptions::new()).unwrap();
+
+    let changed = report::compare(&a, &b).unwrap();
+    let row = |label: &str| changed.rows.iter().find(|r| r.label == label).unwrap();
+    let grew = row("compare.stage peak delta").change().unwrap();
+    assert!(
+        (grew - (4 * MIB) as f64).abs() < (256 << 10) as f64,
+        "the stage needs 4 MiB more: {grew}\n{changed}"
+    );
+    assert_eq!(row("compare.stage runs").change(), Some(0.0));
+    let new = row("compare.new runs");
+    assert_eq!((new.a, new.b), (None, Some(1.0)));
+    assert!(changed.to_string().contains("only one"), "{changed}");
 }

@@ -7,6 +7,7 @@ mod convert;
 mod demo;
 mod inspect;
 mod report;
+mod reports;
 mod run;
 mod stats;
 mod synth;
@@ -37,6 +38,8 @@ enum Command {
     Synth(synth::Args),
     /// Stream a model through memory one layer at a time; print its output and per-layer memory.
     Run(run::Args),
+    /// Work with report folders: `report compare A B` puts two runs side by side.
+    Report(reports::Args),
 }
 
 /// Dispatches to the chosen subcommand.
@@ -49,6 +52,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Convert(args) => convert::run(args),
         Command::Synth(args) => synth::run(args),
         Command::Run(args) => run::run(args),
+        Command::Report(args) => reports::run(args),
     }
 }
 

@@ -19,6 +19,8 @@
 //! | `trace.json` | a complete slice per scope on its thread; counters for live heap, RSS anonymous and file-backed, each device, and the budget |
 //! | `timeline.svg` | memory over time (RSS stacked anonymous over file-backed, live heap as a line, the budget as a line), the scopes drawn under it |
 //!
+//! [`compare`] puts two report folders side by side.
+//!
 //! Counter values come from every scope edge (each record keeps its entry and exit
 //! figures) and from the [`Sample`]s passed in [`ReportOptions::samples`], which a
 //! [`Sampler`] takes in the background at an interval, in a ring of bounded size.
@@ -27,10 +29,12 @@ use std::path::{Path, PathBuf};
 
 use crate::{Error, ErrorKind, MemoryStats, Result};
 
+mod compare;
 mod sampler;
 mod timeline;
 mod trace;
 
+pub use compare::{compare, Comparison, Row, Unit};
 pub use sampler::{Sample, SampleRing, Sampler, DEFAULT_CAPACITY, DEFAULT_INTERVAL};
 
 /// What a report shows besides the stats.
