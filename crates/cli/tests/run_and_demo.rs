@@ -1,6 +1,8 @@
 //! `memwise run` and `memwise demo` end to end: the binary's streamed logits match
 //! transformers' on the reference fixture, its output file is written whole, bad requests
 //! are refused with a clear message, and the demo's streamed run equals the full load.
+//! `run --report DIR` writes a report folder with a slice per stage, and `report compare`
+//! puts two folders side by side.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -319,4 +321,96 @@ fn a_batch_of_prompts_of_different_lengths_runs_on_a_decoder() {
     let first = memwise(&["run", folder, "--input-ids", "1,2,9,4"]);
     let second = memwise(&["run", folder, "--input-ids", "7"]);
     assert_eq!(next(&batch), [next(&first), next(&second)].concat());
+}
+
+fn run_with_report(dir: &Path, extra: &[&str]) {
+    let model = fixture("tiny-llama");
+    let mut args = vec![
+        "run",
+        model.to_str().unwrap(),
+        "--input-ids",
+        "1,2,3",
+        "--report",
+        dir.to_str().unwrap(),
+        "--sample-interval",
+        "1",
+        "--budget",
+        "64MiB",
+    ];
+    args.extend_from_slice(extra);
+    let output = memwise(&args);
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(
+        text(&output).contains(&format!("report written to {}", dir.display())),
+        "{}",
+        text(&output)
+    );
+}
+
+#[test]
+fn run_writes_a_report_and_compare_shows_what_changed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (streamed, full) = (tmp.path().join("streamed"), tmp.path().join("full"));
+    run_with_report(&streamed, &[]);
+
+    let trace = std::fs::read_to_string(streamed.join("trace.json")).unwrap();
+    let trace: serde_json::Value = serde_json::from_str(&trace).unwrap();
+    let events = trace["traceEvents"].as_array().unwrap();
+    for stage in [
+        "model.embed_tokens",
+        "model.layers.0",
+        "model.layers.1",
+        "lm_head",
+    ] {
+        assert!(
+            events.iter().any(|e| e["ph"] == "X" && e["name"] == stage),
+            "a slice for {stage}"
+        );
+    }
+    for counter in ["heap", "RSS", "budget"] {
+        assert!(events
+            .iter()
+            .any(|e| e["ph"] == "C" && e["name"] == counter));
+    }
+    let svg = std::fs::read_to_string(streamed.join("timeline.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("budget"));
+    assert!(streamed.join("stats.json").is_file());
+
+    let same = memwise(&[
+        "report",
+        "compare",
+        streamed.to_str().unwrap(),
+        streamed.to_str().unwrap(),
+    ]);
+    assert!(same.status.success(), "{}", text(&same));
+    assert!(text(&same).contains("no differences"), "{}", text(&same));
+
+    run_with_report(&full, &["--full"]);
+    let changed = memwise(&[
+        "report",
+        "compare",
+        streamed.to_str().unwrap(),
+        full.to_str().unwrap(),
+    ]);
+    assert!(changed.status.success(), "{}", text(&changed));
+    let table = text(&changed);
+    let load_all = table
+        .lines()
+        .find(|l| l.starts_with("load_all runs"))
+        .unwrap_or_else(|| panic!("the full load's scope is listed:\n{table}"));
+    assert!(load_all.contains("only one"), "{table}");
+    assert!(table.contains("figures differ"), "{table}");
+
+    let missing = memwise(&[
+        "report",
+        "compare",
+        "/nonexistent/a",
+        streamed.to_str().unwrap(),
+    ]);
+    assert!(!missing.status.success());
+    assert!(
+        text(&missing).contains("/nonexistent/a/stats.json"),
+        "{}",
+        text(&missing)
+    );
 }

@@ -106,6 +106,8 @@
 //! | [`alloc`] | [`TrackingAllocator`], heap counters, [`BlockCache`] |
 //! | [`batch`] | [`batches`] and [`BatchSizeFinder`] with their meters and reports |
 //! | [`device`] | the [`device::DeviceMemory`] trait and the device registry |
+//! | [`report`] | report folders (stats JSON, a Chrome trace, an SVG timeline), the background sampler, comparing two runs |
+//! | [`tracing_layer`] | a `tracing` layer that opens a scope for each span |
 //!
 //! # Accuracy
 //!
@@ -128,8 +130,10 @@ pub mod config;
 pub mod device;
 mod error;
 mod process;
+pub mod report;
 pub mod scope;
 pub mod stats;
+pub mod tracing_layer;
 
 pub use crate::alloc::{BlockCache, TrackingAllocator};
 pub use crate::batch::{batches, BatchSizeFinder};

@@ -104,7 +104,8 @@ pub struct ScopeRecord {
     pub parent: Option<u64>,
     /// The thread's name, or its id when it has none.
     pub thread: String,
-    /// When the scope opened, measured from the first scope of the process.
+    /// When the scope opened, measured from memwise's clock start: the first scope of the
+    /// process, or an earlier reading of the [`report`](crate::report) sampler.
     pub start: Duration,
     /// How long it was open.
     pub duration: Duration,
@@ -173,7 +174,13 @@ pub(crate) struct Registry {
     /// Device high-water marks (used, reserved) since the last reset, as folded at boundaries.
     device_peaks: BTreeMap<String, (u64, u64)>,
     next_id: u64,
-    epoch: Option<Instant>,
+}
+
+/// memwise's clock: scope starts and sampler readings are measured from this instant, set
+/// by whichever comes first (the first scope opened, or a report sampler starting).
+pub(crate) fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
 }
 
 pub(crate) fn registry() -> MutexGuard<'static, Registry> {
@@ -189,7 +196,6 @@ pub(crate) fn registry() -> MutexGuard<'static, Registry> {
                 heap_peak: 0,
                 device_peaks: BTreeMap::new(),
                 next_id: 0,
-                epoch: None,
             })
         })
         .lock()
@@ -290,7 +296,7 @@ impl Registry {
         });
         let (live, usages) = self.boundary();
         let now = Instant::now();
-        self.epoch.get_or_insert(now);
+        epoch();
         self.open.push(OpenScope {
             id,
             name,
@@ -335,7 +341,7 @@ impl Registry {
             name: scope.name.into_owned(),
             parent: scope.parent,
             thread: scope.thread,
-            start: scope.start - self.epoch.unwrap_or(scope.start),
+            start: scope.start.saturating_duration_since(epoch()),
             duration: scope.start.elapsed(),
             heap_at_entry: to_u64(scope.heap_at_entry),
             heap_at_exit: to_u64(live),

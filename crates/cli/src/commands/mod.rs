@@ -8,6 +8,7 @@ mod demo;
 mod inspect;
 mod quantize;
 mod report;
+mod reports;
 mod run;
 mod stats;
 mod synth;
@@ -41,6 +42,8 @@ enum Command {
     /// Quantize a model's linear weights with round-to-nearest, stage by stage, into
     /// auto-round's checkpoint format.
     Quantize(quantize::Args),
+    /// Work with report folders: `report compare A B` puts two runs side by side.
+    Report(reports::Args),
 }
 
 /// Dispatches to the chosen subcommand.
@@ -54,6 +57,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Synth(args) => synth::run(args),
         Command::Run(args) => run::run(args),
         Command::Quantize(args) => quantize::run(args),
+        Command::Report(args) => reports::run(args),
     }
 }
 

@@ -3,9 +3,11 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use candle_core::{Device, Tensor};
+use memwise::report::{self, ReportOptions, Sampler};
 use memwise::{enable_memory_tracking, get_memory_stats, reset_peak_memory, track};
 use memwise_model::{Inputs, ModelConverter, StreamedModel};
 
@@ -48,6 +50,14 @@ pub struct Args {
     /// Write the final logits (decoders) or embeddings (encoders) here: .json or .safetensors.
     #[arg(long, value_name = "FILE")]
     output: Option<PathBuf>,
+    /// Write a report folder here: stats.json, trace.json (Perfetto, chrome://tracing) and
+    /// timeline.svg, with each stage a slice.
+    #[arg(long, value_name = "DIR")]
+    report: Option<PathBuf>,
+    /// With --report: read RSS and the live heap this often, in milliseconds, between stage
+    /// edges (the readings kept are bounded; a long run keeps them at a coarser spacing).
+    #[arg(long, value_name = "MS", default_value_t = 10, requires = "report")]
+    sample_interval: u64,
 }
 
 /// Loads the model's skeleton, runs it, and prints the result and a per-layer breakdown.
@@ -58,6 +68,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     memwise::init_config().context("reading the memwise configuration")?;
     enable_memory_tracking(true);
     reset_peak_memory();
+    let sampler = args.report.as_ref().map(|_| {
+        Sampler::start(
+            Duration::from_millis(args.sample_interval.max(1)),
+            report::DEFAULT_CAPACITY,
+        )
+    });
 
     let mut converter = ModelConverter::new(&args.model).device(Device::Cpu);
     if let Some(depth) = args.prefetch {
@@ -91,6 +107,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(out) = &args.output {
         write_tensor(out, &result)?;
         println!("wrote {}", out.display());
+    }
+    if let (Some(dir), Some(sampler)) = (&args.report, sampler) {
+        let budget = args
+            .budget
+            .or_else(|| memwise::get_config().memory.budget("cpu"))
+            .map(|b| b.bytes());
+        let options = ReportOptions::new().samples(sampler.stop()).budget(budget);
+        let files = report::write(dir, &stats, &options)
+            .with_context(|| format!("writing the report to {}", dir.display()))?;
+        println!(
+            "report written to {}: open {} in Perfetto or chrome://tracing, {} in a browser",
+            files.dir.display(),
+            files.trace.display(),
+            files.timeline.display()
+        );
     }
     Ok(())
 }
