@@ -414,3 +414,75 @@ fn run_writes_a_report_and_compare_shows_what_changed() {
         text(&missing)
     );
 }
+
+#[test]
+fn chat_prompts_use_the_models_template_and_draws_repeat_with_their_seed() {
+    let dir = with_word_tokenizer("tiny-llama", serde_json::Value::Null);
+    let folder = dir.path().join("tiny-llama");
+    let template = "{% for m in messages %}w5 {{ m.content.strip() }} w6{% endfor %}\
+                    {% if add_generation_prompt %} w7{% endif %}";
+    let config = serde_json::json!({"chat_template": template, "eos_token": "w2"});
+    std::fs::write(folder.join("tokenizer_config.json"), config.to_string()).unwrap();
+    let folder = folder.to_str().unwrap();
+    let ids = |output: &Output| -> String {
+        assert!(output.status.success(), "{}", text(output));
+        text(output)
+            .lines()
+            .find_map(|l| l.strip_prefix("generated token ids: ").map(str::to_owned))
+            .unwrap_or_else(|| panic!("no ids in {}", text(output)))
+    };
+    let chat = memwise(&[
+        "run",
+        folder,
+        "--chat",
+        "--prompt",
+        " hello ",
+        "--max-new-tokens",
+        "5",
+    ]);
+    let rendered = memwise(&[
+        "run",
+        folder,
+        "--input-ids",
+        "5,1,6,7",
+        "--max-new-tokens",
+        "5",
+    ]);
+    assert_eq!(ids(&chat), ids(&rendered));
+    assert!(text(&chat).contains("tokens/s"), "{}", text(&chat));
+
+    let draw = |seed: &str| {
+        ids(&memwise(&[
+            "run",
+            folder,
+            "--input-ids",
+            "1,2,3",
+            "--max-new-tokens",
+            "12",
+            "--temperature",
+            "1.5",
+            "--top-k",
+            "20",
+            "--seed",
+            seed,
+        ]))
+    };
+    assert_eq!(draw("3"), draw("3"));
+    assert_ne!(draw("3"), draw("4"));
+
+    let no_template = with_word_tokenizer("tiny-llama", serde_json::Value::Null);
+    let plain = no_template.path().join("tiny-llama");
+    let refused = memwise(&[
+        "run",
+        plain.to_str().unwrap(),
+        "--chat",
+        "--prompt",
+        "hello",
+    ]);
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused).contains("tokenizer_config.json"),
+        "{}",
+        text(&refused)
+    );
+}

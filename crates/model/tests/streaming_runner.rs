@@ -359,3 +359,33 @@ fn a_budget_keeps_results_exact_and_refuses_a_stage_that_cannot_fit() {
         "{message}"
     );
 }
+
+#[test]
+fn a_seeded_draw_is_the_same_streamed_and_loaded_and_temperature_zero_is_greedy() {
+    use memwise_model::models::{GenerateOptions, Sampling};
+    let folder = fixture("tiny-llama");
+    let prompt = [1u32, 5, 9];
+    let loaded = DecoderModel::new(&decoder_config(&folder), DType::F32, &Device::Cpu)
+        .unwrap()
+        .load(full_weights(&load_tensors(
+            &folder.join("model.safetensors"),
+        )))
+        .unwrap();
+    let mut streamed = converter(&folder, 1).load_model_with_hooks(true).unwrap();
+    let drawn = GenerateOptions::greedy(12, &[]).sampling(Sampling::new(1.5).top_k(20).seed(9));
+    let mut seen = Vec::new();
+    let a = streamed
+        .generate_with(&prompt, &drawn, &mut |t| seen.push(t))
+        .unwrap();
+    let b = loaded.generate(&prompt, &drawn, true).unwrap();
+    assert_eq!(a.tokens, b.tokens);
+    assert_eq!(seen, a.tokens, "each token was shown as it was chosen");
+    let greedy = streamed.generate(&prompt, 12, &[]).unwrap();
+    assert_ne!(
+        a.tokens, greedy.tokens,
+        "a hot draw that equals greedy tests nothing"
+    );
+    let cold = GenerateOptions::greedy(12, &[]).sampling(Sampling::new(0.0).seed(9));
+    let cold = streamed.generate_with(&prompt, &cold, &mut |_| {}).unwrap();
+    assert_eq!(cold.tokens, greedy.tokens);
+}

@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod chat;
 mod config;
 mod convert;
 mod demo;

@@ -9,6 +9,7 @@ use anyhow::{bail, Context as _};
 use candle_core::{Device, Tensor};
 use memwise::report::{self, ReportOptions, Sampler};
 use memwise::{enable_memory_tracking, get_memory_stats, reset_peak_memory, track};
+use memwise_model::models::{GenerateOptions, Sampling};
 use memwise_model::{Inputs, ModelConverter, StreamedModel};
 
 use super::report::{aggregate_table, memory_summary};
@@ -30,10 +31,29 @@ pub struct Args {
     /// special tokens). Repeat it to run several texts as one padded batch.
     #[arg(long, value_name = "TEXT")]
     prompt: Vec<String>,
-    /// Decoders: tokens to generate greedily after the input (0 runs one forward pass).
-    /// Generation stops early at the model's end-of-sequence token.
+    /// Decoders: tokens to generate after the input (0 runs one forward pass). Generation
+    /// stops early at the model's end-of-sequence token (generation_config.json or
+    /// config.json), and text is printed as it is generated.
     #[arg(long, default_value_t = 0, value_name = "N")]
     max_new_tokens: usize,
+    /// Decoders: each --prompt is a user's chat message, wrapped in the chat template of
+    /// the model's tokenizer_config.json (for instruct models).
+    #[arg(long, requires = "prompt")]
+    chat: bool,
+    /// Decoders: draw each new token at this temperature instead of taking the likeliest
+    /// (0, the default, is greedy).
+    #[arg(long, default_value_t = 0.0, value_name = "T")]
+    temperature: f64,
+    /// Decoders, with --temperature: draw only among the K likeliest tokens.
+    #[arg(long, value_name = "K")]
+    top_k: Option<usize>,
+    /// Decoders, with --temperature: draw only among the likeliest tokens that together
+    /// hold probability P.
+    #[arg(long, value_name = "P")]
+    top_p: Option<f64>,
+    /// Decoders, with --temperature: the seed of the draw; the same seed gives the same text.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
     /// Load every layer before running, for comparison with streaming.
     #[arg(long)]
     full: bool,
@@ -170,8 +190,18 @@ fn input_batch(args: &Args, decoder: bool) -> anyhow::Result<Batch> {
             ..Default::default()
         }));
     }
+    // A chat template writes the special tokens itself.
+    let texts = if args.chat {
+        let template = super::chat::ChatTemplate::from_folder(&args.model)?;
+        args.prompt
+            .iter()
+            .map(|message| template.render(message))
+            .collect::<anyhow::Result<Vec<_>>>()?
+    } else {
+        args.prompt.clone()
+    };
     let encodings = tokenizer
-        .encode_batch(args.prompt.clone(), true)
+        .encode_batch(texts, !args.chat)
         .map_err(|e| anyhow::anyhow!("tokenizing the prompts with {}: {e}", path.display()))?;
     let rows = encodings.len();
     let len = encodings
@@ -226,23 +256,33 @@ fn decoder(model: &mut StreamedModel, batch: &Batch, args: &Args) -> anyhow::Res
         return Ok(logits);
     }
     let eos = model.eos_token_ids().to_vec();
+    let mut options = GenerateOptions::greedy(args.max_new_tokens, &eos);
+    if args.temperature > 0.0 {
+        let mut sampling = Sampling::new(args.temperature).seed(args.seed);
+        sampling.top_k = args.top_k;
+        sampling.top_p = args.top_p;
+        options = options.sampling(sampling);
+    }
     let mut last = Vec::new();
     for (row, prompt) in batch.sequences.iter().enumerate() {
-        let generated = track("generate", || {
-            model.generate(prompt, args.max_new_tokens, &eos)
-        })?;
         let prefix = prefix(batch, row);
+        let mut text = StreamedText::new(batch.tokenizer.as_ref(), &prefix);
+        let started = std::time::Instant::now();
+        let generated = track("generate", || {
+            model.generate_with(prompt, &options, &mut |token| text.push(token))
+        })?;
+        let seconds = started.elapsed().as_secs_f64();
+        text.finish();
         let ids: Vec<String> = generated.tokens.iter().map(u32::to_string).collect();
         println!("{prefix}generated token ids: {}", ids.join(","));
-        if let Some(tokenizer) = &batch.tokenizer {
-            let text = tokenizer
-                .decode(&generated.tokens, true)
-                .map_err(|e| anyhow::anyhow!("decoding the generated tokens: {e}"))?;
-            println!("{prefix}generated text: {text}");
-        }
         if let Some(end) = generated.tokens.last().filter(|t| eos.contains(t)) {
             println!("{prefix}stopped at the end-of-sequence token {end}");
         }
+        println!(
+            "{prefix}{} tokens in {seconds:.2} s ({:.1} tokens/s)",
+            generated.tokens.len(),
+            generated.tokens.len() as f64 / seconds.max(1e-9)
+        );
         println!(
             "{prefix}KV cache: {:.1} KiB",
             generated.kv_cache_bytes as f64 / 1024.0
@@ -250,6 +290,50 @@ fn decoder(model: &mut StreamedModel, batch: &Batch, args: &Args) -> anyhow::Res
         last.push(generated.last_logits.context("no token was generated")?);
     }
     Ok(Tensor::cat(&last, 0)?)
+}
+
+/// Prints generated text as it comes: each new token's text once its bytes decode.
+struct StreamedText<'t> {
+    tokenizer: Option<&'t tokenizers::Tokenizer>,
+    tokens: Vec<u32>,
+    printed: usize,
+}
+
+impl<'t> StreamedText<'t> {
+    fn new(tokenizer: Option<&'t tokenizers::Tokenizer>, prefix: &str) -> Self {
+        if tokenizer.is_some() {
+            print!("{prefix}generated text: ");
+        }
+        Self {
+            tokenizer,
+            tokens: Vec::new(),
+            printed: 0,
+        }
+    }
+
+    fn push(&mut self, token: u32) {
+        use std::io::Write as _;
+        let Some(tokenizer) = self.tokenizer else {
+            return;
+        };
+        self.tokens.push(token);
+        // Decode everything so far and print what is new: a token's text can depend on
+        // the ones before it (byte-level pieces, leading spaces).
+        let Ok(text) = tokenizer.decode(&self.tokens, true) else {
+            return;
+        };
+        if text.len() > self.printed && text.is_char_boundary(self.printed) {
+            print!("{}", &text[self.printed..]);
+            let _ = std::io::stdout().flush();
+            self.printed = text.len();
+        }
+    }
+
+    fn finish(self) {
+        if self.tokenizer.is_some() {
+            println!();
+        }
+    }
 }
 
 /// `[prompt N] ` before each line of a batch's output; nothing for a single sequence.

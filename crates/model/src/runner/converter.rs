@@ -176,7 +176,8 @@ impl ModelConverter {
             _ => source.clone(),
         };
         let architecture = source.architecture()?.clone();
-        let eos_token_ids = architecture.eos_token_ids().to_vec();
+        let eos_token_ids =
+            generation_eos(&self.path)?.unwrap_or_else(|| architecture.eos_token_ids().to_vec());
         let skeleton = match architecture {
             ArchitectureConfig::Decoder(cfg) => {
                 Skeleton::Decoder(Resident::new(DecoderModel::new(&cfg, self.dtype, &device)?))
@@ -268,6 +269,27 @@ fn configured_device(device: &memwise::config::DeviceChoice) -> Result<Device, R
         )),
         _ => Err(refused("this kind of device is not supported".into())),
     }
+}
+
+/// `eos_token_id` of the folder's `generation_config.json`, which transformers' `generate`
+/// stops at (it may list more ids than `config.json`, as instruct models' end-of-turn).
+fn generation_eos(folder: &Path) -> Result<Option<Vec<u32>>, RunError> {
+    let path = folder.join("generation_config.json");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(crate::Error::io("reading", &path, e).into()),
+    };
+    #[derive(serde::Deserialize)]
+    struct GenerationConfig {
+        eos_token_id: Option<crate::models::TokenIds>,
+    }
+    let config: GenerationConfig =
+        serde_json::from_str(&text).map_err(|e| crate::Error::Config {
+            file: path.clone(),
+            reason: format!("eos_token_id: {e}"),
+        })?;
+    Ok(config.eos_token_id.map(|ids| ids.0))
 }
 
 /// The weight bytes of the stage that repeats most (the decoder or encoder layer; the larger

@@ -30,7 +30,8 @@ pub use self::hooks::{LayerHook, LayerWeights};
 use self::streaming::Pipeline;
 use crate::checkpoint::Checkpoint;
 use crate::models::{
-    greedy, DecoderModel, EncoderModel, Family, Generation, Inputs, SentencePooling, Stage,
+    generate, DecoderModel, EncoderModel, Family, GenerateOptions, Generation, Inputs,
+    SentencePooling, Stage,
 };
 
 /// A skeleton and the blocks kept resident between passes (when weights are not cleaned),
@@ -160,20 +161,34 @@ impl StreamedModel {
     }
 
     /// Decoders: greedy decoding of up to `max_new_tokens` after `prompt`, stopping after
-    /// any token of `eos` (pass [`StreamedModel::eos_token_ids`] for the model's own). Keys
-    /// and values are cached, so each new token streams the model once over one position;
-    /// the cache's bytes are reported in the result. A prompt and length that together
-    /// pass the model's trained positions are refused before anything runs.
+    /// any token of `eos` (pass [`StreamedModel::eos_token_ids`] for the model's own); see
+    /// [`StreamedModel::generate_with`].
     pub fn generate(
         &mut self,
         prompt: &[u32],
         max_new_tokens: usize,
         eos: &[u32],
     ) -> Result<Generation, RunError> {
+        let options = GenerateOptions::greedy(max_new_tokens, eos);
+        self.generate_with(prompt, &options, &mut |_| {})
+    }
+
+    /// Decoders: generates after `prompt` as `options` says (greedy or a seeded draw),
+    /// showing each token to `on_token` as it is chosen. Keys and values are cached, so each
+    /// new token streams the model once over one position; the cache's bytes are reported
+    /// in the result. A prompt and length that together pass the model's trained positions,
+    /// or sampling settings out of range, are refused before anything runs.
+    pub fn generate_with(
+        &mut self,
+        prompt: &[u32],
+        options: &GenerateOptions,
+        on_token: &mut dyn FnMut(u32),
+    ) -> Result<Generation, RunError> {
         let Skeleton::Decoder(resident) = &mut self.skeleton else {
             return Err(self.wrong_family("generate", "a decoder"));
         };
         let limit = resident.model.max_positions();
+        let max_new_tokens = options.max_new_tokens;
         if prompt.len().saturating_add(max_new_tokens) > limit {
             return Err(RunError::TooLong {
                 prompt: prompt.len(),
@@ -183,7 +198,7 @@ impl StreamedModel {
         }
         let Resident { model, blocks } = resident;
         let pipeline = &self.pipeline;
-        greedy(model, prompt, max_new_tokens, eos, true, |inputs| {
+        generate(model, prompt, options, true, on_token, |inputs| {
             pipeline.run(model, blocks, inputs)
         })
     }
