@@ -389,3 +389,23 @@ fn a_seeded_draw_is_the_same_streamed_and_loaded_and_temperature_zero_is_greedy(
     let cold = streamed.generate_with(&prompt, &cold, &mut |_| {}).unwrap();
     assert_eq!(cold.tokens, greedy.tokens);
 }
+
+#[test]
+fn a_config_whose_sizes_disagree_with_the_weights_is_refused_before_any_read() {
+    let (_dir, folder) = scratch_copy("tiny-llama");
+    let config = folder.join("config.json");
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();
+    json["intermediate_size"] = (json["intermediate_size"].as_u64().unwrap() * 2).into();
+    std::fs::write(&config, json.to_string()).unwrap();
+    // Loading reads no weight: the refusal comes from the shapes in the index alone.
+    let err = converter(&folder, 1)
+        .load_model_with_hooks(true)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.contains("mlp.gate_proj.weight") && err.contains("intermediate_size"),
+        "{err}"
+    );
+}

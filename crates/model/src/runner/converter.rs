@@ -206,6 +206,22 @@ impl ModelConverter {
                 }
                 .into());
             }
+            // A config.json whose sizes disagree with the weights would fail only once the
+            // stage's bytes were read: compare the shapes now.
+            let stored = stage
+                .tensors()
+                .iter()
+                .filter_map(|spec| Some((spec, checkpoint.index().get(&spec.name)?)));
+            if let Some((spec, info)) = stored
+                .into_iter()
+                .find(|(spec, info)| spec.shape != info.shape)
+            {
+                return Err(RunError::ShapeMismatch {
+                    tensor: spec.name.clone(),
+                    expected: spec.shape.clone(),
+                    stored: info.shape.clone(),
+                });
+            }
         }
         if let Some(budget) = self.budget {
             if let Some(stage) = stages.iter().max_by_key(|s| s.weight_bytes(self.dtype)) {

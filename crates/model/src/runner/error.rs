@@ -106,6 +106,21 @@ pub enum RunError {
         #[source]
         source: Box<crate::quant::Error>,
     },
+    /// `config.json` describes a tensor of another shape than the checkpoint stores (its
+    /// sizes disagree with the weights). Found before any weight is read.
+    #[error(
+        "tensor {tensor}: config.json implies shape {expected:?}, the checkpoint stores \
+         {stored:?}; the config's sizes (hidden_size, intermediate_size, heads, vocab_size) \
+         do not match these weights"
+    )]
+    ShapeMismatch {
+        /// The tensor.
+        tensor: String,
+        /// The shape the config implies.
+        expected: Vec<usize>,
+        /// The shape stored.
+        stored: Vec<usize>,
+    },
     /// A generation would pass the positions the model was trained for.
     #[error(
         "{prompt} prompt tokens + {new_tokens} new tokens pass the model's \
