@@ -486,3 +486,41 @@ fn chat_prompts_use_the_models_template_and_draws_repeat_with_their_seed() {
         text(&refused)
     );
 }
+
+#[test]
+fn a_report_breaks_each_stage_down_by_phase() {
+    let dir = tempfile::tempdir().unwrap();
+    let streamed = dir.path().join("streamed");
+    run_with_report(&streamed, &["--prefetch", "1"]);
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(streamed.join("breakdown.json")).unwrap()).unwrap();
+    let stages: Vec<&str> = rows.iter().map(|r| r["stage"].as_str().unwrap()).collect();
+    assert_eq!(
+        stages,
+        [
+            "model.embed_tokens",
+            "model.layers.0",
+            "model.layers.1",
+            "model.norm",
+            "lm_head"
+        ]
+    );
+    for row in &rows {
+        // Every streamed stage was read, built and computed once.
+        for phase in ["read_ms", "build_ms", "compute_ms"] {
+            assert!(row[phase].as_f64().unwrap() > 0.0, "{row}");
+        }
+        assert_eq!(row["runs"], 1);
+    }
+    let table = std::fs::read_to_string(streamed.join("breakdown.txt")).unwrap();
+    assert!(table.contains("of reading overlapped compute"), "{table}");
+
+    // Loaded whole first, nothing is read while the forward runs.
+    let full = dir.path().join("full");
+    run_with_report(&full, &["--full"]);
+    let trace: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(full.join("trace.json")).unwrap()).unwrap();
+    let events = trace["traceEvents"].as_array().unwrap();
+    let named = |name: &str| events.iter().any(|e| e["name"] == name);
+    assert!(named("model.layers.0:compute") && !named("model.layers.0:wait"));
+}

@@ -111,3 +111,93 @@ pub fn aggregates_in_run_order(stats: &MemoryStats) -> Vec<&ScopeAggregate> {
     ordered.sort_by_key(|a| first_run(&a.name).unwrap_or(usize::MAX));
     ordered
 }
+
+/// Where one stage's time went in a run: read (on the read-ahead thread when prefetching),
+/// waited for (read-ahead had not kept up), built, computed and freed; with its weights and
+/// its largest heap peak.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StageBreakdown {
+    /// The stage.
+    pub stage: String,
+    /// Its weights in the compute dtype.
+    pub weight_bytes: u64,
+    /// Times it ran.
+    pub runs: u64,
+    /// Its largest heap peak above its start.
+    pub heap_peak_delta: Option<u64>,
+    /// Milliseconds reading its weights, in all.
+    pub read_ms: f64,
+    /// Milliseconds the computation stalled waiting for them.
+    pub wait_ms: f64,
+    /// Milliseconds building its block (hooks included).
+    pub build_ms: f64,
+    /// Milliseconds computing.
+    pub compute_ms: f64,
+    /// Milliseconds freeing its weights.
+    pub free_ms: f64,
+}
+
+/// The breakdown of `stages` (name, weight bytes) from the phase scopes the runner records
+/// (`stage:read`, `stage:wait`, ...).
+pub fn stage_breakdown(stats: &MemoryStats, stages: &[(&str, u64)]) -> Vec<StageBreakdown> {
+    let find = |name: &str| stats.aggregates.iter().find(|a| a.name == name);
+    let ms = |stage: &str, phase: &str| {
+        find(&format!("{stage}:{phase}")).map_or(0.0, |a| a.total_time.as_secs_f64() * 1e3)
+    };
+    stages
+        .iter()
+        .map(|&(stage, weight_bytes)| StageBreakdown {
+            stage: stage.to_owned(),
+            weight_bytes,
+            runs: find(stage).map_or(0, |a| a.count),
+            heap_peak_delta: find(stage).and_then(|a| a.max_heap_peak_delta),
+            read_ms: ms(stage, "read"),
+            wait_ms: ms(stage, "wait"),
+            build_ms: ms(stage, "build"),
+            compute_ms: ms(stage, "compute"),
+            free_ms: ms(stage, "free"),
+        })
+        .collect()
+}
+
+/// The breakdown as a table, with totals and the share of reading that overlapped compute.
+pub fn breakdown_table(rows: &[StageBreakdown]) -> String {
+    let mut out = String::new();
+    let width = rows.iter().map(|r| r.stage.len()).fold(5, usize::max);
+    let _ = writeln!(
+        out,
+        "{:<width$} {:>4} {:>10} {:>11} {:>9} {:>9} {:>9} {:>9}",
+        "stage", "runs", "weights", "peak delta", "read ms", "wait ms", "build ms", "comp ms"
+    );
+    for r in rows {
+        let _ = writeln!(
+            out,
+            "{:<width$} {:>4} {:>10} {:>11} {:>9.1} {:>9.1} {:>9.1} {:>9.1}",
+            r.stage,
+            r.runs,
+            mib(Some(r.weight_bytes)),
+            mib(r.heap_peak_delta),
+            r.read_ms,
+            r.wait_ms,
+            r.build_ms,
+            r.compute_ms
+        );
+    }
+    let total = |f: fn(&StageBreakdown) -> f64| rows.iter().map(f).sum::<f64>();
+    let (read, wait, compute) = (
+        total(|r| r.read_ms),
+        total(|r| r.wait_ms),
+        total(|r| r.compute_ms),
+    );
+    let _ = writeln!(
+        out,
+        "total: read {read:.1} ms, stalled {wait:.1} ms, computed {compute:.1} ms; \
+         {:.0}% of reading overlapped compute",
+        if read > 0.0 {
+            100.0 * (read - wait.min(read)) / read
+        } else {
+            0.0
+        }
+    );
+    out
+}

@@ -12,7 +12,7 @@ use memwise::{enable_memory_tracking, get_memory_stats, reset_peak_memory, track
 use memwise_model::models::{GenerateOptions, Sampling};
 use memwise_model::{Inputs, ModelConverter, StreamedModel};
 
-use super::report::{aggregate_table, memory_summary};
+use super::report::{breakdown_table, memory_summary, stage_breakdown, StageBreakdown};
 
 /// Options for `memwise run`.
 #[derive(Debug, clap::Args)]
@@ -117,11 +117,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
 
     let stats = get_memory_stats();
-    let stage_names: Vec<&str> = model.stages().iter().map(|s| s.name()).collect();
-    let per_layer = stage_names
+    let dtype = candle_core::DType::F32;
+    let stages: Vec<(&str, u64)> = model
+        .stages()
         .iter()
-        .filter_map(|name| stats.aggregates.iter().find(|a| a.name == *name));
-    println!("\n{}", aggregate_table(per_layer));
+        .map(|s| (s.name(), s.weight_bytes(dtype)))
+        .collect();
+    let breakdown = stage_breakdown(&stats, &stages);
+    let table = breakdown_table(&breakdown);
+    println!("\n{table}");
     print!("{}", memory_summary(&stats));
 
     if let Some(out) = &args.output {
@@ -136,6 +140,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let options = ReportOptions::new().samples(sampler.stop()).budget(budget);
         let files = report::write(dir, &stats, &options)
             .with_context(|| format!("writing the report to {}", dir.display()))?;
+        write_breakdown(dir, &table, &breakdown)?;
         println!(
             "report written to {}: open {} in Perfetto or chrome://tracing, {} in a browser",
             files.dir.display(),
@@ -382,6 +387,16 @@ fn encoder(model: &mut StreamedModel, batch: &Batch) -> anyhow::Result<Tensor> {
 enum OutputFormat {
     Json,
     Safetensors,
+}
+
+/// Saves the breakdown beside the report: `breakdown.txt` as printed, `breakdown.json`.
+fn write_breakdown(dir: &Path, table: &str, rows: &[StageBreakdown]) -> anyhow::Result<()> {
+    let json = serde_json::to_string_pretty(rows)?;
+    for (name, text) in [("breakdown.txt", table), ("breakdown.json", json.as_str())] {
+        let path = dir.join(name);
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// Refuses an output whose name or folder cannot work, before the model runs.

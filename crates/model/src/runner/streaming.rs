@@ -34,6 +34,7 @@ pub(super) struct StageReader {
 impl StageReader {
     fn read(&self, index: usize) -> Result<LayerWeights, RunError> {
         let stage = &self.stages[index];
+        let _phase = phase_scope(stage.name(), "read");
         if self.layer_bytes != Some(stage.weight_bytes(self.dtype)) {
             // Not a repeated layer (embeddings, head): the cached layer blocks would only
             // sit beside it, so give them back first.
@@ -100,6 +101,14 @@ impl StageReader {
         workspace.write_stage(&self.source, &options, &layer.name, &views)?;
         Ok(())
     }
+}
+
+/// A scope for one phase of a stage (`model.layers.3:read`, `:wait`, `:build`, `:compute`,
+/// `:free`), so reports show where each stage's time went and whether read-ahead kept up;
+/// nothing is named or allocated while tracking is off.
+fn phase_scope(stage: &str, phase: &str) -> Option<MemoryTracker> {
+    memwise::scope::memory_tracking_enabled()
+        .then(|| MemoryTracker::new(format!("{stage}:{phase}")))
 }
 
 /// How a [`super::StreamedModel`] gets its stages: the reader, the hooks and the settings.
@@ -199,19 +208,24 @@ impl Pipeline {
             let (fresh, lease) = match slot {
                 Some(_) => (None, None),
                 None => {
+                    let waited = phase_scope(name, "wait");
                     let (weights, lease) =
                         stream
                             .next_stage()
                             .ok_or_else(|| RunError::PrefetchStopped {
                                 stage: name.to_owned(),
                             })??;
+                    drop(waited);
+                    let _build = phase_scope(name, "build");
                     (Some(self.materialize(model, index, weights)?), Some(lease))
                 }
             };
             let Some(block) = slot.as_ref().or(fresh.as_ref()) else {
                 unreachable!("a stage is either resident or freshly loaded")
             };
+            let computing = phase_scope(name, "compute");
             pass.run_block(block)?;
+            drop(computing);
             for hook in &self.hooks {
                 hook.after_layer(name, index)
                     .map_err(|source| RunError::Hook {
@@ -225,6 +239,7 @@ impl Pipeline {
             } else {
                 // The block and its weights go now, inside the stage's scope, so the scope
                 // records the release; then the lease lets the budget admit the next stage.
+                let _free = phase_scope(name, "free");
                 drop(fresh);
             }
             drop(lease);
