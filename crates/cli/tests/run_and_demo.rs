@@ -524,3 +524,54 @@ fn a_report_breaks_each_stage_down_by_phase() {
     let named = |name: &str| events.iter().any(|e| e["name"] == name);
     assert!(named("model.layers.0:compute") && !named("model.layers.0:wait"));
 }
+
+#[test]
+fn embed_writes_what_sentence_transformers_returns_for_a_file_of_texts() {
+    let folder = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../model/tests/fixtures/sentence/mean-normalize");
+    let reference: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(folder.join("reference.json")).unwrap()).unwrap();
+    let sentences: Vec<String> = serde_json::from_value(reference["sentences"].clone()).unwrap();
+    let expected: Vec<Vec<f32>> = serde_json::from_value(reference["embeddings"].clone()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("sentences.txt");
+    // Blank lines are skipped; batches of 3 leave a last batch of 1.
+    std::fs::write(&list, format!("{}\n\n", sentences.join("\n"))).unwrap();
+    let out = dir.path().join("embeddings.json");
+    let args = [
+        "embed",
+        folder.to_str().unwrap(),
+        "--file",
+        list.to_str().unwrap(),
+        "--batch-size",
+        "3",
+        "--output",
+        out.to_str().unwrap(),
+    ];
+    let output = memwise(&args);
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(
+        text(&output).contains("embedded 4 texts"),
+        "{}",
+        text(&output)
+    );
+    let rows = output_rows(&out);
+    assert_eq!(rows.len(), expected.len());
+    for (got, want) in rows.iter().zip(&expected) {
+        assert!(max_diff(got, want) < 1e-5);
+    }
+
+    let nothing = memwise(&["embed", folder.to_str().unwrap()]);
+    assert!(!nothing.status.success());
+    assert!(
+        text(&nothing).contains("no text to embed"),
+        "{}",
+        text(&nothing)
+    );
+    let decoder = memwise(&["embed", fixture("tiny-llama").to_str().unwrap(), "hi"]);
+    assert!(
+        text(&decoder).contains("is a decoder"),
+        "{}",
+        text(&decoder)
+    );
+}

@@ -6,6 +6,7 @@ mod chat;
 mod config;
 mod convert;
 mod demo;
+mod embed;
 mod inspect;
 mod quantize;
 mod report;
@@ -40,6 +41,9 @@ enum Command {
     Synth(synth::Args),
     /// Stream a model through memory one layer at a time; print its output and per-layer memory.
     Run(run::Args),
+    /// Embed many texts (arguments or a file, one per line) in batches with a sentence-
+    /// embedding model, as sentence-transformers would.
+    Embed(embed::Args),
     /// Quantize a model's linear weights with round-to-nearest, stage by stage, into
     /// auto-round's checkpoint format.
     Quantize(quantize::Args),
@@ -57,6 +61,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Convert(args) => convert::run(args),
         Command::Synth(args) => synth::run(args),
         Command::Run(args) => run::run(args),
+        Command::Embed(args) => embed::run(args),
         Command::Quantize(args) => quantize::run(args),
         Command::Report(args) => reports::run(args),
     }

@@ -152,12 +152,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 /// The sequences to run: token ids, padding mask and token types, `(batch, len)` each.
-struct Batch {
-    ids: Tensor,
-    mask: Tensor,
-    types: Tensor,
+pub(super) struct Batch {
+    pub(super) ids: Tensor,
+    pub(super) mask: Tensor,
+    pub(super) types: Tensor,
     /// Each sequence's tokens without padding.
-    sequences: Vec<Vec<u32>>,
+    pub(super) sequences: Vec<Vec<u32>>,
     tokenizer: Option<tokenizers::Tokenizer>,
 }
 
@@ -176,14 +176,39 @@ fn input_batch(args: &Args, decoder: bool) -> anyhow::Result<Batch> {
             tokenizer: None,
         });
     }
-    let path = args.model.join("tokenizer.json");
+    let tokenizer = tokenizer_of(&args.model, "--prompt", decoder, args.prompt.len() > 1)?;
+    // A chat template writes the special tokens itself.
+    let texts = if args.chat {
+        let template = super::chat::ChatTemplate::from_folder(&args.model)?;
+        args.prompt
+            .iter()
+            .map(|message| template.render(message))
+            .collect::<anyhow::Result<Vec<_>>>()?
+    } else {
+        args.prompt.clone()
+    };
+    let mut batch = encode_texts(&tokenizer, &texts, !args.chat)?;
+    batch.tokenizer = Some(tokenizer);
+    Ok(batch)
+}
+
+/// The model's `tokenizer.json` (`flag` names what needed it in the error), padding a batch
+/// of `many` texts to its longest where the tokenizer sets no padding of its own: on the
+/// left for decoders, so each sequence ends where its next token comes.
+pub(super) fn tokenizer_of(
+    model: &Path,
+    flag: &str,
+    decoder: bool,
+    many: bool,
+) -> anyhow::Result<tokenizers::Tokenizer> {
+    let path = model.join("tokenizer.json");
     let mut tokenizer = tokenizers::Tokenizer::from_file(&path).map_err(|e| {
         anyhow::anyhow!(
-            "--prompt needs {}: {e} (pass --input-ids instead)",
+            "{flag} needs {}: {e} (pass --input-ids instead)",
             path.display()
         )
     })?;
-    if tokenizer.get_padding().is_none() && args.prompt.len() > 1 {
+    if tokenizer.get_padding().is_none() && many {
         // The mask hides padding, so any id in the vocabulary pads; 0 always is one.
         tokenizer.with_padding(Some(tokenizers::PaddingParams {
             direction: if decoder {
@@ -195,19 +220,19 @@ fn input_batch(args: &Args, decoder: bool) -> anyhow::Result<Batch> {
             ..Default::default()
         }));
     }
-    // A chat template writes the special tokens itself.
-    let texts = if args.chat {
-        let template = super::chat::ChatTemplate::from_folder(&args.model)?;
-        args.prompt
-            .iter()
-            .map(|message| template.render(message))
-            .collect::<anyhow::Result<Vec<_>>>()?
-    } else {
-        args.prompt.clone()
-    };
+    Ok(tokenizer)
+}
+
+/// `texts` tokenized as one padded batch, with the tokenizer's attention mask and token
+/// types (its own special tokens when `add_special_tokens`). An empty text is refused.
+pub(super) fn encode_texts(
+    tokenizer: &tokenizers::Tokenizer,
+    texts: &[String],
+    add_special_tokens: bool,
+) -> anyhow::Result<Batch> {
     let encodings = tokenizer
-        .encode_batch(texts, !args.chat)
-        .map_err(|e| anyhow::anyhow!("tokenizing the prompts with {}: {e}", path.display()))?;
+        .encode_batch(texts.to_vec(), add_special_tokens)
+        .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
     let rows = encodings.len();
     let len = encodings
         .iter()
@@ -215,12 +240,12 @@ fn input_batch(args: &Args, decoder: bool) -> anyhow::Result<Batch> {
         .max()
         .unwrap_or(0);
     let (mut ids, mut mask, mut types, mut sequences) = (vec![], vec![], vec![], vec![]);
-    for (prompt, encoding) in args.prompt.iter().zip(&encodings) {
+    for (text, encoding) in texts.iter().zip(&encodings) {
         if !encoding.get_attention_mask().contains(&1) {
-            bail!("the prompt {prompt:?} tokenized to no tokens");
+            bail!("the text {text:?} tokenized to no tokens");
         }
         if encoding.get_ids().len() != len {
-            bail!("the tokenizer gave prompts of different lengths without padding them");
+            bail!("the tokenizer gave texts of different lengths without padding them");
         }
         ids.extend_from_slice(encoding.get_ids());
         mask.extend_from_slice(encoding.get_attention_mask());
@@ -228,12 +253,13 @@ fn input_batch(args: &Args, decoder: bool) -> anyhow::Result<Batch> {
         let real = encoding.get_ids().iter().zip(encoding.get_attention_mask());
         sequences.push(real.filter(|(_, &m)| m == 1).map(|(&id, _)| id).collect());
     }
+    let device = Device::Cpu;
     Ok(Batch {
         ids: Tensor::from_vec(ids, (rows, len), &device)?,
         mask: Tensor::from_vec(mask, (rows, len), &device)?,
         types: Tensor::from_vec(types, (rows, len), &device)?,
         sequences,
-        tokenizer: Some(tokenizer),
+        tokenizer: None,
     })
 }
 
@@ -400,7 +426,7 @@ fn write_breakdown(dir: &Path, table: &str, rows: &[StageBreakdown]) -> anyhow::
 }
 
 /// Refuses an output whose name or folder cannot work, before the model runs.
-fn check_output(path: &Path) -> anyhow::Result<()> {
+pub(super) fn check_output(path: &Path) -> anyhow::Result<()> {
     output_format(path)?;
     let folder = match path.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => parent,
@@ -429,7 +455,7 @@ fn output_format(path: &Path) -> anyhow::Result<OutputFormat> {
 
 /// Writes `tensor` as f32 to `path`, atomically: a temporary file renamed into place, so
 /// an interrupted run never leaves a half-written file.
-fn write_tensor(path: &Path, tensor: &Tensor) -> anyhow::Result<()> {
+pub(super) fn write_tensor(path: &Path, tensor: &Tensor) -> anyhow::Result<()> {
     let tensor = tensor.to_dtype(candle_core::DType::F32)?;
     let file_name = path.file_name().context("--output needs a file name")?;
     let tmp = path.with_file_name(format!(".{}.tmp", file_name.to_string_lossy()));
