@@ -1,6 +1,7 @@
 //! The decoder blocks against transformers: tiny Llama (untied, GQA, RoPE scalings), tiny
-//! Qwen2 (q/k/v biases, tied embeddings) and tiny Mistral (sliding window of 4 over 10
-//! tokens). Fixtures and their generator live in `tests/fixtures/reference/`.
+//! Qwen2 (q/k/v biases, tied embeddings), tiny Mistral (sliding window of 4 over 10
+//! tokens) and tiny Qwen3 (q/k norms, head_dim 24 from the config). Fixtures and their
+//! generator live in `tests/fixtures/reference/`.
 
 mod fixture_support;
 
@@ -60,7 +61,7 @@ impl Fixture {
     }
 }
 
-const FIXTURES: [&str; 3] = ["tiny-llama", "tiny-qwen2", "tiny-mistral"];
+const FIXTURES: [&str; 4] = ["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-qwen3"];
 
 #[test]
 fn full_load_logits_match_transformers() {
@@ -239,7 +240,9 @@ fn greedy_generation_matches_transformers_with_and_without_cache() {
         // Keys and values of every token but the last, which was never fed back.
         let cfg = &fixture.config;
         let kv_heads = cfg.num_key_value_heads.unwrap_or(cfg.num_attention_heads);
-        let head_dim = cfg.hidden_size / cfg.num_attention_heads;
+        let head_dim = cfg
+            .head_dim
+            .unwrap_or(cfg.hidden_size / cfg.num_attention_heads);
         let per_token = 2 * cfg.num_hidden_layers * kv_heads * head_dim * 4;
         assert_eq!(
             cached.kv_cache_bytes,

@@ -151,7 +151,7 @@ impl From<TokenIds> for OneOrMany {
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum ArchitectureConfig {
-    /// A Llama-family decoder (Llama, Mistral, Qwen2).
+    /// A Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 3 text).
     Decoder(Box<LlamaConfig>),
     /// A BERT-style encoder.
     Encoder(BertConfig),

@@ -39,13 +39,21 @@ pub enum Architecture {
     Mistral,
     /// `qwen2`: a Llama decoder with q/k/v biases.
     Qwen2,
+    /// `qwen3`: a Llama decoder with an RMSNorm on each query and key head before RoPE.
+    Qwen3,
     /// `bert`: a BERT-style encoder (MiniLM and other sentence-embedding models).
     Bert,
 }
 
 impl Architecture {
     /// Every architecture, in the order the CLI lists them.
-    pub const ALL: [Architecture; 4] = [Self::Llama, Self::Mistral, Self::Qwen2, Self::Bert];
+    pub const ALL: [Architecture; 5] = [
+        Self::Llama,
+        Self::Mistral,
+        Self::Qwen2,
+        Self::Qwen3,
+        Self::Bert,
+    ];
 
     /// The `model_type` value of `config.json`.
     pub fn model_type(self) -> &'static str {
@@ -53,6 +61,7 @@ impl Architecture {
             Self::Llama => "llama",
             Self::Mistral => "mistral",
             Self::Qwen2 => "qwen2",
+            Self::Qwen3 => "qwen3",
             Self::Bert => "bert",
         }
     }
@@ -70,6 +79,7 @@ impl Architecture {
             Self::Llama => "LlamaForCausalLM",
             Self::Mistral => "MistralForCausalLM",
             Self::Qwen2 => "Qwen2ForCausalLM",
+            Self::Qwen3 => "Qwen3ForCausalLM",
             Self::Bert => "BertModel",
         }
     }
@@ -107,7 +117,7 @@ mod tests {
         let err = ArchitectureConfig::from_json(r#"{"model_type": "gpt2"}"#).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "model config key `model_type`: `gpt2` is not implemented; supported: llama, mistral, qwen2, bert"
+            "model config key `model_type`: `gpt2` is not implemented; supported: llama, mistral, qwen2, qwen3, bert"
         );
         let err = ArchitectureConfig::from_json(r#"{"model_type": "llama", "vocab_size": 8}"#)
             .unwrap_err();

@@ -4,13 +4,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::models::{head_dim, Activation, Architecture, ModelError, RopeType, TokenIds};
 
-/// `config.json` of a Llama, Mistral or Qwen2 model, with Hugging Face's keys and defaults.
+/// `config.json` of a Llama, Mistral, Qwen2 or Qwen3 model, with Hugging Face's keys and defaults.
 ///
 /// Both the classic keys (`rope_theta`, `rope_scaling`) and the `rope_parameters` object of
 /// newer transformers releases are read.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LlamaConfig {
-    /// `llama`, `mistral` or `qwen2`.
+    /// `llama`, `mistral`, `qwen2` or `qwen3`.
     pub model_type: String,
     /// The Hugging Face classes this checkpoint was saved from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -52,7 +52,7 @@ pub struct LlamaConfig {
     /// Whether `lm_head` reuses `model.embed_tokens.weight`.
     #[serde(default)]
     pub tie_word_embeddings: bool,
-    /// Llama: biases on q/k/v/o. Qwen2 always has q/k/v biases and never an o bias.
+    /// Llama, Qwen3: biases on q/k/v/o. Qwen2 always has q/k/v biases and never an o bias.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attention_bias: Option<bool>,
     /// Llama: biases on the MLP's projections.
@@ -61,10 +61,10 @@ pub struct LlamaConfig {
     /// Tokens a sliding-window layer attends to (itself included).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sliding_window: Option<usize>,
-    /// Qwen2: whether any layer uses the sliding window.
+    /// Qwen2, Qwen3: whether any layer uses the sliding window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub use_sliding_window: Option<bool>,
-    /// Qwen2: layers below this index attend to everything.
+    /// Qwen2, Qwen3: layers below this index attend to everything.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_window_layers: Option<usize>,
     /// Newer releases: `full_attention` or `sliding_attention` for each layer.
@@ -126,9 +126,12 @@ impl LlamaConfig {
     /// The family, from `model_type`.
     pub fn architecture(&self) -> Result<Architecture, ModelError> {
         match Architecture::from_model_type(&self.model_type) {
-            Some(arch @ (Architecture::Llama | Architecture::Mistral | Architecture::Qwen2)) => {
-                Ok(arch)
-            }
+            Some(
+                arch @ (Architecture::Llama
+                | Architecture::Mistral
+                | Architecture::Qwen2
+                | Architecture::Qwen3),
+            ) => Ok(arch),
             _ => Err(ModelError::unsupported(
                 "model_type",
                 format!("`{}` is not a Llama-family decoder", self.model_type),
@@ -238,12 +241,14 @@ impl LlamaConfig {
         }
         let window = match arch {
             Architecture::Mistral => self.sliding_window,
-            Architecture::Qwen2 if self.use_sliding_window == Some(true) => self.sliding_window,
+            Architecture::Qwen2 | Architecture::Qwen3 if self.use_sliding_window == Some(true) => {
+                self.sliding_window
+            }
             _ => None,
         };
-        // Qwen2 keeps its first `max_window_layers` layers on full attention.
+        // Qwen2 and Qwen3 keep their first `max_window_layers` layers on full attention.
         let first_windowed = match arch {
-            Architecture::Qwen2 => self.max_window_layers.unwrap_or(0),
+            Architecture::Qwen2 | Architecture::Qwen3 => self.max_window_layers.unwrap_or(0),
             _ => 0,
         };
         Ok((0..layers)
@@ -265,6 +270,8 @@ pub(super) struct DecoderConfig {
     pub(super) rms_norm_eps: f64,
     pub(super) qkv_bias: bool,
     pub(super) o_bias: bool,
+    /// Qwen3: an RMSNorm over each query and key head (`q_norm`, `k_norm`) before RoPE.
+    pub(super) qk_norm: bool,
     pub(super) mlp_bias: bool,
     pub(super) tie_word_embeddings: bool,
     pub(super) inverse_frequencies: Vec<f32>,
@@ -325,6 +332,7 @@ impl DecoderConfig {
             rms_norm_eps: config.rms_norm_eps,
             qkv_bias,
             o_bias,
+            qk_norm: arch == Architecture::Qwen3,
             mlp_bias: config.mlp_bias,
             tie_word_embeddings: config.tie_word_embeddings,
             inverse_frequencies: config.inverse_frequencies(head_dim)?,

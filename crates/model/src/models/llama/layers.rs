@@ -152,6 +152,8 @@ struct Attention {
     k_proj: Linear,
     v_proj: Linear,
     o_proj: Linear,
+    /// Qwen3: RMSNorm over each query and key head, before RoPE.
+    qk_norm: Option<(RmsNorm, RmsNorm)>,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
@@ -175,6 +177,12 @@ impl Attention {
                 vb.pp("v_proj"),
             )?,
             o_proj: linear(cfg.num_heads * dim, hidden, cfg.o_bias, vb.pp("o_proj"))?,
+            qk_norm: if cfg.qk_norm {
+                let norm = |name| candle_nn::rms_norm(dim, cfg.rms_norm_eps, vb.pp(name));
+                Some((norm("q_norm")?, norm("k_norm")?))
+            } else {
+                None
+            },
             num_heads: cfg.num_heads,
             num_kv_heads: cfg.num_kv_heads,
             head_dim: dim,
@@ -200,6 +208,10 @@ impl Attention {
         let q = heads(&self.q_proj, self.num_heads)?;
         let k = heads(&self.k_proj, self.num_kv_heads)?;
         let v = heads(&self.v_proj, self.num_kv_heads)?;
+        let (q, k) = match &self.qk_norm {
+            Some((q_norm, k_norm)) => (q_norm.forward(&q)?, k_norm.forward(&k)?),
+            None => (q, k),
+        };
         let q = candle_nn::rotary_emb::rope(&q, &rotary.cos, &rotary.sin)?;
         let k = candle_nn::rotary_emb::rope(&k, &rotary.cos, &rotary.sin)?;
         let (k, v) = match cache {

@@ -1,8 +1,9 @@
-//! Llama-family decoders: Llama, Mistral and Qwen2.
+//! Llama-family decoders: Llama, Mistral, Qwen2 and Qwen3.
 //!
 //! Grouped-query attention with rotary position embeddings (`rope_theta`, and the `linear`
 //! and `llama3` kinds of `rope_scaling`), RMSNorm, a SiLU-gated MLP, and tied or untied
-//! embeddings. Qwen2 differs only by biases on q/k/v; Mistral (and Qwen2 when it asks for
+//! embeddings. Qwen2 differs only by biases on q/k/v, Qwen3 by an RMSNorm over each query
+//! and key head before RoPE; Mistral (and Qwen2 when it asks for
 //! it) by a sliding attention window. The stages run in the order of
 //! [`DecoderModel::layer_names`]: `model.embed_tokens`, `model.layers.0` …
 //! `model.layers.{N-1}`, `model.norm`, `lm_head`.
