@@ -1,7 +1,8 @@
 //! The decoder blocks against transformers: tiny Llama (untied, GQA, RoPE scalings), tiny
 //! Qwen2 (q/k/v biases, tied embeddings), tiny Mistral (sliding window of 4 over 10
-//! tokens) and tiny Qwen3 (q/k norms, head_dim 24 from the config). Fixtures and their
-//! generator live in `tests/fixtures/reference/`.
+//! tokens), tiny Qwen3 (q/k norms, head_dim 24 from the config) and tiny Phi-3 (fused
+//! qkv and gate/up weights, a window of 4). Fixtures and their generator live in
+//! `tests/fixtures/reference/`.
 
 mod fixture_support;
 
@@ -61,7 +62,13 @@ impl Fixture {
     }
 }
 
-const FIXTURES: [&str; 4] = ["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-qwen3"];
+const FIXTURES: [&str; 5] = [
+    "tiny-llama",
+    "tiny-qwen2",
+    "tiny-mistral",
+    "tiny-qwen3",
+    "tiny-phi3",
+];
 
 #[test]
 fn full_load_logits_match_transformers() {
@@ -195,6 +202,50 @@ fn unsupported_rope_scaling_is_a_clear_error() {
         message.contains("rope_scaling") && message.contains("yarn"),
         "{message}"
     );
+}
+
+#[test]
+fn phi3_long_rope_is_refused_by_its_key() {
+    let config = |extra: &str| {
+        let mut value: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(fixture_support::fixture("tiny-phi3").join("config.json"))
+                .unwrap(),
+        )
+        .unwrap();
+        value.as_object_mut().unwrap().remove("rope_parameters");
+        let extra: serde_json::Value = serde_json::from_str(extra).unwrap();
+        value
+            .as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let config = match memwise_model::models::ArchitectureConfig::from_value(&value, "phi3") {
+            Ok(memwise_model::models::ArchitectureConfig::Decoder(config)) => config,
+            other => panic!("{other:?}"),
+        };
+        DecoderModel::new(&config, DType::F32, &Device::Cpu).map(|_| ())
+    };
+    // Phi-3-mini-128k as published: the legacy `type` key, `su`.
+    let err =
+        config(r#"{"rope_scaling": {"type": "su", "long_factor": [1.0], "short_factor": [1.0]}}"#)
+            .unwrap_err()
+            .to_string();
+    assert!(
+        err.contains("`rope_scaling.type`") && err.contains("`su`"),
+        "{err}"
+    );
+    let err = config(r#"{"rope_scaling": {"rope_type": "longrope", "factor": 32.0}}"#)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("`rope_scaling.rope_type`") && err.contains("`longrope`"),
+        "{err}"
+    );
+    let err = config(r#"{"partial_rotary_factor": 0.75}"#)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("`partial_rotary_factor`"), "{err}");
+    // No scaling, as Phi-3-mini-4k publishes it: supported.
+    config(r#"{"rope_scaling": null, "rope_theta": 10000.0}"#).unwrap();
 }
 
 #[test]

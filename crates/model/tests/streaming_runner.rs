@@ -14,7 +14,13 @@ use fixture_support::*;
 use memwise_model::models::{DecoderModel, EncoderModel, Family, Inputs};
 use memwise_model::{HookError, LayerHook, LayerWeights, ModelConverter, RunError};
 
-const DECODERS: [&str; 4] = ["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-qwen3"];
+const DECODERS: [&str; 5] = [
+    "tiny-llama",
+    "tiny-qwen2",
+    "tiny-mistral",
+    "tiny-qwen3",
+    "tiny-phi3",
+];
 
 fn reference(folder: &Path) -> HashMap<String, Tensor> {
     load_tensors(&folder.join("reference.safetensors"))

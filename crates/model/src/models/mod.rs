@@ -25,7 +25,9 @@ pub use error::ModelError;
 pub use family::{Family, Inputs, Loaded, Pass};
 pub(crate) use generate::greedy;
 pub use generate::Generation;
-pub use llama::{DecoderBlock, DecoderModel, DecoderState, KvCache, LlamaConfig, RopeScaling};
+pub use llama::{
+    DecoderBlock, DecoderExtras, DecoderModel, DecoderState, KvCache, LlamaConfig, RopeScaling,
+};
 pub use pooling::{PoolingMode, SentencePooling};
 pub use stage::{Stage, TensorSpec};
 
@@ -41,17 +43,20 @@ pub enum Architecture {
     Qwen2,
     /// `qwen3`: a Llama decoder with an RMSNorm on each query and key head before RoPE.
     Qwen3,
+    /// `phi3`: a Llama decoder whose q/k/v and gate/up projections are stored fused.
+    Phi3,
     /// `bert`: a BERT-style encoder (MiniLM and other sentence-embedding models).
     Bert,
 }
 
 impl Architecture {
     /// Every architecture, in the order the CLI lists them.
-    pub const ALL: [Architecture; 5] = [
+    pub const ALL: [Architecture; 6] = [
         Self::Llama,
         Self::Mistral,
         Self::Qwen2,
         Self::Qwen3,
+        Self::Phi3,
         Self::Bert,
     ];
 
@@ -62,6 +67,7 @@ impl Architecture {
             Self::Mistral => "mistral",
             Self::Qwen2 => "qwen2",
             Self::Qwen3 => "qwen3",
+            Self::Phi3 => "phi3",
             Self::Bert => "bert",
         }
     }
@@ -80,6 +86,7 @@ impl Architecture {
             Self::Mistral => "MistralForCausalLM",
             Self::Qwen2 => "Qwen2ForCausalLM",
             Self::Qwen3 => "Qwen3ForCausalLM",
+            Self::Phi3 => "Phi3ForCausalLM",
             Self::Bert => "BertModel",
         }
     }
@@ -117,7 +124,7 @@ mod tests {
         let err = ArchitectureConfig::from_json(r#"{"model_type": "gpt2"}"#).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "model config key `model_type`: `gpt2` is not implemented; supported: llama, mistral, qwen2, qwen3, bert"
+            "model config key `model_type`: `gpt2` is not implemented; supported: llama, mistral, qwen2, qwen3, phi3, bert"
         );
         let err = ArchitectureConfig::from_json(r#"{"model_type": "llama", "vocab_size": 8}"#)
             .unwrap_err();

@@ -4,13 +4,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::models::{head_dim, Activation, Architecture, ModelError, RopeType, TokenIds};
 
-/// `config.json` of a Llama, Mistral, Qwen2 or Qwen3 model, with Hugging Face's keys and defaults.
+/// `config.json` of a Llama, Mistral, Qwen2, Qwen3 or Phi-3 model, with Hugging Face's keys and defaults.
 ///
 /// Both the classic keys (`rope_theta`, `rope_scaling`) and the `rope_parameters` object of
 /// newer transformers releases are read.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LlamaConfig {
-    /// `llama`, `mistral`, `qwen2` or `qwen3`.
+    /// `llama`, `mistral`, `qwen2`, `qwen3` or `phi3`.
     pub model_type: String,
     /// The Hugging Face classes this checkpoint was saved from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -79,6 +79,19 @@ pub struct LlamaConfig {
     /// The dtype the weights were saved in (older releases' key).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub torch_dtype: Option<String>,
+    /// Keys only some of the family's architectures read.
+    #[serde(flatten)]
+    pub extras: DecoderExtras,
+}
+
+/// Keys of `config.json` that only some Llama-family architectures read, all optional.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct DecoderExtras {
+    /// Phi-3: the share of each head's width that RoPE rotates (older releases' place for
+    /// it; newer ones write it into `rope_parameters`). Only 1 is implemented.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partial_rotary_factor: Option<f64>,
 }
 
 fn default_hidden_act() -> Activation {
@@ -120,6 +133,9 @@ pub struct RopeScaling {
     /// `llama3`: the context length before scaling.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub original_max_position_embeddings: Option<usize>,
+    /// Phi-3: the share of each head's width that RoPE rotates; only 1 is implemented.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partial_rotary_factor: Option<f64>,
 }
 
 impl LlamaConfig {
@@ -130,7 +146,8 @@ impl LlamaConfig {
                 arch @ (Architecture::Llama
                 | Architecture::Mistral
                 | Architecture::Qwen2
-                | Architecture::Qwen3),
+                | Architecture::Qwen3
+                | Architecture::Phi3),
             ) => Ok(arch),
             _ => Err(ModelError::unsupported(
                 "model_type",
@@ -150,6 +167,16 @@ impl LlamaConfig {
             .step_by(2)
             .map(|i| 1.0 / theta.powf(i as f64 / head_dim as f64))
             .collect();
+        let rotated = scaling
+            .and_then(|s| s.partial_rotary_factor)
+            .or(self.extras.partial_rotary_factor)
+            .unwrap_or(1.0);
+        if rotated != 1.0 {
+            return Err(ModelError::unsupported(
+                "partial_rotary_factor",
+                format!("RoPE over {rotated} of each head is not implemented (only 1)"),
+            ));
+        }
         let Some(scaling) = scaling else {
             return Ok(base.into_iter().map(|f| f as f32).collect());
         };
@@ -158,11 +185,12 @@ impl LlamaConfig {
         } else {
             "rope_scaling"
         };
-        let kind = scaling
-            .rope_type
-            .as_ref()
-            .or(scaling.legacy_type.as_ref())
-            .unwrap_or(&RopeType::Default);
+        let (kind, field) = match (&scaling.rope_type, &scaling.legacy_type) {
+            (Some(kind), _) => (kind, "rope_type"),
+            (None, Some(kind)) => (kind, "type"),
+            (None, None) => (&RopeType::Default, "rope_type"),
+        };
+
         let factor = || {
             scaling
                 .factor
@@ -204,12 +232,10 @@ impl LlamaConfig {
                     .collect()
             }
             other => {
-                return Err(ModelError::unsupported(
-                    key,
-                    format!(
+                let reason = format!(
                     "RoPE type `{other}` is not implemented (supported: default, linear, llama3)"
-                ),
-                ))
+                );
+                return Err(ModelError::unsupported(&format!("{key}.{field}"), reason));
             }
         };
         Ok(scaled.into_iter().map(|f| f as f32).collect())
@@ -240,7 +266,7 @@ impl LlamaConfig {
                 .collect();
         }
         let window = match arch {
-            Architecture::Mistral => self.sliding_window,
+            Architecture::Mistral | Architecture::Phi3 => self.sliding_window,
             Architecture::Qwen2 | Architecture::Qwen3 if self.use_sliding_window == Some(true) => {
                 self.sliding_window
             }
@@ -272,6 +298,8 @@ pub(super) struct DecoderConfig {
     pub(super) o_bias: bool,
     /// Qwen3: an RMSNorm over each query and key head (`q_norm`, `k_norm`) before RoPE.
     pub(super) qk_norm: bool,
+    /// Phi-3: q/k/v stored as one `qkv_proj`, gate and up as one `gate_up_proj`.
+    pub(super) fused_projections: bool,
     pub(super) mlp_bias: bool,
     pub(super) tie_word_embeddings: bool,
     pub(super) inverse_frequencies: Vec<f32>,
@@ -333,6 +361,7 @@ impl DecoderConfig {
             qkv_bias,
             o_bias,
             qk_norm: arch == Architecture::Qwen3,
+            fused_projections: arch == Architecture::Phi3,
             mlp_bias: config.mlp_bias,
             tie_word_embeddings: config.tie_word_embeddings,
             inverse_frequencies: config.inverse_frequencies(head_dim)?,

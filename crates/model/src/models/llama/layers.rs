@@ -20,6 +20,25 @@ fn linear(
     }
 }
 
+/// Linear layers stored as one fused weight (`(sum of out_dims, in_dim)`, no bias), split
+/// by rows in the order of `out_dims` as they load, as Phi-3 stores q/k/v and gate/up.
+fn split_linear(
+    in_dim: usize,
+    out_dims: &[usize],
+    vb: VarBuilder,
+) -> candle_core::Result<Vec<Linear>> {
+    let fused = vb.get((out_dims.iter().sum::<usize>(), in_dim), "weight")?;
+    let mut start = 0;
+    out_dims
+        .iter()
+        .map(|&rows| {
+            let part = fused.narrow(0, start, rows)?;
+            start += rows;
+            Ok(Linear::new(part, None))
+        })
+        .collect()
+}
+
 /// The cos and sin tables of the positions one pass covers, each `(seq_len, head_dim / 2)`,
 /// or `(batch, seq_len, head_dim / 2)` when padding gives each sequence its own positions.
 pub(super) struct RotaryTables {
@@ -162,20 +181,22 @@ struct Attention {
 impl Attention {
     fn load(vb: VarBuilder, cfg: &DecoderConfig) -> candle_core::Result<Self> {
         let (hidden, dim) = (cfg.hidden_size, cfg.head_dim);
+        let (q_out, kv_out) = (cfg.num_heads * dim, cfg.num_kv_heads * dim);
+        let [q_proj, k_proj, v_proj] = if cfg.fused_projections {
+            let parts = split_linear(hidden, &[q_out, kv_out, kv_out], vb.pp("qkv_proj"))?;
+            parts.try_into().expect("three parts")
+        } else {
+            let proj = |out, name| linear(hidden, out, cfg.qkv_bias, vb.pp(name));
+            [
+                proj(q_out, "q_proj")?,
+                proj(kv_out, "k_proj")?,
+                proj(kv_out, "v_proj")?,
+            ]
+        };
         Ok(Self {
-            q_proj: linear(hidden, cfg.num_heads * dim, cfg.qkv_bias, vb.pp("q_proj"))?,
-            k_proj: linear(
-                hidden,
-                cfg.num_kv_heads * dim,
-                cfg.qkv_bias,
-                vb.pp("k_proj"),
-            )?,
-            v_proj: linear(
-                hidden,
-                cfg.num_kv_heads * dim,
-                cfg.qkv_bias,
-                vb.pp("v_proj"),
-            )?,
+            q_proj,
+            k_proj,
+            v_proj,
             o_proj: linear(cfg.num_heads * dim, hidden, cfg.o_bias, vb.pp("o_proj"))?,
             qk_norm: if cfg.qk_norm {
                 let norm = |name| candle_nn::rms_norm(dim, cfg.rms_norm_eps, vb.pp(name));
@@ -260,9 +281,18 @@ struct Mlp {
 impl Mlp {
     fn load(vb: VarBuilder, cfg: &DecoderConfig) -> candle_core::Result<Self> {
         let (hidden, inner, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
+        let [gate_proj, up_proj] = if cfg.fused_projections {
+            let parts = split_linear(hidden, &[inner, inner], vb.pp("gate_up_proj"))?;
+            parts.try_into().expect("two parts")
+        } else {
+            [
+                linear(hidden, inner, bias, vb.pp("gate_proj"))?,
+                linear(hidden, inner, bias, vb.pp("up_proj"))?,
+            ]
+        };
         Ok(Self {
-            gate_proj: linear(hidden, inner, bias, vb.pp("gate_proj"))?,
-            up_proj: linear(hidden, inner, bias, vb.pp("up_proj"))?,
+            gate_proj,
+            up_proj,
             down_proj: linear(inner, hidden, bias, vb.pp("down_proj"))?,
         })
     }

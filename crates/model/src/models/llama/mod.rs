@@ -1,9 +1,10 @@
-//! Llama-family decoders: Llama, Mistral, Qwen2 and Qwen3.
+//! Llama-family decoders: Llama, Mistral, Qwen2, Qwen3 and Phi-3.
 //!
 //! Grouped-query attention with rotary position embeddings (`rope_theta`, and the `linear`
 //! and `llama3` kinds of `rope_scaling`), RMSNorm, a SiLU-gated MLP, and tied or untied
 //! embeddings. Qwen2 differs only by biases on q/k/v, Qwen3 by an RMSNorm over each query
-//! and key head before RoPE; Mistral (and Qwen2 when it asks for
+//! and key head before RoPE, Phi-3 by fused `qkv_proj` and `gate_up_proj` weights (split
+//! as they load); Mistral (and Phi-3) (and Qwen2 when it asks for
 //! it) by a sliding attention window. The stages run in the order of
 //! [`DecoderModel::layer_names`]: `model.embed_tokens`, `model.layers.0` …
 //! `model.layers.{N-1}`, `model.norm`, `lm_head`.
@@ -14,7 +15,7 @@ mod layers;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
 
-pub use config::{LlamaConfig, RopeScaling};
+pub use config::{DecoderExtras, LlamaConfig, RopeScaling};
 
 use self::config::DecoderConfig;
 use self::layers::{attention_mask, padded_attention_mask, DecoderLayer, RotaryTables};
