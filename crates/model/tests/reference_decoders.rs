@@ -1,8 +1,9 @@
 //! The decoder blocks against transformers: tiny Llama (untied, GQA, RoPE scalings), tiny
 //! Qwen2 (q/k/v biases, tied embeddings), tiny Mistral (sliding window of 4 over 10
-//! tokens), tiny Qwen3 (q/k norms, head_dim 24 from the config) and tiny Phi-3 (fused
-//! qkv and gate/up weights, a window of 4). Fixtures and their generator live in
-//! `tests/fixtures/reference/`.
+//! tokens), tiny Qwen3 (q/k norms, head_dim 24 from the config), tiny Phi-3 (fused
+//! qkv and gate/up weights, a window of 4) and tiny Gemma 3 text (a sliding layer with its
+//! own RoPE base and a global one, query_pre_attn_scalar, soft capping, the keys of older
+//! releases). Fixtures and their generator live in `tests/fixtures/reference/`.
 
 mod fixture_support;
 
@@ -62,12 +63,13 @@ impl Fixture {
     }
 }
 
-const FIXTURES: [&str; 5] = [
+const FIXTURES: [&str; 6] = [
     "tiny-llama",
     "tiny-qwen2",
     "tiny-mistral",
     "tiny-qwen3",
     "tiny-phi3",
+    "tiny-gemma3",
 ];
 
 #[test]
@@ -154,6 +156,7 @@ fn config_variants_match_transformers() {
         ("tiny-llama", "rope-linear"),
         ("tiny-llama", "rope-llama3"),
         ("tiny-qwen2", "sliding"),
+        ("tiny-gemma3", "softcap"),
     ];
     for (name, kind) in variants {
         let fixture = Fixture::load(name);
@@ -179,12 +182,53 @@ fn config_variants_match_transformers() {
         // The variant changed the outputs, so matching them says it is implemented right.
         assert!(max_abs_diff(expected, fixture.reference("logits")) > 1e-3);
 
+        // Gemma 3's older keys have their own test.
+        if name == "tiny-gemma3" {
+            continue;
+        }
         let classic = logits_of(&with_classic_keys(config));
         assert!(
             bitwise_equal(&classic, &logits),
             "{name} {kind}: classic keys"
         );
     }
+}
+
+#[test]
+fn gemma3_keys_of_older_releases_describe_the_same_model() {
+    // `sliding_window_pattern`, `rope_theta` and `rope_local_base_freq` instead of
+    // `layer_types` and per-type `rope_parameters`; no `tie_word_embeddings` (tied).
+    let fixture = Fixture::load("tiny-gemma3");
+    let folder = fixture_support::fixture("tiny-gemma3");
+    let mut value: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(folder.join("config-classic.json")).unwrap())
+            .unwrap();
+    value.as_object_mut().unwrap().remove("tie_word_embeddings");
+    let config = match memwise_model::models::ArchitectureConfig::from_value(&value, "classic") {
+        Ok(memwise_model::models::ArchitectureConfig::Decoder(config)) => config,
+        other => panic!("{other:?}"),
+    };
+    assert!(config.tie_word_embeddings);
+    let logits = DecoderModel::new(&config, DType::F32, &Device::Cpu)
+        .unwrap()
+        .forward_full(
+            full_weights(&fixture.weights),
+            Inputs::new(&fixture.input_ids()),
+        )
+        .unwrap();
+    assert!(bitwise_equal(&logits, &fixture.full_logits()));
+
+    value["use_bidirectional_attention"] = serde_json::Value::Bool(true);
+    let memwise_model::models::ArchitectureConfig::Decoder(config) =
+        memwise_model::models::ArchitectureConfig::from_value(&value, "bidirectional").unwrap()
+    else {
+        panic!("a decoder")
+    };
+    let err = DecoderModel::new(&config, DType::F32, &Device::Cpu).unwrap_err();
+    assert!(
+        err.to_string().contains("`use_bidirectional_attention`"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -45,18 +45,22 @@ pub enum Architecture {
     Qwen3,
     /// `phi3`: a Llama decoder whose q/k/v and gate/up projections are stored fused.
     Phi3,
+    /// `gemma3_text`: Gemma 3's text decoder (sliding and global layers, (1 + weight)
+    /// norms around attention and MLP, q/k norms, scaled embeddings).
+    Gemma3Text,
     /// `bert`: a BERT-style encoder (MiniLM and other sentence-embedding models).
     Bert,
 }
 
 impl Architecture {
     /// Every architecture, in the order the CLI lists them.
-    pub const ALL: [Architecture; 6] = [
+    pub const ALL: [Architecture; 7] = [
         Self::Llama,
         Self::Mistral,
         Self::Qwen2,
         Self::Qwen3,
         Self::Phi3,
+        Self::Gemma3Text,
         Self::Bert,
     ];
 
@@ -68,6 +72,7 @@ impl Architecture {
             Self::Qwen2 => "qwen2",
             Self::Qwen3 => "qwen3",
             Self::Phi3 => "phi3",
+            Self::Gemma3Text => "gemma3_text",
             Self::Bert => "bert",
         }
     }
@@ -87,6 +92,7 @@ impl Architecture {
             Self::Qwen2 => "Qwen2ForCausalLM",
             Self::Qwen3 => "Qwen3ForCausalLM",
             Self::Phi3 => "Phi3ForCausalLM",
+            Self::Gemma3Text => "Gemma3ForCausalLM",
             Self::Bert => "BertModel",
         }
     }
@@ -124,7 +130,7 @@ mod tests {
         let err = ArchitectureConfig::from_json(r#"{"model_type": "gpt2"}"#).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "model config key `model_type`: `gpt2` is not implemented; supported: llama, mistral, qwen2, qwen3, phi3, bert"
+            "model config key `model_type`: `gpt2` is not implemented; supported: llama, mistral, qwen2, qwen3, phi3, gemma3_text, bert"
         );
         let err = ArchitectureConfig::from_json(r#"{"model_type": "llama", "vocab_size": 8}"#)
             .unwrap_err();
