@@ -115,6 +115,7 @@ impl SynthSpec {
             bos_token_id: Some(1),
             eos_token_id: Some(TokenIds(vec![2])),
             torch_dtype: Some(self.torch_dtype()?.into()),
+            extras: Default::default(),
         })
     }
 

@@ -1,6 +1,9 @@
 //! The decoder blocks against transformers: tiny Llama (untied, GQA, RoPE scalings), tiny
-//! Qwen2 (q/k/v biases, tied embeddings) and tiny Mistral (sliding window of 4 over 10
-//! tokens). Fixtures and their generator live in `tests/fixtures/reference/`.
+//! Qwen2 (q/k/v biases, tied embeddings), tiny Mistral (sliding window of 4 over 10
+//! tokens), tiny Qwen3 (q/k norms, head_dim 24 from the config), tiny Phi-3 (fused
+//! qkv and gate/up weights, a window of 4) and tiny Gemma 3 text (a sliding layer with its
+//! own RoPE base and a global one, query_pre_attn_scalar, soft capping, the keys of older
+//! releases). Fixtures and their generator live in `tests/fixtures/reference/`.
 
 mod fixture_support;
 
@@ -60,7 +63,14 @@ impl Fixture {
     }
 }
 
-const FIXTURES: [&str; 3] = ["tiny-llama", "tiny-qwen2", "tiny-mistral"];
+const FIXTURES: [&str; 6] = [
+    "tiny-llama",
+    "tiny-qwen2",
+    "tiny-mistral",
+    "tiny-qwen3",
+    "tiny-phi3",
+    "tiny-gemma3",
+];
 
 #[test]
 fn full_load_logits_match_transformers() {
@@ -146,6 +156,7 @@ fn config_variants_match_transformers() {
         ("tiny-llama", "rope-linear"),
         ("tiny-llama", "rope-llama3"),
         ("tiny-qwen2", "sliding"),
+        ("tiny-gemma3", "softcap"),
     ];
     for (name, kind) in variants {
         let fixture = Fixture::load(name);
@@ -171,12 +182,53 @@ fn config_variants_match_transformers() {
         // The variant changed the outputs, so matching them says it is implemented right.
         assert!(max_abs_diff(expected, fixture.reference("logits")) > 1e-3);
 
+        // Gemma 3's older keys have their own test.
+        if name == "tiny-gemma3" {
+            continue;
+        }
         let classic = logits_of(&with_classic_keys(config));
         assert!(
             bitwise_equal(&classic, &logits),
             "{name} {kind}: classic keys"
         );
     }
+}
+
+#[test]
+fn gemma3_keys_of_older_releases_describe_the_same_model() {
+    // `sliding_window_pattern`, `rope_theta` and `rope_local_base_freq` instead of
+    // `layer_types` and per-type `rope_parameters`; no `tie_word_embeddings` (tied).
+    let fixture = Fixture::load("tiny-gemma3");
+    let folder = fixture_support::fixture("tiny-gemma3");
+    let mut value: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(folder.join("config-classic.json")).unwrap())
+            .unwrap();
+    value.as_object_mut().unwrap().remove("tie_word_embeddings");
+    let config = match memwise_model::models::ArchitectureConfig::from_value(&value, "classic") {
+        Ok(memwise_model::models::ArchitectureConfig::Decoder(config)) => config,
+        other => panic!("{other:?}"),
+    };
+    assert!(config.tie_word_embeddings);
+    let logits = DecoderModel::new(&config, DType::F32, &Device::Cpu)
+        .unwrap()
+        .forward_full(
+            full_weights(&fixture.weights),
+            Inputs::new(&fixture.input_ids()),
+        )
+        .unwrap();
+    assert!(bitwise_equal(&logits, &fixture.full_logits()));
+
+    value["use_bidirectional_attention"] = serde_json::Value::Bool(true);
+    let memwise_model::models::ArchitectureConfig::Decoder(config) =
+        memwise_model::models::ArchitectureConfig::from_value(&value, "bidirectional").unwrap()
+    else {
+        panic!("a decoder")
+    };
+    let err = DecoderModel::new(&config, DType::F32, &Device::Cpu).unwrap_err();
+    assert!(
+        err.to_string().contains("`use_bidirectional_attention`"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -194,6 +246,50 @@ fn unsupported_rope_scaling_is_a_clear_error() {
         message.contains("rope_scaling") && message.contains("yarn"),
         "{message}"
     );
+}
+
+#[test]
+fn phi3_long_rope_is_refused_by_its_key() {
+    let config = |extra: &str| {
+        let mut value: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(fixture_support::fixture("tiny-phi3").join("config.json"))
+                .unwrap(),
+        )
+        .unwrap();
+        value.as_object_mut().unwrap().remove("rope_parameters");
+        let extra: serde_json::Value = serde_json::from_str(extra).unwrap();
+        value
+            .as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let config = match memwise_model::models::ArchitectureConfig::from_value(&value, "phi3") {
+            Ok(memwise_model::models::ArchitectureConfig::Decoder(config)) => config,
+            other => panic!("{other:?}"),
+        };
+        DecoderModel::new(&config, DType::F32, &Device::Cpu).map(|_| ())
+    };
+    // Phi-3-mini-128k as published: the legacy `type` key, `su`.
+    let err =
+        config(r#"{"rope_scaling": {"type": "su", "long_factor": [1.0], "short_factor": [1.0]}}"#)
+            .unwrap_err()
+            .to_string();
+    assert!(
+        err.contains("`rope_scaling.type`") && err.contains("`su`"),
+        "{err}"
+    );
+    let err = config(r#"{"rope_scaling": {"rope_type": "longrope", "factor": 32.0}}"#)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("`rope_scaling.rope_type`") && err.contains("`longrope`"),
+        "{err}"
+    );
+    let err = config(r#"{"partial_rotary_factor": 0.75}"#)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("`partial_rotary_factor`"), "{err}");
+    // No scaling, as Phi-3-mini-4k publishes it: supported.
+    config(r#"{"rope_scaling": null, "rope_theta": 10000.0}"#).unwrap();
 }
 
 #[test]
@@ -239,7 +335,9 @@ fn greedy_generation_matches_transformers_with_and_without_cache() {
         // Keys and values of every token but the last, which was never fed back.
         let cfg = &fixture.config;
         let kv_heads = cfg.num_key_value_heads.unwrap_or(cfg.num_attention_heads);
-        let head_dim = cfg.hidden_size / cfg.num_attention_heads;
+        let head_dim = cfg
+            .head_dim
+            .unwrap_or(cfg.hidden_size / cfg.num_attention_heads);
         let per_token = 2 * cfg.num_hidden_layers * kv_heads * head_dim * 4;
         assert_eq!(
             cached.kv_cache_bytes,

@@ -14,7 +14,14 @@ use fixture_support::*;
 use memwise_model::models::{DecoderModel, EncoderModel, Family, Inputs};
 use memwise_model::{HookError, LayerHook, LayerWeights, ModelConverter, RunError};
 
-const DECODERS: [&str; 3] = ["tiny-llama", "tiny-qwen2", "tiny-mistral"];
+const DECODERS: [&str; 6] = [
+    "tiny-llama",
+    "tiny-qwen2",
+    "tiny-mistral",
+    "tiny-qwen3",
+    "tiny-phi3",
+    "tiny-gemma3",
+];
 
 fn reference(folder: &Path) -> HashMap<String, Tensor> {
     load_tensors(&folder.join("reference.safetensors"))

@@ -151,7 +151,7 @@ impl From<TokenIds> for OneOrMany {
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum ArchitectureConfig {
-    /// A Llama-family decoder (Llama, Mistral, Qwen2).
+    /// A Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 3 text).
     Decoder(Box<LlamaConfig>),
     /// A BERT-style encoder.
     Encoder(BertConfig),
@@ -202,9 +202,15 @@ impl ArchitectureConfig {
             Some(Architecture::Bert) => Ok(Self::Encoder(
                 BertConfig::deserialize(value).map_err(parse_error)?,
             )),
-            Some(_) => Ok(Self::Decoder(Box::new(
-                LlamaConfig::deserialize(value).map_err(parse_error)?,
-            ))),
+            Some(arch) => {
+                let mut config = LlamaConfig::deserialize(value).map_err(parse_error)?;
+                // Gemma 3 ties its head unless told otherwise; its published configs leave
+                // the key out.
+                if arch == Architecture::Gemma3Text && value.get("tie_word_embeddings").is_none() {
+                    config.tie_word_embeddings = true;
+                }
+                Ok(Self::Decoder(Box::new(config)))
+            }
             None => Err(ModelError::unsupported(
                 "model_type",
                 format!(

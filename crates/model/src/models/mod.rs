@@ -25,7 +25,9 @@ pub use error::ModelError;
 pub use family::{Family, Inputs, Loaded, Pass};
 pub(crate) use generate::generate;
 pub use generate::{GenerateOptions, Generation, Sampling};
-pub use llama::{DecoderBlock, DecoderModel, DecoderState, KvCache, LlamaConfig, RopeScaling};
+pub use llama::{
+    DecoderBlock, DecoderExtras, DecoderModel, DecoderState, KvCache, LlamaConfig, RopeScaling,
+};
 pub use pooling::{PoolingMode, SentencePooling};
 pub use stage::{Stage, TensorSpec};
 
@@ -39,13 +41,28 @@ pub enum Architecture {
     Mistral,
     /// `qwen2`: a Llama decoder with q/k/v biases.
     Qwen2,
+    /// `qwen3`: a Llama decoder with an RMSNorm on each query and key head before RoPE.
+    Qwen3,
+    /// `phi3`: a Llama decoder whose q/k/v and gate/up projections are stored fused.
+    Phi3,
+    /// `gemma3_text`: Gemma 3's text decoder (sliding and global layers, (1 + weight)
+    /// norms around attention and MLP, q/k norms, scaled embeddings).
+    Gemma3Text,
     /// `bert`: a BERT-style encoder (MiniLM and other sentence-embedding models).
     Bert,
 }
 
 impl Architecture {
     /// Every architecture, in the order the CLI lists them.
-    pub const ALL: [Architecture; 4] = [Self::Llama, Self::Mistral, Self::Qwen2, Self::Bert];
+    pub const ALL: [Architecture; 7] = [
+        Self::Llama,
+        Self::Mistral,
+        Self::Qwen2,
+        Self::Qwen3,
+        Self::Phi3,
+        Self::Gemma3Text,
+        Self::Bert,
+    ];
 
     /// The `model_type` value of `config.json`.
     pub fn model_type(self) -> &'static str {
@@ -53,6 +70,9 @@ impl Architecture {
             Self::Llama => "llama",
             Self::Mistral => "mistral",
             Self::Qwen2 => "qwen2",
+            Self::Qwen3 => "qwen3",
+            Self::Phi3 => "phi3",
+            Self::Gemma3Text => "gemma3_text",
             Self::Bert => "bert",
         }
     }
@@ -70,6 +90,9 @@ impl Architecture {
             Self::Llama => "LlamaForCausalLM",
             Self::Mistral => "MistralForCausalLM",
             Self::Qwen2 => "Qwen2ForCausalLM",
+            Self::Qwen3 => "Qwen3ForCausalLM",
+            Self::Phi3 => "Phi3ForCausalLM",
+            Self::Gemma3Text => "Gemma3ForCausalLM",
             Self::Bert => "BertModel",
         }
     }
@@ -107,7 +130,7 @@ mod tests {
         let err = ArchitectureConfig::from_json(r#"{"model_type": "gpt2"}"#).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "model config key `model_type`: `gpt2` is not implemented; supported: llama, mistral, qwen2, bert"
+            "model config key `model_type`: `gpt2` is not implemented; supported: llama, mistral, qwen2, qwen3, phi3, gemma3_text, bert"
         );
         let err = ArchitectureConfig::from_json(r#"{"model_type": "llama", "vocab_size": 8}"#)
             .unwrap_err();

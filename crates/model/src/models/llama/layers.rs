@@ -5,6 +5,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Linear, RmsNorm, VarBuilder};
 
 use super::config::DecoderConfig;
+use crate::models::Activation;
 
 /// A linear layer with or without a bias, named as Hugging Face names it.
 fn linear(
@@ -18,6 +19,47 @@ fn linear(
     } else {
         candle_nn::linear_no_bias(in_dim, out_dim, vb)
     }
+}
+
+/// An RMSNorm of width `dim`; with Gemma's norms it scales by `1 + weight`.
+pub(super) fn rms_norm(
+    dim: usize,
+    cfg: &DecoderConfig,
+    vb: VarBuilder,
+) -> candle_core::Result<RmsNorm> {
+    if cfg.gemma_norms {
+        let weight = (vb.get(dim, "weight")? + 1.0)?;
+        Ok(RmsNorm::new(weight, cfg.rms_norm_eps))
+    } else {
+        candle_nn::rms_norm(dim, cfg.rms_norm_eps, vb)
+    }
+}
+
+/// `cap * tanh(xs / cap)` (Gemma's soft capping), or `xs` when `cap` is `None`.
+pub(super) fn soft_cap(xs: Tensor, cap: Option<f64>) -> candle_core::Result<Tensor> {
+    match cap {
+        Some(cap) => (xs / cap)?.tanh()? * cap,
+        None => Ok(xs),
+    }
+}
+
+/// Linear layers stored as one fused weight (`(sum of out_dims, in_dim)`, no bias), split
+/// by rows in the order of `out_dims` as they load, as Phi-3 stores q/k/v and gate/up.
+fn split_linear(
+    in_dim: usize,
+    out_dims: &[usize],
+    vb: VarBuilder,
+) -> candle_core::Result<Vec<Linear>> {
+    let fused = vb.get((out_dims.iter().sum::<usize>(), in_dim), "weight")?;
+    let mut start = 0;
+    out_dims
+        .iter()
+        .map(|&rows| {
+            let part = fused.narrow(0, start, rows)?;
+            start += rows;
+            Ok(Linear::new(part, None))
+        })
+        .collect()
 }
 
 /// The cos and sin tables of the positions one pass covers, each `(seq_len, head_dim / 2)`,
@@ -152,32 +194,44 @@ struct Attention {
     k_proj: Linear,
     v_proj: Linear,
     o_proj: Linear,
+    /// Qwen3: RMSNorm over each query and key head, before RoPE.
+    qk_norm: Option<(RmsNorm, RmsNorm)>,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
+    scale: f64,
 }
 
 impl Attention {
     fn load(vb: VarBuilder, cfg: &DecoderConfig) -> candle_core::Result<Self> {
         let (hidden, dim) = (cfg.hidden_size, cfg.head_dim);
+        let (q_out, kv_out) = (cfg.num_heads * dim, cfg.num_kv_heads * dim);
+        let [q_proj, k_proj, v_proj] = if cfg.fused_projections {
+            let parts = split_linear(hidden, &[q_out, kv_out, kv_out], vb.pp("qkv_proj"))?;
+            parts.try_into().expect("three parts")
+        } else {
+            let proj = |out, name| linear(hidden, out, cfg.qkv_bias, vb.pp(name));
+            [
+                proj(q_out, "q_proj")?,
+                proj(kv_out, "k_proj")?,
+                proj(kv_out, "v_proj")?,
+            ]
+        };
         Ok(Self {
-            q_proj: linear(hidden, cfg.num_heads * dim, cfg.qkv_bias, vb.pp("q_proj"))?,
-            k_proj: linear(
-                hidden,
-                cfg.num_kv_heads * dim,
-                cfg.qkv_bias,
-                vb.pp("k_proj"),
-            )?,
-            v_proj: linear(
-                hidden,
-                cfg.num_kv_heads * dim,
-                cfg.qkv_bias,
-                vb.pp("v_proj"),
-            )?,
+            q_proj,
+            k_proj,
+            v_proj,
             o_proj: linear(cfg.num_heads * dim, hidden, cfg.o_bias, vb.pp("o_proj"))?,
+            qk_norm: if cfg.qk_norm {
+                let norm = |name| rms_norm(dim, cfg, vb.pp(name));
+                Some((norm("q_norm")?, norm("k_norm")?))
+            } else {
+                None
+            },
             num_heads: cfg.num_heads,
             num_kv_heads: cfg.num_kv_heads,
             head_dim: dim,
+            scale: cfg.attention_scale,
         })
     }
 
@@ -200,6 +254,10 @@ impl Attention {
         let q = heads(&self.q_proj, self.num_heads)?;
         let k = heads(&self.k_proj, self.num_kv_heads)?;
         let v = heads(&self.v_proj, self.num_kv_heads)?;
+        let (q, k) = match &self.qk_norm {
+            Some((q_norm, k_norm)) => (q_norm.forward(&q)?, k_norm.forward(&k)?),
+            None => (q, k),
+        };
         let q = candle_nn::rotary_emb::rope(&q, &rotary.cos, &rotary.sin)?;
         let k = candle_nn::rotary_emb::rope(&k, &rotary.cos, &rotary.sin)?;
         let (k, v) = match cache {
@@ -221,8 +279,7 @@ impl Attention {
         let v = repeat_kv(v, repeats)?;
         let dtype = q.dtype();
         // Softmax in f32 whatever the weights' dtype, as transformers does.
-        let scores =
-            (q.matmul(&k.t()?)? * (1.0 / (self.head_dim as f64).sqrt()))?.to_dtype(DType::F32)?;
+        let scores = (q.matmul(&k.t()?)? * self.scale)?.to_dtype(DType::F32)?;
         let scores = match mask {
             Some(mask) => scores.broadcast_add(mask)?,
             None => scores,
@@ -237,46 +294,73 @@ impl Attention {
     }
 }
 
-/// `down(silu(gate(x)) * up(x))`.
+/// `down(act(gate(x)) * up(x))`, `act` silu or gelu.
 #[derive(Debug, Clone)]
 struct Mlp {
     gate_proj: Linear,
     up_proj: Linear,
     down_proj: Linear,
+    activation: Activation,
 }
 
 impl Mlp {
     fn load(vb: VarBuilder, cfg: &DecoderConfig) -> candle_core::Result<Self> {
         let (hidden, inner, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
+        let [gate_proj, up_proj] = if cfg.fused_projections {
+            let parts = split_linear(hidden, &[inner, inner], vb.pp("gate_up_proj"))?;
+            parts.try_into().expect("two parts")
+        } else {
+            [
+                linear(hidden, inner, bias, vb.pp("gate_proj"))?,
+                linear(hidden, inner, bias, vb.pp("up_proj"))?,
+            ]
+        };
         Ok(Self {
-            gate_proj: linear(hidden, inner, bias, vb.pp("gate_proj"))?,
-            up_proj: linear(hidden, inner, bias, vb.pp("up_proj"))?,
+            activation: cfg.activation.clone(),
+            gate_proj,
+            up_proj,
             down_proj: linear(inner, hidden, bias, vb.pp("down_proj"))?,
         })
     }
 
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let gate = self.gate_proj.forward(xs)?.silu()?;
+        let gate = self.gate_proj.forward(xs)?;
+        let gate = match self.activation {
+            Activation::Gelu => gate.gelu_erf()?,
+            Activation::GeluTanh(_) => gate.gelu()?,
+            _ => gate.silu()?,
+        };
         self.down_proj.forward(&(gate * self.up_proj.forward(xs)?)?)
     }
 }
 
-/// Pre-norm decoder layer: `x + attn(norm(x))`, then `x + mlp(norm(x))`.
+/// Pre-norm decoder layer: `x + attn(norm(x))`, then `x + mlp(norm(x))`; with Gemma's
+/// norms the attention and MLP outputs are normed too before they are added.
 #[derive(Debug, Clone)]
 pub(super) struct DecoderLayer {
     input_layernorm: RmsNorm,
     self_attn: Attention,
     post_attention_layernorm: RmsNorm,
+    /// Gemma: `pre_feedforward_layernorm` and `post_feedforward_layernorm`.
+    feedforward_norms: Option<(RmsNorm, RmsNorm)>,
     mlp: Mlp,
 }
 
 impl DecoderLayer {
     pub(super) fn load(vb: VarBuilder, cfg: &DecoderConfig) -> candle_core::Result<Self> {
-        let norm = |name| candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp(name));
+        let norm = |name| rms_norm(cfg.hidden_size, cfg, vb.pp(name));
         Ok(Self {
             input_layernorm: norm("input_layernorm")?,
             self_attn: Attention::load(vb.pp("self_attn"), cfg)?,
             post_attention_layernorm: norm("post_attention_layernorm")?,
+            feedforward_norms: if cfg.gemma_norms {
+                Some((
+                    norm("pre_feedforward_layernorm")?,
+                    norm("post_feedforward_layernorm")?,
+                ))
+            } else {
+                None
+            },
             mlp: Mlp::load(vb.pp("mlp"), cfg)?,
         })
     }
@@ -291,10 +375,19 @@ impl DecoderLayer {
         let attended =
             self.self_attn
                 .forward(&self.input_layernorm.forward(xs)?, rotary, mask, cache)?;
-        let xs = (xs + attended)?;
-        let mlp = self
-            .mlp
-            .forward(&self.post_attention_layernorm.forward(&xs)?)?;
-        xs + mlp
+        match &self.feedforward_norms {
+            None => {
+                let xs = (xs + attended)?;
+                let mlp = self
+                    .mlp
+                    .forward(&self.post_attention_layernorm.forward(&xs)?)?;
+                xs + mlp
+            }
+            Some((pre, post)) => {
+                let xs = (xs + self.post_attention_layernorm.forward(&attended)?)?;
+                let mlp = post.forward(&self.mlp.forward(&pre.forward(&xs)?)?)?;
+                xs + mlp
+            }
+        }
     }
 }

@@ -1,8 +1,12 @@
-//! Llama-family decoders: Llama, Mistral and Qwen2.
+//! Llama-family decoders: Llama, Mistral, Qwen2, Qwen3, Phi-3 and Gemma 3 text.
 //!
 //! Grouped-query attention with rotary position embeddings (`rope_theta`, and the `linear`
 //! and `llama3` kinds of `rope_scaling`), RMSNorm, a SiLU-gated MLP, and tied or untied
-//! embeddings. Qwen2 differs only by biases on q/k/v; Mistral (and Qwen2 when it asks for
+//! embeddings. Qwen2 differs only by biases on q/k/v, Qwen3 by an RMSNorm over each query
+//! and key head before RoPE, Phi-3 by fused `qkv_proj` and `gate_up_proj` weights (split
+//! as they load), Gemma 3 by `(1 + weight)` norms also after attention and around the MLP,
+//! q/k norms, embeddings scaled by `sqrt(hidden_size)`, a gelu MLP, `query_pre_attn_scalar`,
+//! optional final logit soft capping, and sliding layers with their own RoPE base; Mistral (and Phi-3) (and Qwen2 when it asks for
 //! it) by a sliding attention window. The stages run in the order of
 //! [`DecoderModel::layer_names`]: `model.embed_tokens`, `model.layers.0` …
 //! `model.layers.{N-1}`, `model.norm`, `lm_head`.
@@ -13,10 +17,12 @@ mod layers;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
 
-pub use config::{LlamaConfig, RopeScaling};
+pub use config::{DecoderExtras, LlamaConfig, RopeScaling};
 
 use self::config::DecoderConfig;
-use self::layers::{attention_mask, padded_attention_mask, DecoderLayer, RotaryTables};
+use self::layers::{
+    attention_mask, padded_attention_mask, rms_norm, soft_cap, DecoderLayer, RotaryTables,
+};
 use super::stage::previous_output;
 use super::{Family, Inputs, ModelError, Stage};
 
@@ -119,6 +125,8 @@ impl DecoderModel {
 pub struct DecoderState<'a> {
     input_ids: Tensor,
     rotary: RotaryTables,
+    /// Gemma 3: the sliding layers' own tables.
+    local_rotary: Option<RotaryTables>,
     /// One mask for each distinct window, shared by the layers that use it.
     masks: Vec<(Option<usize>, Option<Tensor>)>,
     cache: Option<&'a mut KvCache>,
@@ -161,11 +169,9 @@ impl Family for DecoderModel {
                     cfg,
                 )?),
             ),
-            i if i == layers + 1 => Block::FinalNorm(candle_nn::rms_norm(
-                cfg.hidden_size,
-                cfg.rms_norm_eps,
-                vb.pp("model.norm"),
-            )?),
+            i if i == layers + 1 => {
+                Block::FinalNorm(rms_norm(cfg.hidden_size, cfg, vb.pp("model.norm"))?)
+            }
             _ if cfg.tie_word_embeddings => Block::LmHead(Linear::new(embeddings()?, None)),
             _ => Block::LmHead(candle_nn::linear_no_bias(
                 cfg.hidden_size,
@@ -206,9 +212,9 @@ impl Family for DecoderModel {
             }
         };
         let setup = |e| ModelError::stage("pass setup")(e);
-        let rotary = match &real {
+        let tables = |frequencies: &[f32]| match &real {
             None => RotaryTables::new(
-                &self.cfg.inverse_frequencies,
+                frequencies,
                 offset..offset + seq_len,
                 self.dtype,
                 &self.device,
@@ -230,15 +236,17 @@ impl Family for DecoderModel {
                         all[offset..].to_vec()
                     })
                     .collect();
-                RotaryTables::per_sequence(
-                    &self.cfg.inverse_frequencies,
-                    &positions,
-                    self.dtype,
-                    &self.device,
-                )
+                RotaryTables::per_sequence(frequencies, &positions, self.dtype, &self.device)
             }
-        }
-        .map_err(setup)?;
+        };
+        let rotary = tables(&self.cfg.inverse_frequencies).map_err(setup)?;
+        let local_rotary = self
+            .cfg
+            .local_inverse_frequencies
+            .as_deref()
+            .map(tables)
+            .transpose()
+            .map_err(setup)?;
         let mut masks: Vec<(Option<usize>, Option<Tensor>)> = Vec::new();
         for &window in &self.cfg.sliding_windows {
             if masks.iter().all(|(w, _)| *w != window) {
@@ -265,6 +273,7 @@ impl Family for DecoderModel {
         Ok(DecoderState {
             input_ids: inputs.input_ids.to_device(&self.device).map_err(setup)?,
             rotary,
+            local_rotary,
             masks,
             cache,
             new_tokens: seq_len,
@@ -281,7 +290,13 @@ impl Family for DecoderModel {
         hidden: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
         match &block.block {
-            Block::Embeddings(embeddings) => embeddings.forward(&state.input_ids),
+            Block::Embeddings(embeddings) => {
+                let embedded = embeddings.forward(&state.input_ids)?;
+                match self.cfg.embed_scale {
+                    Some(scale) => embedded * scale,
+                    None => Ok(embedded),
+                }
+            }
             Block::Layer(layer_index, layer) => {
                 let window = self.cfg.sliding_windows[*layer_index];
                 let mask = state
@@ -293,7 +308,11 @@ impl Family for DecoderModel {
                     .cache
                     .as_deref_mut()
                     .map(|cache| &mut cache.layers[*layer_index]);
-                layer.forward(previous_output(hidden)?, &state.rotary, mask, cache)
+                let rotary = match &state.local_rotary {
+                    Some(local) if window.is_some() => local,
+                    _ => &state.rotary,
+                };
+                layer.forward(previous_output(hidden)?, rotary, mask, cache)
             }
             Block::FinalNorm(norm) => {
                 let hidden = previous_output(hidden)?;
@@ -314,7 +333,10 @@ impl Family for DecoderModel {
                 };
                 norm.forward(&last.contiguous()?)
             }
-            Block::LmHead(head) => head.forward(previous_output(hidden)?),
+            Block::LmHead(head) => soft_cap(
+                head.forward(previous_output(hidden)?)?,
+                self.cfg.final_logit_softcapping,
+            ),
         }
     }
 
