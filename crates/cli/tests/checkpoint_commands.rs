@@ -198,3 +198,66 @@ fn bad_options_are_refused_before_the_model_is_read() {
     }
     assert!(!out.exists());
 }
+
+#[test]
+fn quantize_takes_its_defaults_from_the_configuration_and_refuses_what_it_cannot_do() {
+    let model = fixture("quant/llama-bf16");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("memwise.toml");
+    let with_config = |toml: &str, args: &[&str]| {
+        std::fs::write(&config, toml).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_memwise"))
+            .arg("quantize")
+            .arg(&model)
+            .args(args)
+            .env("MEMWISE_CONFIG", &config)
+            .output()
+            .unwrap();
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), said)
+    };
+    // Defaults from the file, the folder from export.export_path.
+    let out = dir.path().join("w8");
+    let toml = format!(
+        "[quantization]\nbits = 8\nweight_dtype = \"int8\"\ngroup_size = 32\nsymmetric = false\n\
+         [export]\nexport_path = {:?}\n",
+        out.display().to_string()
+    );
+    let (ok, said) = with_config(&toml, &[]);
+    assert!(ok, "{said}");
+    assert!(said.contains("8 bits, group size 32, asymmetric"), "{said}");
+    assert!(out.join("quantization_config.json").is_file());
+    // A flag wins over the file.
+    let (ok, said) = with_config(
+        &toml,
+        &[
+            "--bits",
+            "4",
+            "--out",
+            dir.path().join("w4").to_str().unwrap(),
+        ],
+    );
+    assert!(ok && said.contains("4 bits, group size 32"), "{said}");
+
+    for (toml, key) in [
+        ("[quantization]\nact_bits = 8\n", "quantization.act_bits"),
+        (
+            "[export]\nexport_format = \"awq\"\n",
+            "export.export_format",
+        ),
+        ("[export]\ninterleave = true\n", "export.interleave"),
+        (
+            "[quantization]\nweight_dtype = \"fp8\"\n",
+            "quantization.weight_dtype",
+        ),
+    ] {
+        let target = dir.path().join("refused");
+        let (ok, said) = with_config(toml, &["--out", target.to_str().unwrap()]);
+        assert!(!ok && said.contains(key), "{key}: {said}");
+        assert!(!target.exists(), "{key}: nothing may be written");
+    }
+}

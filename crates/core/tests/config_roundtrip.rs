@@ -24,7 +24,7 @@ fn changed_everywhere(dir: &std::path::Path) -> Config {
     config.quantization.bits = 2;
     config.quantization.group_size = -1;
     config.quantization.weight_dtype = "int2".into();
-    config.quantization.act_bits = 16;
+    config.quantization.act_bits = 8;
     config.export.export_format = ExportFormat::AutoGptq;
     config.export.export_path = Some(dir.join("export"));
     config.export.interleave = true;

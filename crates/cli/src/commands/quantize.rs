@@ -3,48 +3,47 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context as _;
+use anyhow::{bail, Context as _};
 use memwise_model::quant::{quantize_checkpoint, QuantizeOptions};
 
 use super::inspect::human_bytes;
 
-/// Options for `memwise quantize`.
+/// Options for `memwise quantize`. Unset options come from the configuration's
+/// `quantization` and `export` sections (`memwise config show`); a flag wins over them.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// A Hugging Face model folder.
     model: PathBuf,
-    /// Bits per weight: 2, 4 or 8.
-    #[arg(long, default_value_t = 4)]
-    bits: u8,
-    /// Weights sharing one scale and zero point, or -1 for one group per output channel.
-    #[arg(long, default_value_t = 128, allow_negative_numbers = true)]
-    group_size: i64,
-    /// Symmetric quantization, the zero point fixed mid-range (the default, as auto-round's).
+    /// Bits per weight: 2, 4 or 8 (default: quantization.bits).
+    #[arg(long)]
+    bits: Option<u8>,
+    /// Weights sharing one scale and zero point, or -1 for one group per output channel
+    /// (default: quantization.group_size).
+    #[arg(long, allow_negative_numbers = true)]
+    group_size: Option<i64>,
+    /// Symmetric quantization, the zero point fixed mid-range (default:
+    /// quantization.symmetric, true as auto-round's).
     #[arg(long, conflicts_with = "asym")]
     sym: bool,
     /// Asymmetric quantization, a zero point per group.
     #[arg(long)]
     asym: bool,
-    /// The checkpoint format written; only auto_round is implemented.
-    #[arg(long, default_value = "auto_round")]
-    format: String,
-    /// The new model folder (must not exist).
+    /// The checkpoint format written; only auto_round is implemented (default:
+    /// export.export_format).
+    #[arg(long)]
+    format: Option<String>,
+    /// The new model folder, which must not exist (default: export.export_path).
     #[arg(long, value_name = "DIR")]
-    out: PathBuf,
+    out: Option<PathBuf>,
 }
 
 /// Checks the options, quantizes, and prints what was written.
 pub fn run(args: Args) -> anyhow::Result<()> {
+    let config = memwise::init_config().context("reading the memwise configuration")?;
     // Every option is checked before the model is opened.
-    let options =
-        QuantizeOptions::from_values(args.bits, args.group_size, !args.asym, &args.format)?;
-    let report = quantize_checkpoint(&args.model, &args.out, &options).with_context(|| {
-        format!(
-            "quantizing {} into {}",
-            args.model.display(),
-            args.out.display()
-        )
-    })?;
+    let (options, out) = options(&args, &config)?;
+    let report = quantize_checkpoint(&args.model, &out, &options)
+        .with_context(|| format!("quantizing {} into {}", args.model.display(), out.display()))?;
     let scheme = options.scheme();
     println!(
         "{}: {} linear weights quantized ({} bits, group size {}, {}), {} tensors kept, {} in {} file(s)",
@@ -58,4 +57,71 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         report.shards,
     );
     Ok(())
+}
+
+/// The options the flags and the configuration ask for, and the folder to write. Every key
+/// of the `quantization` and `export` sections is honoured or refused, naming the key and
+/// where its value came from.
+fn options(args: &Args, config: &memwise::Config) -> anyhow::Result<(QuantizeOptions, PathBuf)> {
+    use memwise::config::{refuse, ExportFormat};
+    let (quant, export) = (&config.quantization, &config.export);
+    let bits = args.bits.unwrap_or(quant.bits);
+    let sym = if args.sym || args.asym {
+        args.sym
+    } else {
+        quant.symmetric
+    };
+    // A weight dtype names the integer scheme (`int4` for 4 bits, or plain `int`).
+    if args.bits.is_none()
+        && !matches!(quant.weight_dtype.strip_prefix("int"), Some(n) if n.is_empty() || n == bits.to_string())
+    {
+        return Err(refuse(
+            "quantization.weight_dtype",
+            format!(
+                "{:?} is not the integer scheme of quantization.bits = {bits} (use \"int{bits}\")",
+                quant.weight_dtype
+            ),
+        )
+        .into());
+    }
+    if quant.act_bits < 16 {
+        return Err(refuse(
+            "quantization.act_bits",
+            format!(
+                "{}: quantizing activations is not implemented; memwise quantizes weights only \
+                 (set 16)",
+                quant.act_bits
+            ),
+        )
+        .into());
+    }
+    let format = match (&args.format, export.export_format) {
+        (Some(format), _) => format.clone(),
+        (None, ExportFormat::AutoRound) => "auto_round".to_owned(),
+        (None, other) => {
+            return Err(refuse(
+                "export.export_format",
+                format!("{other:?} is not implemented yet; memwise writes auto-round's format"),
+            )
+            .into())
+        }
+    };
+    for (key, on) in [
+        ("export.mixed_precision", export.mixed_precision),
+        ("export.interleave", export.interleave),
+    ] {
+        if on {
+            return Err(refuse(key, "true is not implemented yet; set false").into());
+        }
+    }
+    let out = match (&args.out, &export.export_path) {
+        (Some(out), _) => out.clone(),
+        (None, Some(path)) => path.clone(),
+        (None, None) => bail!("give --out DIR, or set export.export_path"),
+    };
+    let group_size = args.group_size.unwrap_or(quant.group_size);
+    Ok((
+        QuantizeOptions::from_values(bits, group_size, sym, &format)?,
+        out,
+    ))
 }

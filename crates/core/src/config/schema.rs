@@ -122,12 +122,12 @@ pub struct QuantizationConfig {
     /// Weights sharing one scale: a power of two, or -1 for one group per channel.
     /// Default 128.
     pub group_size: i64,
-    /// Symmetric weight quantization (no zero point). Default false.
+    /// Symmetric weight quantization (no zero point). Default true, as auto-round's.
     pub symmetric: bool,
     /// The weight data type name. Default `int4`.
     pub weight_dtype: String,
     /// Bits per activation: 2, 3, 4 or 8, or 16 / 32 to leave activations unquantized.
-    /// Default 8.
+    /// Default 16: weights only (W4A16), as auto-round's default scheme.
     pub act_bits: u8,
     /// Activations sharing one scale, as `group_size`. Default 128.
     pub act_group_size: i64,
@@ -300,9 +300,9 @@ impl Default for QuantizationConfig {
         QuantizationConfig {
             bits: 4,
             group_size: 128,
-            symmetric: false,
+            symmetric: true,
             weight_dtype: "int4".to_owned(),
-            act_bits: 8,
+            act_bits: 16,
             act_group_size: 128,
             act_symmetric: true,
         }
