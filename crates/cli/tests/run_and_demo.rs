@@ -2,7 +2,8 @@
 //! transformers' on the reference fixture, its output file is written whole, bad requests
 //! are refused with a clear message, and the demo's streamed run equals the full load.
 //! `run --report DIR` writes a report folder with a slice per stage, and `report compare`
-//! puts two folders side by side.
+//! puts two folders side by side. `memwise plan` prints a plan and refuses a budget nothing
+//! fits.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -413,4 +414,42 @@ fn run_writes_a_report_and_compare_shows_what_changed() {
         "{}",
         text(&missing)
     );
+}
+
+#[test]
+fn plan_prints_parts_placement_and_stages() {
+    let model = fixture("tiny-llama").to_string_lossy().into_owned();
+    let args = ["plan", &model, "--budget", "400MiB", "--seq", "128"];
+    let output = memwise(&[&args[..], &["--new-tokens", "16"]].concat());
+    let out = text(&output);
+    assert!(output.status.success(), "{out}");
+    for line in [
+        "placement: all resident",
+        "runtime floor",
+        "KV cache",
+        "streaming window",
+        "model.layers.1",
+    ] {
+        assert!(out.contains(line), "{line:?} missing from\n{out}");
+    }
+
+    let output = memwise(&[&args[..], &["--json", "--streamed"]].concat());
+    assert!(output.status.success(), "{}", text(&output));
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(json["placement"], "streamed");
+    assert_eq!(json["request"]["seq_len"], 128);
+    let device = &json["devices"][0];
+    let parts = device["parts"].as_object().unwrap();
+    let sum: u64 = parts.values().map(|v| v.as_u64().unwrap()).sum();
+    assert_eq!(device["peak"].as_u64(), Some(sum));
+    assert_eq!(json["stages"].as_array().unwrap().len(), 5);
+}
+
+#[test]
+fn plan_refuses_a_budget_nothing_fits_with_the_deficit() {
+    let model = fixture("tiny-llama").to_string_lossy().into_owned();
+    let output = memwise(&["plan", &model, "--budget", "1MiB"]);
+    assert!(!output.status.success());
+    let out = text(&output);
+    assert!(out.contains("cpu") && out.contains("short"), "{out}");
 }

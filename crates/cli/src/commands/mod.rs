@@ -6,6 +6,7 @@ mod config;
 mod convert;
 mod demo;
 mod inspect;
+mod plan;
 mod quantize;
 mod report;
 mod reports;
@@ -37,6 +38,9 @@ enum Command {
     /// Write a seeded random-weight model in the Hugging Face layout (config.json, sharded
     /// safetensors, index), so nothing has to be downloaded.
     Synth(synth::Args),
+    /// Predict a run's whole-process peak and where each stage's weights live, reading no
+    /// weight; a budget nothing fits is refused with the deficit.
+    Plan(plan::Args),
     /// Stream a model through memory one layer at a time; print its output and per-layer memory.
     Run(run::Args),
     /// Quantize a model's linear weights with round-to-nearest, stage by stage, into
@@ -55,6 +59,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect(args) => inspect::run(args),
         Command::Convert(args) => convert::run(args),
         Command::Synth(args) => synth::run(args),
+        Command::Plan(args) => plan::run(args),
         Command::Run(args) => run::run(args),
         Command::Quantize(args) => quantize::run(args),
         Command::Report(args) => reports::run(args),
