@@ -3,9 +3,13 @@
 
 mod fixture_support;
 
-use fixture_support::fixture;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+use fixture_support::*;
 use memwise_model::plan::{Placement, Plan, PlanError, Request, Residency};
-use memwise_model::Checkpoint;
+use memwise_model::{Checkpoint, HookError, LayerHook, LayerWeights, ModelConverter, RunError};
 
 /// tiny-llama: hidden 64, 4 heads of 16, 2 KV heads, intermediate 128, vocab 128, 2 layers.
 const LAYER_BYTES: u64 = 4 * (64 * 64 + 2 * 32 * 64 + 64 * 64 + 3 * 128 * 64 + 2 * 64);
@@ -155,4 +159,124 @@ fn read_ahead_waits_for_room_in_the_window() {
     assert_eq!(tight.window_budget(), Some(LAYER_BYTES + 1000));
     // A layer and the norm (256 bytes) fit together; two layers do not.
     assert_eq!(tight.cpu().parts.streaming_window, LAYER_BYTES + 256);
+}
+
+/// Counts the stages the runner hands out, i.e. the stages whose weights were read.
+#[derive(Clone, Default)]
+struct CountReads(Arc<AtomicUsize>);
+
+impl LayerHook for CountReads {
+    fn before_layer(&self, _: &mut LayerWeights) -> Result<(), HookError> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+#[test]
+fn an_over_budget_plan_is_refused_before_any_weight_byte_is_read() {
+    let folder = fixture("tiny-llama");
+    let reads = CountReads::default();
+    let converter = |budget| {
+        ModelConverter::new(&folder)
+            .device(Device::Cpu)
+            .budget(Some(budget))
+            .hook(reads.clone())
+    };
+    let err = converter(4 << 20)
+        .load_model_with_hooks(true)
+        .err()
+        .expect("refused");
+    assert!(
+        matches!(&err, RunError::Plan(e) if matches!(**e, PlanError::OverBudget { .. })),
+        "{err}"
+    );
+    assert_eq!(reads.0.load(Ordering::SeqCst), 0, "no stage was read");
+
+    // With room the same run loads without reading, and its forward reads every stage:
+    // the hook does count reads.
+    let mut model = converter(256 << 20).load_model_with_hooks(true).unwrap();
+    assert_eq!(reads.0.load(Ordering::SeqCst), 0);
+    let ids = Tensor::new(&[[1u32, 2, 3]], &Device::Cpu).unwrap();
+    model.forward(&ids).unwrap();
+    assert_eq!(reads.0.load(Ordering::SeqCst), model.stages().len());
+}
+
+#[test]
+fn every_placement_gives_logits_bitwise_equal_to_the_full_load() {
+    for name in ["tiny-llama", "tiny-qwen2", "tiny-mistral"] {
+        let folder = fixture(name);
+        let reference = load_tensors(&folder.join("reference.safetensors"));
+        let ids = token_ids(&reference["input_ids"]);
+        let full = full_load_logits(&folder, &ids);
+        let converter = || {
+            ModelConverter::new(&folder)
+                .device(Device::Cpu)
+                .prefetch_depth(0)
+        };
+        let all = converter().load_model_with_hooks(false).unwrap();
+        let everything = all.plan().peak();
+        let cases = [
+            (false, None, Placement::AllResident),
+            (false, Some(everything - 1), Placement::Mixed),
+            (true, Some(everything), Placement::Streamed),
+        ];
+        for (clean, budget, placement) in cases {
+            let mut model = converter()
+                .budget(budget)
+                .load_model_with_hooks(clean)
+                .unwrap();
+            assert_eq!(model.plan().placement(), placement, "{name}");
+            for pass in 0..2 {
+                let logits = model.forward(&ids).unwrap();
+                assert!(
+                    bitwise_equal(&logits, &full),
+                    "{name}: {placement:?}, pass {pass}: != full load"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_mixed_plan_keeps_its_resident_stages_and_reads_only_the_rest_again() {
+    let (_dir, folder) = {
+        let dir = tempfile::tempdir().unwrap();
+        let folder = dir.path().join("m");
+        std::fs::create_dir_all(&folder).unwrap();
+        for file in ["config.json", "model.safetensors"] {
+            std::fs::copy(fixture("tiny-llama").join(file), folder.join(file)).unwrap();
+        }
+        (dir, folder)
+    };
+    let converter = || {
+        ModelConverter::new(&folder)
+            .device(Device::Cpu)
+            .prefetch_depth(0)
+    };
+    let everything = converter()
+        .load_model_with_hooks(false)
+        .unwrap()
+        .plan()
+        .peak();
+    let reads = CountReads::default();
+    let mut model = converter()
+        .budget(Some(everything - 1))
+        .hook(reads.clone())
+        .load_model_with_hooks(false)
+        .unwrap();
+    let plan = model.plan().clone();
+    assert_eq!(plan.placement(), Placement::Mixed);
+    let streamed = plan
+        .stages()
+        .iter()
+        .filter(|s| s.residency == Residency::Streamed)
+        .count();
+    let ids = Tensor::new(&[[1u32, 2, 3]], &Device::Cpu).unwrap();
+    model.forward(&ids).unwrap();
+    assert_eq!(reads.0.load(Ordering::SeqCst), plan.stages().len());
+    model.forward(&ids).unwrap();
+    assert_eq!(
+        reads.0.load(Ordering::SeqCst),
+        plan.stages().len() + streamed
+    );
 }
