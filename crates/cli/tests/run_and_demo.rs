@@ -115,8 +115,10 @@ fn run_refuses_bad_requests_clearly() {
         said.contains("input_ids holds 999999, but the model's vocab_size is 128"),
         "{said}"
     );
+    // stdout has the plan (every stage named); the error itself names none.
+    let error = String::from_utf8_lossy(&out_of_vocab.stderr);
     assert!(
-        !said.contains("backtrace") && !said.contains("model.layers"),
+        !error.contains("backtrace") && !error.contains("model.layers"),
         "{said}"
     );
 
@@ -452,4 +454,77 @@ fn plan_refuses_a_budget_nothing_fits_with_the_deficit() {
     assert!(!output.status.success());
     let out = text(&output);
     assert!(out.contains("cpu") && out.contains("short"), "{out}");
+}
+
+/// `run --json`'s last line: predicted and measured whole-process peaks, within 5% or
+/// 16 MiB of each other, whichever is larger.
+fn assert_peak_predicted(model: &str, extra: &[&str]) -> serde_json::Value {
+    let ids: Vec<String> = (1..=32).map(|i| i.to_string()).collect();
+    let ids = ids.join(",");
+    let output = memwise(&[&["run", model, "--input-ids", &ids, "--json"], extra].concat());
+    let out = text(&output);
+    assert!(output.status.success(), "{out}");
+    assert!(
+        out.contains("plan used:") && out.contains("peak: predicted"),
+        "{out}"
+    );
+    let last = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .last()
+        .unwrap()
+        .to_owned();
+    let summary: serde_json::Value = serde_json::from_str(&last).unwrap();
+    let predicted = summary["predicted_peak"].as_u64().unwrap() as f64;
+    let measured = summary["measured_peak"].as_u64().unwrap() as f64;
+    let bound = (predicted * 0.05).max(16.0 * 1024.0 * 1024.0);
+    assert!(
+        (measured - predicted).abs() <= bound,
+        "{model} {extra:?}: predicted {predicted}, measured {measured}"
+    );
+    summary
+}
+
+#[test]
+fn run_json_carries_the_plan_and_a_peak_predicted_within_the_bound() {
+    let fixture = fixture("tiny-llama").to_string_lossy().into_owned();
+    let summary = assert_peak_predicted(&fixture, &[]);
+    assert_eq!(summary["plan"]["placement"], "streamed");
+    assert_eq!(summary["plan"]["request"]["seq_len"], 32);
+
+    // A synthetic model of 80 MiB: all resident, some resident, streamed.
+    let tmp = tempfile::tempdir().unwrap();
+    let folder = tmp.path().join("m");
+    let synth = [
+        "synth",
+        "--hidden",
+        "512",
+        "--intermediate",
+        "1408",
+        "--layers",
+        "4",
+        "--heads",
+        "8",
+        "--vocab",
+        "8000",
+    ];
+    let output = memwise(&[&synth[..], &[folder.to_str().unwrap()]].concat());
+    assert!(output.status.success(), "{}", text(&output));
+    let model = folder.to_str().unwrap();
+    for (extra, placement) in [
+        (&["--keep-weights"][..], "all_resident"),
+        (
+            &[
+                "--keep-weights",
+                "--budget",
+                "64MiB",
+                "--max-new-tokens",
+                "4",
+            ][..],
+            "mixed",
+        ),
+        (&["--budget", "64MiB"][..], "streamed"),
+    ] {
+        let summary = assert_peak_predicted(model, extra);
+        assert_eq!(summary["plan"]["placement"], placement, "{extra:?}");
+    }
 }

@@ -56,18 +56,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .placement(args.streamed.then_some(Placement::Streamed));
     let plan = Plan::new(&checkpoint, &request)?;
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&plan_json(&plan, &request))?
-        );
+        println!("{}", serde_json::to_string_pretty(&plan_json(&plan))?);
     } else {
-        print!("{}", render(&plan, &request));
+        print!("{}", render(&plan));
     }
     Ok(())
 }
 
 /// The plan and the request it answers, as JSON (`run --json` carries it too).
-pub fn plan_json(plan: &Plan, request: &Request) -> serde_json::Value {
+pub fn plan_json(plan: &Plan) -> serde_json::Value {
+    let request = plan.request();
     let mut value = serde_json::to_value(plan).unwrap_or_default();
     value["request"] = serde_json::json!({
         "batch": request.batch,
@@ -81,7 +79,8 @@ pub fn plan_json(plan: &Plan, request: &Request) -> serde_json::Value {
 }
 
 /// The plan as text: the request, the placement, each device's parts and each stage.
-pub fn render(plan: &Plan, request: &Request) -> String {
+pub fn render(plan: &Plan) -> String {
+    let request = plan.request();
     let mut out = String::new();
     let _ = writeln!(
         out,

@@ -44,7 +44,7 @@ use crate::models::{ModelError, Stage};
 
 /// What a run will do: the shape of its input, how many tokens it generates, and the
 /// memory it may take.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Request {
     /// Sequences run together.
@@ -246,6 +246,9 @@ pub struct Plan {
     /// Bytes the streamed stages' read-ahead may keep alive at once (what is left of the
     /// budget beside everything else); `None` without a budget.
     window_budget: Option<u64>,
+    /// The request planned for.
+    #[serde(skip)]
+    request: Request,
 }
 
 impl Plan {
@@ -370,7 +373,13 @@ impl Plan {
                 budget: request.budget,
             }],
             window_budget,
+            request: request.clone(),
         })
+    }
+
+    /// The request planned for.
+    pub fn request(&self) -> &Request {
+        &self.request
     }
 
     /// The placement chosen.
