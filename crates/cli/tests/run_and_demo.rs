@@ -2,7 +2,8 @@
 //! transformers' on the reference fixture, its output file is written whole, bad requests
 //! are refused with a clear message, and the demo's streamed run equals the full load.
 //! `run --report DIR` writes a report folder with a slice per stage, and `report compare`
-//! puts two folders side by side.
+//! puts two folders side by side. `memwise plan` prints a plan and refuses a budget nothing
+//! fits.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -114,8 +115,10 @@ fn run_refuses_bad_requests_clearly() {
         said.contains("input_ids holds 999999, but the model's vocab_size is 128"),
         "{said}"
     );
+    // stdout has the plan (every stage named); the error itself names none.
+    let error = String::from_utf8_lossy(&out_of_vocab.stderr);
     assert!(
-        !said.contains("backtrace") && !said.contains("model.layers"),
+        !error.contains("backtrace") && !error.contains("model.layers"),
         "{said}"
     );
 
@@ -574,4 +577,115 @@ fn embed_writes_what_sentence_transformers_returns_for_a_file_of_texts() {
         "{}",
         text(&decoder)
     );
+}
+
+#[test]
+fn plan_prints_parts_placement_and_stages() {
+    let model = fixture("tiny-llama").to_string_lossy().into_owned();
+    let args = ["plan", &model, "--budget", "400MiB", "--seq", "128"];
+    let output = memwise(&[&args[..], &["--new-tokens", "16"]].concat());
+    let out = text(&output);
+    assert!(output.status.success(), "{out}");
+    for line in [
+        "placement: all resident",
+        "runtime floor",
+        "KV cache",
+        "streaming window",
+        "model.layers.1",
+    ] {
+        assert!(out.contains(line), "{line:?} missing from\n{out}");
+    }
+
+    let output = memwise(&[&args[..], &["--json", "--streamed"]].concat());
+    assert!(output.status.success(), "{}", text(&output));
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(json["placement"], "streamed");
+    assert_eq!(json["request"]["seq_len"], 128);
+    let device = &json["devices"][0];
+    let parts = device["parts"].as_object().unwrap();
+    let sum: u64 = parts.values().map(|v| v.as_u64().unwrap()).sum();
+    assert_eq!(device["peak"].as_u64(), Some(sum));
+    assert_eq!(json["stages"].as_array().unwrap().len(), 5);
+}
+
+#[test]
+fn plan_refuses_a_budget_nothing_fits_with_the_deficit() {
+    let model = fixture("tiny-llama").to_string_lossy().into_owned();
+    let output = memwise(&["plan", &model, "--budget", "1MiB"]);
+    assert!(!output.status.success());
+    let out = text(&output);
+    assert!(out.contains("cpu") && out.contains("short"), "{out}");
+}
+
+/// `run --json`'s last line: predicted and measured whole-process peaks, within 5% or
+/// 16 MiB of each other, whichever is larger.
+fn assert_peak_predicted(model: &str, extra: &[&str]) -> serde_json::Value {
+    let ids: Vec<String> = (1..=32).map(|i| i.to_string()).collect();
+    let ids = ids.join(",");
+    let output = memwise(&[&["run", model, "--input-ids", &ids, "--json"], extra].concat());
+    let out = text(&output);
+    assert!(output.status.success(), "{out}");
+    assert!(
+        out.contains("plan used:") && out.contains("peak: predicted"),
+        "{out}"
+    );
+    let last = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .last()
+        .unwrap()
+        .to_owned();
+    let summary: serde_json::Value = serde_json::from_str(&last).unwrap();
+    let predicted = summary["predicted_peak"].as_u64().unwrap() as f64;
+    let measured = summary["measured_peak"].as_u64().unwrap() as f64;
+    let bound = (predicted * 0.05).max(16.0 * 1024.0 * 1024.0);
+    assert!(
+        (measured - predicted).abs() <= bound,
+        "{model} {extra:?}: predicted {predicted}, measured {measured}"
+    );
+    summary
+}
+
+#[test]
+fn run_json_carries_the_plan_and_a_peak_predicted_within_the_bound() {
+    let fixture = fixture("tiny-llama").to_string_lossy().into_owned();
+    let summary = assert_peak_predicted(&fixture, &[]);
+    assert_eq!(summary["plan"]["placement"], "streamed");
+    assert_eq!(summary["plan"]["request"]["seq_len"], 32);
+
+    // A synthetic model of 80 MiB: all resident, some resident, streamed.
+    let tmp = tempfile::tempdir().unwrap();
+    let folder = tmp.path().join("m");
+    let synth = [
+        "synth",
+        "--hidden",
+        "512",
+        "--intermediate",
+        "1408",
+        "--layers",
+        "4",
+        "--heads",
+        "8",
+        "--vocab",
+        "8000",
+    ];
+    let output = memwise(&[&synth[..], &[folder.to_str().unwrap()]].concat());
+    assert!(output.status.success(), "{}", text(&output));
+    let model = folder.to_str().unwrap();
+    for (extra, placement) in [
+        (&["--keep-weights"][..], "all_resident"),
+        (
+            &[
+                "--keep-weights",
+                "--budget",
+                "64MiB",
+                "--max-new-tokens",
+                "4",
+            ][..],
+            "mixed",
+        ),
+        (&["--budget", "64MiB"][..], "streamed"),
+    ] {
+        let summary = assert_peak_predicted(model, extra);
+        assert_eq!(summary["plan"]["placement"], placement, "{extra:?}");
+    }
 }

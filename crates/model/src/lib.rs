@@ -117,6 +117,7 @@
 pub mod checkpoint;
 mod error;
 pub mod models;
+pub mod plan;
 pub mod quant;
 mod runner;
 pub mod stream;
@@ -126,6 +127,7 @@ pub mod workspace;
 pub use crate::checkpoint::{Checkpoint, ReadStrategy};
 pub use crate::error::{Error, Result};
 pub use crate::models::{Architecture, Family, Inputs, ModelError};
+pub use crate::plan::{Plan, PlanError, Request};
 pub use crate::runner::{
     HookError, LayerHook, LayerWeights, ModelConverter, RunError, StreamedModel,
 };

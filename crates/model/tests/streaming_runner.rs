@@ -39,13 +39,7 @@ fn streamed_decoders_equal_full_load_and_match_transformers() {
         let folder = fixture(name);
         let reference = reference(&folder);
         let ids = token_ids(&reference["input_ids"]);
-        let full = DecoderModel::new(&decoder_config(&folder), DType::F32, &Device::Cpu)
-            .unwrap()
-            .forward_full(
-                full_weights(&load_tensors(&folder.join("model.safetensors"))),
-                Inputs::new(&ids),
-            )
-            .unwrap();
+        let full = full_load_logits(&folder, &ids);
         for depth in [0, 1, 2] {
             for clean in [true, false] {
                 let mut model = converter(&folder, depth)
@@ -341,25 +335,29 @@ fn a_budget_keeps_results_exact_and_refuses_a_stage_that_cannot_fit() {
     let ids = token_ids(&reference(&folder)["input_ids"]);
     let mut unbounded = converter(&folder, 2).load_model_with_hooks(true).unwrap();
     let expected = unbounded.forward(&ids).unwrap();
-    let stage_bytes: Vec<u64> = unbounded
+    let largest = unbounded
         .stages()
         .iter()
         .map(|s| s.weight_bytes(DType::F32))
-        .collect();
-    let largest = *stage_bytes.iter().max().unwrap();
+        .max()
+        .unwrap();
+    // The budget is the whole process: everything the plan predicts but the weights, plus
+    // the largest stage.
+    let plan = unbounded.plan().cpu();
+    let fixed = plan.peak - plan.parts.streaming_window - plan.parts.resident_weights;
 
     // Room for the largest stage alone: read-ahead waits, results do not change.
     let mut tight = converter(&folder, 2)
-        .budget(Some(largest))
+        .budget(Some(fixed + largest))
         .load_model_with_hooks(true)
         .unwrap();
     assert!(bitwise_equal(&tight.forward(&ids).unwrap(), &expected));
 
     let err = converter(&folder, 1)
-        .budget(Some(largest - 1))
+        .budget(Some(fixed + largest - 1))
         .load_model_with_hooks(true)
         .err()
-        .expect("a stage larger than the budget is refused");
+        .expect("a stage larger than what the budget leaves is refused");
     let message = err.to_string();
     assert!(
         message.contains("cpu") && message.contains("1 short"),

@@ -8,6 +8,7 @@ mod convert;
 mod demo;
 mod embed;
 mod inspect;
+mod plan;
 mod quantize;
 mod report;
 mod reports;
@@ -39,6 +40,9 @@ enum Command {
     /// Write a seeded random-weight model in the Hugging Face layout (config.json, sharded
     /// safetensors, index), so nothing has to be downloaded.
     Synth(synth::Args),
+    /// Predict a run's whole-process peak and where each stage's weights live, reading no
+    /// weight; a budget nothing fits is refused with the deficit.
+    Plan(plan::Args),
     /// Stream a model through memory one layer at a time; print its output and per-layer memory.
     Run(run::Args),
     /// Embed many texts (arguments or a file, one per line) in batches with a sentence-
@@ -60,6 +64,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect(args) => inspect::run(args),
         Command::Convert(args) => convert::run(args),
         Command::Synth(args) => synth::run(args),
+        Command::Plan(args) => plan::run(args),
         Command::Run(args) => run::run(args),
         Command::Embed(args) => embed::run(args),
         Command::Quantize(args) => quantize::run(args),

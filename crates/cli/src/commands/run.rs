@@ -10,9 +10,12 @@ use candle_core::{Device, Tensor};
 use memwise::report::{self, ReportOptions, Sampler};
 use memwise::{enable_memory_tracking, get_memory_stats, reset_peak_memory, track};
 use memwise_model::models::{GenerateOptions, Sampling};
+use memwise_model::plan::{Request, RUNTIME_FLOOR};
 use memwise_model::{Inputs, ModelConverter, StreamedModel};
 
-use super::report::{breakdown_table, memory_summary, stage_breakdown, StageBreakdown};
+use super::report::{
+    breakdown_table, memory_summary, mib, signed_mib, stage_breakdown, StageBreakdown,
+};
 
 /// Options for `memwise run`.
 #[derive(Debug, clap::Args)]
@@ -74,6 +77,10 @@ pub struct Args {
     /// timeline.svg, with each stage a slice.
     #[arg(long, value_name = "DIR")]
     report: Option<PathBuf>,
+    /// End with a one-line JSON summary: the plan used and the predicted and measured
+    /// whole-process peaks.
+    #[arg(long)]
+    json: bool,
     /// With --report: read RSS and the live heap this often, in milliseconds, between stage
     /// edges (the readings kept are bounded; a long run keeps them at a coarser spacing).
     #[arg(long, value_name = "MS", default_value_t = 10, requires = "report")]
@@ -95,7 +102,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         )
     });
 
-    let mut converter = ModelConverter::new(&args.model).device(Device::Cpu);
+    let batch = input_batch(&args, is_decoder(&args.model)?)?;
+    let mut converter = ModelConverter::new(&args.model)
+        .device(Device::Cpu)
+        .request(run_request(&args, &batch));
     if let Some(depth) = args.prefetch {
         converter = converter.prefetch_depth(depth);
     }
@@ -103,13 +113,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         converter = converter.budget(Some(budget.bytes()));
     }
     let mut model = converter
-        .load_model_with_hooks(!args.keep_weights)
+        .load_model_with_hooks(!args.keep_weights && !args.full)
         .with_context(|| format!("loading {}", args.model.display()))?;
+    print!("plan used:\n{}", super::plan::render(model.plan()));
     if args.full {
         track("load_all", || model.load_all()).context("loading every layer")?;
     }
 
-    let batch = input_batch(&args, model.is_decoder())?;
     let result = if model.is_decoder() {
         decoder(&mut model, &batch, &args)?
     } else {
@@ -127,6 +137,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let table = breakdown_table(&breakdown);
     println!("\n{table}");
     print!("{}", memory_summary(&stats));
+    predicted_vs_measured(&model, args.json)?;
 
     if let Some(out) = &args.output {
         write_tensor(out, &result)?;
@@ -147,6 +158,51 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             files.trace.display(),
             files.timeline.display()
         );
+    }
+    Ok(())
+}
+
+/// Whether the model folder holds a decoder (read from its config, no weight).
+fn is_decoder(model: &Path) -> anyhow::Result<bool> {
+    let checkpoint = memwise_model::Checkpoint::open(model)
+        .with_context(|| format!("opening {}", model.display()))?;
+    Ok(matches!(
+        checkpoint.architecture(),
+        Ok(memwise_model::models::ArchitectureConfig::Decoder(_))
+    ))
+}
+
+/// The run the plan is made for: the batch's shape and the tokens to generate, with this
+/// process's resident memory so far as the runtime floor where it is above the default.
+fn run_request(args: &Args, batch: &Batch) -> Request {
+    let (rows, len) = batch.ids.dims2().unwrap_or((1, 1));
+    let now = memwise::stats::ProcessMemory::read().map_or(0, |p| p.rss);
+    Request::new(len)
+        .batch(rows)
+        .new_tokens(args.max_new_tokens)
+        .runtime_floor(RUNTIME_FLOOR.max(now))
+}
+
+/// Prints the plan's predicted peak beside the measured one (`VmHWM`), and with `json` a
+/// last line of JSON carrying both and the plan.
+fn predicted_vs_measured(model: &StreamedModel, json: bool) -> anyhow::Result<()> {
+    let predicted = model.plan().peak();
+    let measured = memwise::stats::ProcessMemory::read().map(|p| p.rss_peak);
+    let error = measured.map(|m| m as i64 - predicted as i64);
+    println!(
+        "peak: predicted {}, measured {} (VmHWM), measured - predicted {}",
+        mib(Some(predicted)),
+        mib(measured),
+        signed_mib(error)
+    );
+    if json {
+        let mut summary = serde_json::json!({
+            "plan": super::plan::plan_json(model.plan()),
+            "predicted_peak": predicted,
+            "measured_peak": measured,
+        });
+        summary["error_bytes"] = error.into();
+        println!("{summary}");
     }
     Ok(())
 }

@@ -9,6 +9,7 @@ use super::streaming::{Pipeline, StageReader};
 use super::{LayerHook, Resident, RunError, Skeleton, StreamedModel};
 use crate::checkpoint::{stored_dtype, Checkpoint, ReadStrategy};
 use crate::models::{ArchitectureConfig, DecoderModel, EncoderModel, SentencePooling, Stage};
+use crate::plan::{Placement, Plan, Request};
 use crate::workspace::Workspace;
 
 /// Builds a model whose forward pass streams its weights (the spec's `ModelConverter`).
@@ -49,6 +50,9 @@ pub struct ModelConverter {
     clean_weights: bool,
     strategy: ReadStrategy,
     hooks: Vec<Arc<dyn LayerHook>>,
+    /// The run the plan is made for (its shape; dtype, budget, read-ahead and placement
+    /// come from the converter).
+    request: Request,
     /// Why the configuration could not be read, reported when the model is loaded.
     config_error: Option<memwise::config::Error>,
 }
@@ -89,6 +93,7 @@ impl ModelConverter {
             clean_weights: memory.clean_weights_after_use,
             strategy: ReadStrategy::default(),
             hooks: Vec::new(),
+            request: Request::new(1),
             config_error: None,
         }
     }
@@ -119,16 +124,19 @@ impl ModelConverter {
         self
     }
 
-    /// Bytes the weights of the stages in memory at once may take (`None`: no limit). Read-
-    /// ahead waits while the next stage would not fit beside the current one, and a model
-    /// with a stage larger than the budget is refused before any weight is read.
+    /// The whole process's peak, in bytes (`None`: no limit): the [`Plan`] made when the
+    /// model loads keeps its predicted peak within it, read-ahead waits while the next stage
+    /// would not fit in what the plan leaves for streamed weights, and a budget no placement
+    /// fits is refused before any weight is read ([`RunError::Plan`]).
     pub fn budget(mut self, bytes: Option<u64>) -> Self {
         self.budget = bytes;
         self
     }
 
-    /// Whether each stage's weights are freed right after it runs (true) or stay resident
-    /// after the first pass; the configured `memory.clean_weights_after_use` by default.
+    /// Whether each stage's weights are freed right after it runs (true: every stage
+    /// streamed) or the plan chooses (false): every stage resident after the first pass when
+    /// the budget allows (or there is none), else the stages it keeps resident, the rest
+    /// streamed. The configured `memory.clean_weights_after_use` by default.
     pub fn clean_weights(mut self, clean: bool) -> Self {
         self.clean_weights = clean;
         self
@@ -137,6 +145,13 @@ impl ModelConverter {
     /// How bytes come off disk.
     pub fn read_strategy(mut self, strategy: ReadStrategy) -> Self {
         self.strategy = strategy;
+        self
+    }
+
+    /// The run to plan for: batch, sequence length and new tokens (one token by default).
+    /// Its dtype, budget, read-ahead and placement are replaced by the converter's.
+    pub fn request(mut self, request: Request) -> Self {
+        self.request = request;
         self
     }
 
@@ -154,7 +169,8 @@ impl ModelConverter {
 
     /// Builds the model's skeleton from `config.json` and the checkpoint index, reading no
     /// weight, and checks before anything is read that every tensor a stage reads is in the
-    /// checkpoint and that the largest stage fits the budget.
+    /// checkpoint and that a [`Plan`] fits the budget; the plan's placement decides which
+    /// stages stay resident after their first use.
     ///
     /// Where the program installed a [`memwise::BlockCache`], this raises its capacity to
     /// one repeated layer (plus a quarter), so each layer reuses the blocks the previous one
@@ -223,21 +239,17 @@ impl ModelConverter {
                 });
             }
         }
-        if let Some(budget) = self.budget {
-            if let Some(stage) = stages.iter().max_by_key(|s| s.weight_bytes(self.dtype)) {
-                let need = stage.weight_bytes(self.dtype);
-                if need > budget {
-                    return Err(RunError::OverBudget {
-                        device: "cpu".into(),
-                        stage: stage.name().to_owned(),
-                        need,
-                        budget,
-                        deficit: need - budget,
-                    });
-                }
-            }
-        }
+        // The plan, from the config and the index alone: a budget nothing fits is refused
+        // here, before any weight is read.
+        let request = self
+            .request
+            .dtype(self.dtype)
+            .budget(self.budget)
+            .prefetch_depth(self.prefetch_depth)
+            .placement(self.clean_weights.then_some(Placement::Streamed));
+        let plan = Plan::for_stages(&checkpoint, &stages, &request)?;
         let layer_bytes = repeated_stage_bytes(&stages, self.dtype);
+        let stages_len = stages.len();
         reserve_block_cache(layer_bytes);
         Ok(StreamedModel {
             pipeline: Pipeline {
@@ -252,15 +264,16 @@ impl ModelConverter {
                     quantization,
                     device,
                 }),
-                clean_weights: self.clean_weights,
+                keep: (0..stages_len).map(|i| plan.is_resident(i)).collect(),
                 prefetch_depth: self.prefetch_depth,
-                budget: self.budget,
+                budget: plan.window_budget(),
                 hooks: self.hooks,
                 workspace,
             },
             skeleton,
             eos_token_ids,
             pooling,
+            plan,
         })
     }
 }

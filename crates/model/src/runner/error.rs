@@ -51,24 +51,11 @@ pub enum RunError {
     /// The compute dtype asked for is not a float dtype blocks compute in.
     #[error("cannot compute in {0:?}; use f32, f16 or bf16")]
     ComputeDtype(candle_core::DType),
-    /// A single stage needs more memory than the budget allows, so the model cannot run
-    /// within it. Found before any weight is read.
-    #[error(
-        "{device}: stage {stage} needs {need} bytes of weights but the budget is {budget} \
-         bytes ({deficit} short); raise memory.max_memory.{device} or use a smaller dtype"
-    )]
-    OverBudget {
-        /// The device whose budget is exceeded (`cpu`).
-        device: String,
-        /// The stage that does not fit.
-        stage: String,
-        /// Bytes it needs.
-        need: u64,
-        /// The budget.
-        budget: u64,
-        /// `need - budget`.
-        deficit: u64,
-    },
+    /// No placement fits the budget: the plan's refusal, made before any weight is read
+    /// ([`crate::plan::PlanError::OverBudget`] names the device, need, budget, deficit and
+    /// the largest item).
+    #[error(transparent)]
+    Plan(Box<crate::plan::PlanError>),
     /// The prefetch thread could not be started.
     #[error("starting the prefetch thread: {0}")]
     Prefetch(#[source] std::io::Error),
@@ -148,6 +135,12 @@ impl From<crate::Error> for RunError {
         // Boxed: checkpoint errors carry paths and names, and a large error would make
         // every `Result` of the forward pass large.
         RunError::Checkpoint(Box::new(error))
+    }
+}
+
+impl From<crate::plan::PlanError> for RunError {
+    fn from(error: crate::plan::PlanError) -> Self {
+        RunError::Plan(Box::new(error))
     }
 }
 

@@ -10,7 +10,8 @@
 //!    workspace when a hook asks;
 //! 3. builds the block and runs it inside a [`memwise::MemoryTracker`] scope named after
 //!    the stage, so [`memwise::get_memory_stats`] holds per-stage peaks with no extra code;
-//! 4. drops the block's weights (`clean_weights`) or keeps it resident for the next pass.
+//! 4. drops the block's weights (a streamed stage) or keeps it resident for the next pass (a
+//!    stage the [`crate::plan::Plan`] keeps resident).
 //!
 //! The loop is written once ([`streaming`]) for any [`Family`]; decoders and encoders
 //! differ only in the skeleton they bring.
@@ -78,6 +79,8 @@ pub struct StreamedModel {
     eos_token_ids: Vec<u32>,
     /// How [`StreamedModel::embed`] pools: the folder's sentence-transformers modules, or mean.
     pooling: SentencePooling,
+    /// The plan made when the model loaded.
+    plan: crate::plan::Plan,
 }
 
 impl StreamedModel {
@@ -103,6 +106,12 @@ impl StreamedModel {
             Skeleton::Decoder(r) => Some(r.model.max_positions()),
             Skeleton::Encoder(_) => None,
         }
+    }
+
+    /// The plan made before any weight was read: the predicted peak and each stage's
+    /// residency.
+    pub fn plan(&self) -> &crate::plan::Plan {
+        &self.plan
     }
 
     /// The checkpoint the weights come from.

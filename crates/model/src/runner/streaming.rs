@@ -114,7 +114,8 @@ fn phase_scope(stage: &str, phase: &str) -> Option<MemoryTracker> {
 /// How a [`super::StreamedModel`] gets its stages: the reader, the hooks and the settings.
 pub(super) struct Pipeline {
     pub(super) reader: Arc<StageReader>,
-    pub(super) clean_weights: bool,
+    /// Per stage: kept resident after its first use (true) or freed after every pass.
+    pub(super) keep: Vec<bool>,
     pub(super) prefetch_depth: usize,
     pub(super) budget: Option<u64>,
     pub(super) hooks: Vec<Arc<dyn LayerHook>>,
@@ -128,7 +129,7 @@ impl Pipeline {
 
     /// From now on, blocks stay resident after they run.
     pub(super) fn keep_weights(&mut self) {
-        self.clean_weights = false;
+        self.keep.iter_mut().for_each(|keep| *keep = true);
     }
 
     /// Lets the hooks see a stage's weights, persists them if a hook asked, and builds the
@@ -234,7 +235,7 @@ impl Pipeline {
                         source,
                     })?;
             }
-            if !self.clean_weights && fresh.is_some() {
+            if self.keep[index] && fresh.is_some() {
                 *slot = fresh;
             } else {
                 // The block and its weights go now, inside the stage's scope, so the scope

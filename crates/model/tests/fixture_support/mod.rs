@@ -106,3 +106,16 @@ pub fn all_finite(t: &Tensor) -> bool {
         .iter()
         .all(|v| v.is_finite())
 }
+
+/// The logits of decoder fixture `folder` for `ids`, every weight loaded at once (the
+/// full-load path streamed runs are compared with).
+pub fn full_load_logits(folder: &Path, ids: &Tensor) -> Tensor {
+    use memwise_model::models::{DecoderModel, Family, Inputs};
+    DecoderModel::new(&decoder_config(folder), DType::F32, &Device::Cpu)
+        .unwrap()
+        .forward_full(
+            full_weights(&load_tensors(&folder.join("model.safetensors"))),
+            Inputs::new(ids),
+        )
+        .unwrap()
+}

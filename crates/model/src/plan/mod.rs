@@ -1,0 +1,453 @@
+//! The plan made before any weight is read: each device's predicted whole-process peak as
+//! named parts, and where each stage's weights live.
+//!
+//! [`Plan::new`] reads only `config.json` and the checkpoint index. Its parts are the
+//! runtime floor ([`RUNTIME_FLOOR`] or the caller's own baseline), resident weights, the
+//! streaming window (the stage running plus those read ahead), activations, the KV cache,
+//! the logits and staging buffers. The placement is the cheapest that fits the budget:
+//! every stage resident; some resident and the rest streamed (a generation step re-reads
+//! only those); every stage streamed. A budget nothing fits is refused
+//! ([`PlanError::OverBudget`]) before a byte of weights is read. The budget is the whole
+//! process's peak (`--budget`, `memory.max_memory.cpu`), not the weights alone.
+//!
+//! Not done here (issue 10, item 3): computing straight from mapped file pages, tensor-by-
+//! tensor streaming within a stage, embedding rows only, `lm_head` in vocabulary chunks.
+//!
+//! ```
+//! use memwise_model::plan::{Placement, Plan, Request};
+//! use memwise_model::{write_synthetic_checkpoint, Architecture, Checkpoint, SynthSpec};
+//!
+//! let dir = tempfile::tempdir()?;
+//! let folder = write_synthetic_checkpoint(&SynthSpec::tiny(Architecture::Llama), &dir.path().join("m"))?.folder;
+//! let checkpoint = Checkpoint::open(&folder)?;
+//! let plan = Plan::new(&checkpoint, &Request::new(16).budget(Some(256 << 20)))?;
+//! assert_eq!(plan.placement(), Placement::AllResident);
+//! assert!(plan.peak() <= 256 << 20);
+//!
+//! // A budget below the runtime floor is refused, naming what is missing.
+//! let err = Plan::new(&checkpoint, &Request::new(16).budget(Some(1 << 20))).unwrap_err();
+//! assert!(err.to_string().contains("short"));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod placement;
+mod predict;
+
+use candle_core::DType;
+use serde::Serialize;
+
+pub use self::placement::{Placement, Residency};
+pub use self::predict::RUNTIME_FLOOR;
+
+use crate::checkpoint::Checkpoint;
+use crate::models::{ModelError, Stage};
+
+/// What a run will do: the shape of its input, how many tokens it generates, and the
+/// memory it may take.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Request {
+    /// Sequences run together.
+    pub batch: usize,
+    /// Tokens in each (the prompt).
+    pub seq_len: usize,
+    /// Tokens generated after it (0: one forward pass).
+    pub new_tokens: usize,
+    /// The compute dtype.
+    pub dtype: DType,
+    /// The whole process's peak, in bytes (`None`: no limit).
+    pub budget: Option<u64>,
+    /// Stages read ahead of the one running.
+    pub prefetch_depth: usize,
+    /// Bytes the process holds before the model loads ([`RUNTIME_FLOOR`] by default).
+    pub runtime_floor: u64,
+    /// A placement the caller insists on: `Some(Placement::Streamed)` streams every stage
+    /// whatever the budget allows; `None` takes the cheapest that fits.
+    pub placement: Option<Placement>,
+}
+
+impl Request {
+    /// One sequence of `seq_len` tokens, no generation, f32, no budget, read-ahead of one
+    /// stage, the default runtime floor, the cheapest placement.
+    pub fn new(seq_len: usize) -> Self {
+        Request {
+            batch: 1,
+            seq_len,
+            new_tokens: 0,
+            dtype: DType::F32,
+            budget: None,
+            prefetch_depth: 1,
+            runtime_floor: RUNTIME_FLOOR,
+            placement: None,
+        }
+    }
+
+    /// Sequences run together.
+    pub fn batch(mut self, batch: usize) -> Self {
+        self.batch = batch.max(1);
+        self
+    }
+
+    /// Tokens generated after the prompt.
+    pub fn new_tokens(mut self, new_tokens: usize) -> Self {
+        self.new_tokens = new_tokens;
+        self
+    }
+
+    /// The compute dtype.
+    pub fn dtype(mut self, dtype: DType) -> Self {
+        self.dtype = dtype;
+        self
+    }
+
+    /// The whole process's peak, in bytes.
+    pub fn budget(mut self, budget: Option<u64>) -> Self {
+        self.budget = budget;
+        self
+    }
+
+    /// Stages read ahead of the one running.
+    pub fn prefetch_depth(mut self, depth: usize) -> Self {
+        self.prefetch_depth = depth;
+        self
+    }
+
+    /// Bytes the process holds before the model loads.
+    pub fn runtime_floor(mut self, bytes: u64) -> Self {
+        self.runtime_floor = bytes;
+        self
+    }
+
+    /// A placement to use instead of the cheapest that fits.
+    pub fn placement(mut self, placement: Option<Placement>) -> Self {
+        self.placement = placement;
+        self
+    }
+}
+
+/// The predicted peak of one device, part by part, in bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct Parts {
+    /// The process before the model: binary, libraries, allocator, threads.
+    pub runtime_floor: u64,
+    /// Weights of the stages kept resident.
+    pub resident_weights: u64,
+    /// Weights of streamed stages alive at once: the one running plus those read ahead
+    /// (on the first pass, stages about to become resident are read through it too).
+    pub streaming_window: u64,
+    /// Activations inside the heaviest layer (hidden states, attention scores, MLP).
+    pub activations: u64,
+    /// Keys and values of every layer for the whole generation.
+    pub kv_cache: u64,
+    /// The output: logits over the vocabulary, or an encoder's last hidden state.
+    pub logits: u64,
+    /// Buffers a stage's read needs beside the stage (dtype conversion).
+    pub staging: u64,
+}
+
+impl Parts {
+    /// Every part with its name, in the order above.
+    pub fn named(&self) -> [(&'static str, u64); 7] {
+        [
+            ("runtime floor", self.runtime_floor),
+            ("resident weights", self.resident_weights),
+            ("streaming window", self.streaming_window),
+            ("activations", self.activations),
+            ("KV cache", self.kv_cache),
+            ("logits", self.logits),
+            ("staging buffers", self.staging),
+        ]
+    }
+
+    /// Their sum: the predicted peak.
+    pub fn total(&self) -> u64 {
+        self.named().iter().map(|(_, bytes)| bytes).sum()
+    }
+}
+
+/// One device's share of a plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct DevicePlan {
+    /// `cpu`.
+    pub device: String,
+    /// The predicted peak, part by part.
+    pub parts: Parts,
+    /// Their sum.
+    pub peak: u64,
+    /// The budget it was planned for.
+    pub budget: Option<u64>,
+}
+
+/// One stage: its weights and where they live.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct StagePlan {
+    /// The stage's name, e.g. `model.layers.3`.
+    pub name: String,
+    /// Bytes of its weights in the compute dtype.
+    pub weight_bytes: u64,
+    /// Bytes read from disk to load it.
+    pub stored_bytes: u64,
+    /// Resident or streamed.
+    pub residency: Residency,
+}
+
+/// The item that weighs most in a refused plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PlanItem {
+    /// A stage's name (`lm_head`) or a part's (`KV cache`).
+    pub name: String,
+    /// Its bytes.
+    pub bytes: u64,
+}
+
+/// Why no plan fits.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PlanError {
+    /// Even streaming stage by stage the predicted peak passes the budget.
+    #[error(
+        "{device}: the run needs {need} bytes at its peak but the budget is {budget} bytes \
+         ({deficit} short); the largest item is {} ({} bytes); raise --budget or \
+         memory.max_memory.{device}, or shorten the input",
+        largest.name, largest.bytes
+    )]
+    OverBudget {
+        /// The device whose budget is exceeded (`cpu`).
+        device: String,
+        /// The smallest whole-process peak any placement reaches.
+        need: u64,
+        /// The budget.
+        budget: u64,
+        /// `need - budget`.
+        deficit: u64,
+        /// The largest stage or part.
+        largest: PlanItem,
+    },
+    /// `config.json` describes no model memwise runs.
+    #[error(transparent)]
+    Model(Box<ModelError>),
+}
+
+impl From<ModelError> for PlanError {
+    fn from(error: ModelError) -> Self {
+        PlanError::Model(Box::new(error))
+    }
+}
+
+/// The plan: where each stage lives and what each device's peak is predicted to be.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Plan {
+    placement: Placement,
+    stages: Vec<StagePlan>,
+    devices: Vec<DevicePlan>,
+    /// Bytes the streamed stages' read-ahead may keep alive at once (what is left of the
+    /// budget beside everything else); `None` without a budget.
+    window_budget: Option<u64>,
+    /// The request planned for.
+    #[serde(skip)]
+    request: Request,
+}
+
+impl Plan {
+    /// Plans `request` on `checkpoint` from its config and index alone.
+    pub fn new(checkpoint: &Checkpoint, request: &Request) -> Result<Plan, PlanError> {
+        let names = checkpoint.index().tensors().iter().map(|t| t.name.as_str());
+        let stages = checkpoint.architecture()?.stages(names)?;
+        Self::for_stages(checkpoint, &stages, request)
+    }
+
+    /// Plans `request` for `stages` (a skeleton's, in execution order) of `checkpoint`.
+    pub fn for_stages(
+        checkpoint: &Checkpoint,
+        stages: &[Stage],
+        request: &Request,
+    ) -> Result<Plan, PlanError> {
+        let dims = predict::Dims::of(checkpoint.architecture()?);
+        let dtype = request.dtype;
+        let sizes: Vec<u64> = stages.iter().map(|s| s.weight_bytes(dtype)).collect();
+        let stored = |stage: &Stage| {
+            checkpoint
+                .stage(stage.name())
+                .map_or(stage.weight_bytes(dtype), |s| s.bytes)
+        };
+        let mut parts = Parts {
+            runtime_floor: request.runtime_floor,
+            activations: predict::activations(&dims, request),
+            kv_cache: predict::kv_cache(&dims, request),
+            logits: predict::logits(&dims, request),
+            staging: stages
+                .iter()
+                .map(|s| predict::staging(checkpoint, s, dtype))
+                .max()
+                .unwrap_or(0),
+            ..Parts::default()
+        };
+        let fixed = parts.total();
+        let depth = request.prefetch_depth;
+        let total: u64 = sizes.iter().sum();
+        let streamed = vec![Residency::Streamed; sizes.len()];
+
+        let (placement, residency, window_budget) = match (request.budget, request.placement) {
+            (None, Some(Placement::Streamed)) => (Placement::Streamed, streamed, None),
+            (None, _) => (
+                Placement::AllResident,
+                vec![Residency::Resident; sizes.len()],
+                None,
+            ),
+            (Some(budget), forced) => {
+                let room = budget.saturating_sub(fixed);
+                let auto = forced != Some(Placement::Streamed);
+                if auto && total <= room {
+                    (
+                        Placement::AllResident,
+                        vec![Residency::Resident; sizes.len()],
+                        Some(room - total),
+                    )
+                } else if let Some(residency) =
+                    auto.then(|| placement::mixed(&sizes, room)).flatten()
+                {
+                    let resident = resident_bytes(&sizes, &residency);
+                    (Placement::Mixed, residency, Some(room - resident))
+                } else {
+                    let largest = sizes.iter().copied().max().unwrap_or(0);
+                    let need = fixed + largest;
+                    if need > budget {
+                        let mut items: Vec<PlanItem> = parts
+                            .named()
+                            .iter()
+                            .map(|(name, bytes)| PlanItem {
+                                name: (*name).to_owned(),
+                                bytes: *bytes,
+                            })
+                            .collect();
+                        items.extend(stages.iter().zip(&sizes).map(|(s, &bytes)| PlanItem {
+                            name: format!("stage {}", s.name()),
+                            bytes,
+                        }));
+                        // The first of equals: `max_by_key` keeps the last.
+                        let largest = items
+                            .into_iter()
+                            .rev()
+                            .max_by_key(|item| item.bytes)
+                            .unwrap_or(PlanItem {
+                                name: "nothing".into(),
+                                bytes: 0,
+                            });
+                        return Err(PlanError::OverBudget {
+                            device: "cpu".into(),
+                            need,
+                            budget,
+                            deficit: need - budget,
+                            largest,
+                        });
+                    }
+                    (Placement::Streamed, streamed, Some(room))
+                }
+            }
+        };
+        let resident = resident_bytes(&sizes, &residency);
+        let weights = weights_peak(&sizes, &residency, depth, window_budget);
+        parts.resident_weights = resident;
+        parts.streaming_window = weights - resident;
+        let peak = parts.total();
+        Ok(Plan {
+            placement,
+            stages: stages
+                .iter()
+                .zip(&sizes)
+                .zip(residency)
+                .map(|((stage, &weight_bytes), residency)| StagePlan {
+                    name: stage.name().to_owned(),
+                    weight_bytes,
+                    stored_bytes: stored(stage),
+                    residency,
+                })
+                .collect(),
+            devices: vec![DevicePlan {
+                device: "cpu".into(),
+                parts,
+                peak,
+                budget: request.budget,
+            }],
+            window_budget,
+            request: request.clone(),
+        })
+    }
+
+    /// The request planned for.
+    pub fn request(&self) -> &Request {
+        &self.request
+    }
+
+    /// The placement chosen.
+    pub fn placement(&self) -> Placement {
+        self.placement
+    }
+
+    /// Every stage, in execution order, with its bytes and residency.
+    pub fn stages(&self) -> &[StagePlan] {
+        &self.stages
+    }
+
+    /// Each device's predicted peak.
+    pub fn devices(&self) -> &[DevicePlan] {
+        &self.devices
+    }
+
+    /// The CPU's share.
+    pub fn cpu(&self) -> &DevicePlan {
+        &self.devices[0]
+    }
+
+    /// The CPU's predicted whole-process peak, in bytes.
+    pub fn peak(&self) -> u64 {
+        self.cpu().peak
+    }
+
+    /// Bytes the read-ahead of streamed stages may keep alive at once; `None` without a
+    /// budget.
+    pub fn window_budget(&self) -> Option<u64> {
+        self.window_budget
+    }
+
+    /// Whether stage `index` stays resident after its first use.
+    pub fn is_resident(&self, index: usize) -> bool {
+        self.stages
+            .get(index)
+            .is_some_and(|s| s.residency == Residency::Resident)
+    }
+}
+
+fn resident_bytes(sizes: &[u64], residency: &[Residency]) -> u64 {
+    sizes
+        .iter()
+        .zip(residency)
+        .filter(|(_, r)| **r == Residency::Resident)
+        .map(|(size, _)| size)
+        .sum()
+}
+
+/// Weight bytes alive at once at the worst point of any pass: on the first pass, the
+/// stages made resident so far plus the stream's window (every stage is read through it
+/// once); on later passes, every resident stage plus the window over the streamed ones.
+fn weights_peak(sizes: &[u64], residency: &[Residency], depth: usize, limit: Option<u64>) -> u64 {
+    let mut first = 0;
+    let mut before = 0;
+    for i in 0..sizes.len() {
+        first = first.max(before + placement::window_at(sizes, i, depth, limit));
+        if residency[i] == Residency::Resident {
+            before += sizes[i];
+        }
+    }
+    let streamed: Vec<u64> = sizes
+        .iter()
+        .zip(residency)
+        .filter(|(_, r)| **r == Residency::Streamed)
+        .map(|(&size, _)| size)
+        .collect();
+    let later = resident_bytes(sizes, residency) + placement::window(&streamed, depth, limit);
+    first.max(later)
+}
