@@ -271,19 +271,23 @@ fn prompts_padded_by_the_tokenizer_embed_as_they_would_alone() {
     let batch = out("batch.json");
     run(&["--prompt", "hello world", "--output", a.to_str().unwrap()]);
     run(&["--input-ids", "5,6,7,1", "--output", b.to_str().unwrap()]);
-    let both = run(&[
+    let three = run(&[
         "--prompt",
         "hello world",
         "--prompt",
         "w5 w6 w7 hello",
+        "--prompt",
+        "w9",
         "--output",
         batch.to_str().unwrap(),
     ]);
     assert!(
-        text(&both).contains("[prompt 2] embedding"),
+        text(&three).contains("[prompt 3] embedding"),
         "{}",
-        text(&both)
+        text(&three)
     );
+    let d = out("d.json");
+    run(&["--input-ids", "9", "--output", d.to_str().unwrap()]);
     run(&[
         "--input-ids",
         "1,2",
@@ -295,9 +299,10 @@ fn prompts_padded_by_the_tokenizer_embed_as_they_would_alone() {
     // pooled.
     assert!(max_diff(&output_rows(&a)[0], &alone_a[0]) < 1e-5);
     let rows = output_rows(&batch);
-    assert_eq!(rows.len(), 2);
+    assert_eq!(rows.len(), 3);
     assert!(max_diff(&rows[0], &alone_a[0]) < 1e-5);
     assert!(max_diff(&rows[1], &alone_b[0]) < 1e-5);
+    assert!(max_diff(&rows[2], &output_rows(&d)[0]) < 1e-5);
 }
 
 #[test]
@@ -320,10 +325,14 @@ fn a_batch_of_prompts_of_different_lengths_runs_on_a_decoder() {
         "hello world w9 w4",
         "--prompt",
         "w7",
+        "--prompt",
+        "w3 w8",
     ]);
-    let first = memwise(&["run", folder, "--input-ids", "1,2,9,4"]);
-    let second = memwise(&["run", folder, "--input-ids", "7"]);
-    assert_eq!(next(&batch), [next(&first), next(&second)].concat());
+    let alone = |ids: &str| next(&memwise(&["run", folder, "--input-ids", ids]));
+    assert_eq!(
+        next(&batch),
+        [alone("1,2,9,4"), alone("7"), alone("3,8")].concat()
+    );
 }
 
 fn run_with_report(dir: &Path, extra: &[&str]) {
