@@ -15,6 +15,7 @@ static ALLOC: memwise::TrackingAllocator<memwise::BlockCache> =
 
 fn main() -> ExitCode {
     restore_sigpipe();
+    quiet_library_backtraces();
     let cli = commands::Cli::parse();
     match commands::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -22,6 +23,17 @@ fn main() -> ExitCode {
             eprintln!("error: {err:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// candle captures a backtrace into its errors whenever `RUST_BACKTRACE` is set, as many
+/// Rust developers have it, and an error's text would then carry dozens of frames. Error
+/// messages are for users: library backtraces stay off (`RUST_LIB_BACKTRACE=0`) unless the
+/// user asked for them by that name; panics still follow `RUST_BACKTRACE`.
+fn quiet_library_backtraces() {
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        // Before any other thread exists, and before anything captured a backtrace.
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
     }
 }
 
