@@ -81,3 +81,35 @@ fn synth_refuses_a_folder_with_files() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("exists and is not empty"), "{stderr}");
 }
+
+#[test]
+fn every_new_architecture_synthesizes_and_runs_streamed_as_loaded_whole() {
+    let memwise = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_memwise"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let dir = tempfile::tempdir().unwrap();
+    for arch in ["qwen3", "phi3", "gemma3"] {
+        let model = dir.path().join(arch);
+        let model = model.to_str().unwrap();
+        memwise(&["synth", "--arch", arch, "--layers", "2", model]);
+        let logits = |mode: &str| {
+            let out = dir.path().join(format!("{arch}-{mode}.safetensors"));
+            let mut args = vec!["run", model, "--input-ids", "1,2,3,4", "--output"];
+            args.push(out.to_str().unwrap());
+            if mode == "full" {
+                args.push("--full");
+            }
+            memwise(&args);
+            std::fs::read(out).unwrap()
+        };
+        assert_eq!(logits("streamed"), logits("full"), "{arch}");
+    }
+}

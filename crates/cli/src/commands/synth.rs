@@ -53,6 +53,9 @@ enum Arch {
     Llama,
     Mistral,
     Qwen2,
+    Qwen3,
+    Phi3,
+    Gemma3,
     Bert,
 }
 
@@ -70,6 +73,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             Arch::Llama => Architecture::Llama,
             Arch::Mistral => Architecture::Mistral,
             Arch::Qwen2 => Architecture::Qwen2,
+            Arch::Qwen3 => Architecture::Qwen3,
+            Arch::Phi3 => Architecture::Phi3,
+            Arch::Gemma3 => Architecture::Gemma3Text,
             Arch::Bert => Architecture::Bert,
         },
         hidden_size: args.hidden,
