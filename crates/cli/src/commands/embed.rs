@@ -58,7 +58,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             args.model.display()
         );
     }
-    let tokenizer = tokenizer_of(&args.model, "memwise embed", false, true)?;
+    let mut tokenizer = tokenizer_of(&args.model, "memwise embed", false, true)?;
+    // Pad each batch only to its longest text, as sentence-transformers does, even where
+    // tokenizer.json pads to a fixed length (all-MiniLM's pads to 128): padding is masked
+    // out of every embedding, so only the time spent on it changes.
+    if let Some(padding) = tokenizer.get_padding_mut() {
+        padding.strategy = tokenizers::PaddingStrategy::BatchLongest;
+    }
     let bar = ProgressBar::new(texts.len() as u64).with_style(ProgressStyle::with_template(
         "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} texts ({per_sec})",
     )?);
