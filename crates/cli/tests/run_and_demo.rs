@@ -398,13 +398,21 @@ fn run_writes_a_report_and_compare_shows_what_changed() {
     assert!(text(&same).contains("no differences"), "{}", text(&same));
 
     run_with_report(&full, &["--full"]);
+    let drawing = tmp.path().join("compare.svg");
     let changed = memwise(&[
         "report",
         "compare",
         streamed.to_str().unwrap(),
         full.to_str().unwrap(),
+        "--svg",
+        drawing.to_str().unwrap(),
     ]);
     assert!(changed.status.success(), "{}", text(&changed));
+    let svg = std::fs::read_to_string(&drawing).unwrap();
+    assert!(
+        svg.starts_with("<svg") && svg.contains("model.layers.0 time"),
+        "{svg}"
+    );
     let table = text(&changed);
     let load_all = table
         .lines()

@@ -207,4 +207,22 @@ fn a_report_compared_with_itself_shows_no_difference_and_a_changed_one_shows_the
     let new = row("compare.new runs");
     assert_eq!((new.a, new.b), (None, Some(1.0)));
     assert!(changed.to_string().contains("only one"), "{changed}");
+
+    // The same, drawn: one bar for A and one for B of each time and memory figure.
+    let svg = changed.to_svg().unwrap();
+    let doc = roxmltree::Document::parse(&svg).expect("well-formed SVG");
+    let texts: Vec<&str> = doc.descendants().filter_map(|n| n.text()).collect();
+    assert!(
+        texts.iter().any(|t| t.contains("compare.stage peak delta")),
+        "{texts:?}"
+    );
+    let bars = doc.descendants().filter(|n| n.has_tag_name("rect")).count();
+    let drawn = changed
+        .rows
+        .iter()
+        .filter(|r| r.unit != report::Unit::Count)
+        .map(|r| usize::from(r.a.is_some()) + usize::from(r.b.is_some()))
+        .sum::<usize>();
+    // The bars, the two legend boxes and the background.
+    assert_eq!(bars, drawn + 3, "{svg}");
 }

@@ -224,3 +224,91 @@ impl fmt::Display for Comparison {
         }
     }
 }
+
+impl Comparison {
+    /// The comparison as one SVG: for each figure measured in time or bytes, a bar for A
+    /// and one for B, per panel scaled to its largest figure, so a change stands out.
+    pub fn to_svg(&self) -> Result<String> {
+        use plotters::prelude::*;
+        const WIDTH: u32 = 1000;
+        const ROW: u32 = 30;
+        const LABEL: i32 = 300;
+        let panels: Vec<(&str, Unit, Vec<&Row>)> =
+            [("time", Unit::Seconds), ("memory", Unit::Bytes)]
+                .into_iter()
+                .map(|(title, unit)| {
+                    let rows = self
+                        .rows
+                        .iter()
+                        .filter(|r| r.unit == unit && (r.a.is_some() || r.b.is_some()))
+                        .collect();
+                    (title, unit, rows)
+                })
+                .collect();
+        let rows_total: u32 = panels.iter().map(|p| p.2.len() as u32 + 2).sum();
+        let height = 60 + ROW * rows_total;
+        let (a_color, b_color) = (RGBColor(66, 133, 244), RGBColor(234, 67, 53));
+        let mut svg = String::new();
+        {
+            let root = SVGBackend::with_string(&mut svg, (WIDTH, height)).into_drawing_area();
+            let failed = |e: &dyn fmt::Display| Error::new(ErrorKind::Io, format!("drawing: {e}"));
+            let font = ("sans-serif", 13).into_font();
+            let text = |root: &DrawingArea<SVGBackend, _>, s: String, x: i32, y: i32| {
+                root.draw(&Text::new(s, (x, y), font.clone()))
+                    .map_err(|e| failed(&e))
+            };
+            root.fill(&WHITE).map_err(|e| failed(&e))?;
+            text(&root, format!("A: {}", self.a.display()), 10, 10)?;
+            text(&root, format!("B: {}", self.b.display()), 10, 30)?;
+            root.draw(&Rectangle::new([(500, 12), (512, 24)], a_color.filled()))
+                .map_err(|e| failed(&e))?;
+            root.draw(&Rectangle::new([(600, 12), (612, 24)], b_color.filled()))
+                .map_err(|e| failed(&e))?;
+            text(&root, "A".into(), 516, 10)?;
+            text(&root, "B".into(), 616, 10)?;
+            let mut y = 60i32;
+            let bar_room = f64::from(WIDTH as i32 - LABEL - 140);
+            for (title, unit, rows) in &panels {
+                text(
+                    &root,
+                    format!(
+                        "{title} ({})",
+                        if *unit == Unit::Seconds { "ms" } else { "MiB" }
+                    ),
+                    10,
+                    y,
+                )?;
+                y += ROW as i32;
+                let top = rows
+                    .iter()
+                    .flat_map(|r| [r.a, r.b])
+                    .flatten()
+                    .fold(0.0f64, |m, v| m.max(v.abs()))
+                    .max(f64::MIN_POSITIVE);
+                for row in rows {
+                    text(&root, row.label.clone(), 10, y + 6)?;
+                    for (value, color, offset) in [(row.a, a_color, 0), (row.b, b_color, 12)] {
+                        let Some(value) = value else { continue };
+                        let length = (value.abs() / top * bar_room).round() as i32;
+                        let top_y = y + offset;
+                        root.draw(&Rectangle::new(
+                            [(LABEL, top_y), (LABEL + length.max(1), top_y + 10)],
+                            color.filled(),
+                        ))
+                        .map_err(|e| failed(&e))?;
+                        text(
+                            &root,
+                            show(*unit, Some(value), false),
+                            LABEL + length + 6,
+                            top_y - 1,
+                        )?;
+                    }
+                    y += ROW as i32;
+                }
+                y += ROW as i32;
+            }
+            root.present().map_err(|e| failed(&e))?;
+        }
+        Ok(svg)
+    }
+}
