@@ -82,9 +82,9 @@ const EVICTED_SPEEDUP_TARGET: f64 = 0.80;
 static ALLOC: memwise::TrackingAllocator<memwise::BlockCache> =
     memwise::TrackingAllocator::new(memwise::BlockCache::new());
 
-/// The weight budget the streamed modes run under: two decoder layers (2 × 168 MiB) fit
-/// together, so layers are read ahead; a 250 MiB embedding or head next to a layer does
-/// not, so those wait for the layer before them to go.
+/// The budget the streamed modes run under, for the whole process's peak (the plan takes
+/// the runtime floor, activations and logits out of it first; what is left bounds the
+/// stages in memory at once): a 250 MiB embedding or head never sits beside a layer.
 const STREAM_BUDGET: u64 = 400 << 20;
 
 fn main() {
@@ -347,7 +347,7 @@ fn report(runs: &[Run]) {
         );
     }
     println!(
-        "(streamed: weight budget {} MiB; load = building the skeleton; forward includes",
+        "(streamed: whole-process budget {} MiB; load = building the skeleton; forward includes",
         STREAM_BUDGET >> 20
     );
     println!(" reading every stage;");
