@@ -155,11 +155,64 @@ fn run_refuses_bad_requests_clearly() {
 
 #[test]
 fn demo_runs_and_streamed_equals_full_load() {
-    let output = memwise(&["demo", "--layers", "2", "--tokens", "8"]);
+    // What users run, on a model of a few MiB: the two runs are child processes.
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, reports) = (tmp.path().join("model"), tmp.path().join("reports"));
+    let (model, reports) = (model.to_str().unwrap(), reports.to_str().unwrap());
+    let small = [
+        "demo",
+        "--hidden",
+        "256",
+        "--intermediate",
+        "704",
+        "--heads",
+        "8",
+        "--kv-heads",
+        "2",
+        "--vocab",
+        "4000",
+        "--layers",
+        "2",
+        "--tokens",
+        "8",
+        "--budget",
+        "64MiB",
+        "--model",
+        model,
+        "--report",
+        reports,
+    ];
+    let output = memwise(&small);
     assert!(output.status.success(), "{}", text(&output));
     let report = text(&output);
+    assert!(report.contains("wrote a 2-layer Llama"), "{report}");
     assert!(report.contains("the logits are identical"), "{report}");
     assert!(report.contains("model.layers.1"), "{report}");
+    for row in ["peak RSS (VmHWM)", "predicted by the plan", "file-backed"] {
+        assert!(report.contains(row), "{row} missing from\n{report}");
+    }
+    for run in ["full", "streamed"] {
+        let folder = Path::new(reports).join(run);
+        for file in ["trace.json", "timeline.svg", "logits.safetensors"] {
+            assert!(folder.join(file).is_file(), "{run}/{file}");
+        }
+    }
+    // The second time the model is reused.
+    let again = memwise(&small);
+    assert!(again.status.success(), "{}", text(&again));
+    assert!(text(&again).contains("reusing the 2-layer Llama"));
+
+    // A folder of the user's own is never replaced.
+    let mine = tmp.path().join("mine");
+    std::fs::create_dir(&mine).unwrap();
+    std::fs::write(mine.join("notes.txt"), "keep me").unwrap();
+    let mut other = small.to_vec();
+    let at = other.iter().position(|a| *a == model).unwrap();
+    other[at] = mine.to_str().unwrap();
+    let refused = memwise(&other);
+    assert!(!refused.status.success());
+    assert!(text(&refused).contains("notes.txt"), "{}", text(&refused));
+    assert!(mine.join("notes.txt").is_file());
 }
 
 #[test]

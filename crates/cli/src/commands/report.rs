@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use memwise::scope::{ScopeAggregate, ScopeRecord};
+use memwise::scope::ScopeRecord;
 use memwise::MemoryStats;
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -81,35 +81,6 @@ pub fn scope_table<'a>(records: impl IntoIterator<Item = &'a ScopeRecord>) -> St
         );
     }
     out
-}
-
-/// One row per scope name: how often it ran, its total time and its largest peak.
-pub fn aggregate_table<'a>(aggregates: impl IntoIterator<Item = &'a ScopeAggregate>) -> String {
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "{:<20} {:>6} {:>12} {:>16}",
-        "layer", "runs", "total time", "max peak delta"
-    );
-    for a in aggregates {
-        let _ = writeln!(
-            out,
-            "{:<20} {:>6} {:>10.2}ms {:>16}",
-            a.name,
-            a.count,
-            a.total_time.as_secs_f64() * 1e3,
-            mib(a.max_heap_peak_delta)
-        );
-    }
-    out
-}
-
-/// The aggregates in the order their scopes first ran (the stats keep them by name).
-pub fn aggregates_in_run_order(stats: &MemoryStats) -> Vec<&ScopeAggregate> {
-    let first_run = |name: &str| stats.scopes.iter().position(|r| r.name == name);
-    let mut ordered: Vec<&ScopeAggregate> = stats.aggregates.iter().collect();
-    ordered.sort_by_key(|a| first_run(&a.name).unwrap_or(usize::MAX));
-    ordered
 }
 
 /// Where one stage's time went in a run: read (on the read-ahead thread when prefetching),
