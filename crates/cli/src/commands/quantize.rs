@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context as _};
-use memwise_model::quant::{quantize_checkpoint, QuantizeOptions};
+use memwise_model::quant::{quantize_checkpoint, QuantizeOptions, Start};
 
 use super::inspect::human_bytes;
 
@@ -44,6 +44,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let (options, out) = options(&args, &config)?;
     let report = quantize_checkpoint(&args.model, &out, &options)
         .with_context(|| format!("quantizing {} into {}", args.model.display(), out.display()))?;
+    if report.start != Start::Fresh {
+        eprintln!("{}", report.start);
+    }
     let scheme = options.scheme();
     println!(
         "{}: {} linear weights quantized ({} bits, group size {}, {}), {} tensors kept, {} in {} file(s)",
