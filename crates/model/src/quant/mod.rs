@@ -103,8 +103,8 @@ pub use self::pack::{PackedWeight, PackingFormat};
 pub use self::resume::Start;
 pub use self::rtn::{quantize_rtn, QuantizedWeight};
 pub use self::writer::{
-    quantize_checkpoint, quantize_checkpoint_with, ExportFormat, QuantizeEvent, QuantizeOptions,
-    QuantizeProgress, QuantizeReport, AUTO_ROUND_VERSION,
+    plan_quantization, quantize_checkpoint, quantize_checkpoint_with, ExportFormat, QuantizeEvent,
+    QuantizeOptions, QuantizePlan, QuantizeProgress, QuantizeReport, AUTO_ROUND_VERSION,
 };
 
 use std::fmt;

@@ -16,6 +16,7 @@ use crate::checkpoint::{
     TensorInfo,
 };
 use crate::error::Error as ReadError;
+use crate::plan::RUNTIME_FLOOR;
 use crate::workspace::{remove_if_present, write_atomically};
 
 /// The auto-round release whose model-free round-to-nearest output memwise reproduces bit for
@@ -485,6 +486,104 @@ fn add<'d>(
 
 fn le_bytes<T: Copy, const N: usize>(values: &[T], to_bytes: fn(T) -> [u8; N]) -> Vec<u8> {
     values.iter().flat_map(|&v| to_bytes(v)).collect()
+}
+
+/// The memory [`quantize_checkpoint`] is planned to need at its peak: the stage whose
+/// tensors as read, quantized output and working copies add up to the most, plus the
+/// runtime.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct QuantizePlan {
+    /// The stage at which the peak falls.
+    pub stage: String,
+    /// Its tensors as read from the source, held until its file is written (kept tensors
+    /// are written straight from them).
+    pub read_bytes: u64,
+    /// Its quantized output (`qweight`, `qzeros`, `scales`), held until its file is written.
+    pub output_bytes: u64,
+    /// While its largest linear is quantized: the `f32` copy of the weight, one byte per
+    /// code (input padded to whole groups), the packed weight and its bytes being copied
+    /// out.
+    pub working_bytes: u64,
+    /// The process before any weight is read ([`RUNTIME_FLOOR`]).
+    pub runtime_bytes: u64,
+    /// The sum of the above.
+    pub peak_bytes: u64,
+}
+
+/// Plans the peak memory of quantizing `source` with `options` (see [`QuantizePlan`]),
+/// reading only the checkpoint's headers.
+///
+/// ```
+/// use memwise_model::quant::{plan_quantization, QuantizeOptions};
+///
+/// let source = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/quant/llama-bf16");
+/// let options = QuantizeOptions::from_values(4, 32, true, "auto_round")?;
+/// let plan = plan_quantization(source, &options)?;
+/// assert!(plan.read_bytes > 0);
+/// assert_eq!(
+///     plan.peak_bytes,
+///     plan.read_bytes + plan.output_bytes + plan.working_bytes + plan.runtime_bytes
+/// );
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn plan_quantization(
+    source: impl AsRef<Path>,
+    options: &QuantizeOptions,
+) -> Result<QuantizePlan, Error> {
+    let checkpoint = Checkpoint::open(source)?;
+    let scheme = options.scheme;
+    let mut best: Option<QuantizePlan> = None;
+    for group in tensor_groups(&checkpoint) {
+        let (mut output, mut working) = (0u64, 0u64);
+        for info in group.tensors.iter().filter(|t| t.tied_to.is_none()) {
+            if let Some((_, out_features, in_features)) = linear_dims(group.in_block, info) {
+                let packed = packed_bytes(&scheme, out_features, in_features);
+                let padded_in = padded_inputs(&scheme, in_features) as u64;
+                let values = 4 * out_features as u64 * in_features as u64;
+                let codes = out_features as u64 * padded_in;
+                output += packed;
+                working = working.max(values + codes + 2 * packed);
+            }
+        }
+        let plan = QuantizePlan {
+            stage: group.stage,
+            read_bytes: group.bytes,
+            output_bytes: output,
+            working_bytes: working,
+            runtime_bytes: RUNTIME_FLOOR,
+            peak_bytes: group.bytes + output + working + RUNTIME_FLOOR,
+        };
+        if best.as_ref().is_none_or(|b| plan.peak_bytes > b.peak_bytes) {
+            best = Some(plan);
+        }
+    }
+    Ok(best.unwrap_or(QuantizePlan {
+        stage: String::new(),
+        read_bytes: 0,
+        output_bytes: 0,
+        working_bytes: 0,
+        runtime_bytes: RUNTIME_FLOOR,
+        peak_bytes: RUNTIME_FLOOR,
+    }))
+}
+
+/// The input dimension padded to whole groups, as [`quantize_rtn`] pads it.
+fn padded_inputs(scheme: &QuantScheme, in_features: usize) -> usize {
+    let group = scheme.group_size().len_for(in_features);
+    in_features.div_ceil(group) * group
+}
+
+/// Bytes of a packed `out_features × in_features` weight: `qweight`, `qzeros` and `scales`.
+fn packed_bytes(scheme: &QuantScheme, out_features: usize, in_features: usize) -> u64 {
+    let pack = scheme.pack_factor() as u64;
+    let padded_in = padded_inputs(scheme, in_features) as u64;
+    let groups = padded_in / scheme.group_size().len_for(in_features) as u64;
+    let out = out_features as u64;
+    let qweight = padded_in / pack * out * 4;
+    let qzeros = groups * out.div_ceil(pack) * 4;
+    let scales = groups * out * 2;
+    qweight + qzeros + scales
 }
 
 /// The sibling folder a run builds `out` in.
