@@ -143,6 +143,8 @@ fn quantize_writes_what_auto_round_writes() {
         let (ok, stdout, stderr) = memwise(&args);
         assert!(ok, "{stderr}");
         assert!(stdout.contains("14 linear weights quantized"), "{stdout}");
+        assert!(stdout.contains("planned peak "), "{stdout}");
+        assert!(stdout.contains("(VmHWM)"), "{stdout}");
         // The same tensors as auto-round wrote (their bytes are compared in the model
         // crate's tests/quantize.rs).
         let tensors = |folder: PathBuf| {

@@ -5,13 +5,15 @@
 //! `<input>.<scheme>/` folders; every packed tensor memwise makes from the same input
 //! weight must equal auto-round's byte for byte.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
 use memwise_model::quant::{
     quantize_checkpoint, quantize_rtn, Error, GroupSize, PackedWeight, PackingFormat, QuantScheme,
-    QuantizeOptions,
+    QuantizeEvent, QuantizeOptions, Start,
 };
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
@@ -514,4 +516,182 @@ fn a_quantization_config_memwise_cannot_read_is_refused_naming_the_key() {
         .unwrap()
         .to_string();
     assert!(err.contains("quantization_config.quant_method"), "{err}");
+}
+
+const CHILD_ENV: &str = "MEMWISE_TEST_QUANTIZE_CHILD";
+
+/// The options the SIGKILL tests quantize with: 4 bits, groups of 32, symmetric, in shards
+/// of 20 kB (so that a shard spans stages); asymmetric when `asym`.
+fn kill_test_options(asym: bool) -> QuantizeOptions {
+    QuantizeOptions::from_values(4, 32, !asym, "auto_round")
+        .unwrap()
+        .max_shard_bytes(std::num::NonZeroU64::new(20_000).unwrap())
+}
+
+/// Not a test on its own: the child process of `quantize_and_kill`. It quantizes the source
+/// named in its environment into the folder named there, printing each tensor as it goes and
+/// sleeping after each, slowly enough to be killed midway.
+#[test]
+#[ignore = "the child process of quantize_and_kill, which runs it with --ignored"]
+fn quantize_child() {
+    let spec = std::env::var(CHILD_ENV)
+        .expect("quantize_child runs only as quantize_and_kill's child process");
+    let (source, out) = spec.split_once('\n').unwrap();
+    let mut stdout = std::io::stdout();
+    memwise_model::quant::quantize_checkpoint_with(
+        source,
+        out,
+        &kill_test_options(false),
+        &mut |p| {
+            use std::io::Write;
+            if let QuantizeEvent::TensorDone(name) = &p.event {
+                writeln!(stdout, "tensor {name}").unwrap();
+                stdout.flush().unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(30));
+            }
+        },
+    )
+    .unwrap();
+}
+
+/// Starts quantizing `source` into `out` in a child process and SIGKILLs it after `tensors`
+/// tensors.
+fn quantize_and_kill(source: &Path, out: &Path, tensors: usize) {
+    let spec = format!("{}\n{}", source.display(), out.display());
+    common::run_child_and_kill("quantize_child", (CHILD_ENV, spec), tensors);
+}
+
+/// Every file of a folder, by name, with its bytes.
+fn folder_bytes(folder: &Path) -> BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(folder)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().into_string().unwrap(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// The folder a run builds `out` in (named as `quantize_checkpoint` names it).
+fn partial_of(out: &Path) -> PathBuf {
+    let name = out.file_name().unwrap().to_str().unwrap();
+    out.with_file_name(format!(".{name}.memwise-partial"))
+}
+
+#[test]
+fn a_run_killed_midway_resumes_and_ends_bit_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = fixtures().join("llama-bf16");
+    let reference = dir.path().join("reference");
+    let options = kill_test_options(false);
+    let uninterrupted = quantize_checkpoint(&source, &reference, &options).unwrap();
+    assert_eq!(uninterrupted.start, Start::Fresh);
+    assert!(uninterrupted.shards > 2, "{uninterrupted:?}");
+    let expected = folder_bytes(&reference);
+    let total = memwise_model::Checkpoint::open(&source)
+        .unwrap()
+        .index()
+        .tensors()
+        .len();
+    // Inside the first stage, inside a block, and the last stage.
+    for kill_after in [1, 6, total - 1] {
+        let out = dir.path().join(format!("killed-{kill_after}"));
+        quantize_and_kill(&source, &out, kill_after);
+        assert!(!out.exists(), "kill after {kill_after}: out was renamed");
+        assert!(partial_of(&out).join("quantize-manifest.json").is_file());
+
+        let mut reused = 0;
+        let report =
+            memwise_model::quant::quantize_checkpoint_with(&source, &out, &options, &mut |p| {
+                if p.event == QuantizeEvent::StageReused {
+                    reused += 1;
+                }
+            })
+            .unwrap();
+        let Start::Resumed { stages, note } = &report.start else {
+            panic!("kill after {kill_after}: {:?}", report.start);
+        };
+        assert_eq!(*stages, reused, "kill after {kill_after}");
+        assert_eq!(*note, None, "kill after {kill_after}");
+        if kill_after > 1 {
+            assert!(*stages > 0, "kill after {kill_after}: nothing kept");
+        }
+        assert_eq!(folder_bytes(&out), expected, "kill after {kill_after}");
+        assert!(!partial_of(&out).exists());
+    }
+}
+
+#[test]
+fn a_damaged_stage_is_redone_and_other_options_start_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = fixtures().join("llama-bf16");
+    let total = memwise_model::Checkpoint::open(&source)
+        .unwrap()
+        .index()
+        .tensors()
+        .len();
+
+    // A finished stage whose file no longer matches its checksum is redone, with the ones
+    // after it.
+    let out = dir.path().join("damaged");
+    quantize_and_kill(&source, &out, total - 1);
+    let stage = partial_of(&out).join("stage-00001.part");
+    let mut bytes = std::fs::read(&stage).unwrap();
+    bytes[0] ^= 1;
+    std::fs::write(&stage, bytes).unwrap();
+    let report = quantize_checkpoint(&source, &out, &kill_test_options(false)).unwrap();
+    let Start::Resumed { stages, note } = &report.start else {
+        panic!("{:?}", report.start);
+    };
+    assert_eq!(*stages, 1);
+    let note = note.as_deref().unwrap();
+    assert!(
+        note.contains("stage-00001.part does not match its checksum"),
+        "{note}"
+    );
+    let reference = dir.path().join("reference-sym");
+    quantize_checkpoint(&source, &reference, &kill_test_options(false)).unwrap();
+    assert_eq!(folder_bytes(&out), folder_bytes(&reference));
+
+    // Other options: the interrupted run is removed, and the run says why.
+    let out = dir.path().join("other-options");
+    quantize_and_kill(&source, &out, total - 1);
+    let report = quantize_checkpoint(&source, &out, &kill_test_options(true)).unwrap();
+    let Start::Restarted { reason } = &report.start else {
+        panic!("{:?}", report.start);
+    };
+    assert!(reason.contains("other options"), "{reason}");
+    assert!(reason.contains("asymmetric"), "{reason}");
+    let reference = dir.path().join("reference-asym");
+    quantize_checkpoint(&source, &reference, &kill_test_options(true)).unwrap();
+    assert_eq!(folder_bytes(&out), folder_bytes(&reference));
+
+    // A changed source: the same, naming the change.
+    let copy = dir.path().join("source");
+    std::fs::create_dir(&copy).unwrap();
+    for file in ["config.json", "model.safetensors"] {
+        std::fs::copy(source.join(file), copy.join(file)).unwrap();
+    }
+    let out = dir.path().join("changed-source");
+    quantize_and_kill(&copy, &out, total - 1);
+    let weights = std::fs::OpenOptions::new()
+        .append(true)
+        .open(copy.join("model.safetensors"))
+        .unwrap();
+    weights
+        .set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(5))
+        .unwrap();
+    drop(weights);
+    let report = quantize_checkpoint(&copy, &out, &kill_test_options(false)).unwrap();
+    let Start::Restarted { reason } = &report.start else {
+        panic!("{:?}", report.start);
+    };
+    assert!(reason.contains("changed"), "{reason}");
+    assert_eq!(
+        folder_bytes(&out),
+        folder_bytes(&dir.path().join("reference-sym"))
+    );
 }

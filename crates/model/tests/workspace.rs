@@ -4,9 +4,8 @@
 mod common;
 
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use common::{copy_fixture, fixture, read_all};
 use memwise_model::checkpoint::StoredDType;
@@ -261,39 +260,8 @@ fn convert_child() {
 
 /// Starts a conversion in a child process and SIGKILLs it after `tensors` tensors.
 fn convert_and_kill(source: &Path, dir: &Path, tensors: usize) {
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "convert_child",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(
-            CHILD_ENV,
-            format!("{}\n{}", source.display(), dir.display()),
-        )
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut seen = 0;
-    for line in stdout.lines() {
-        if line.unwrap().starts_with("tensor ") {
-            seen += 1;
-            if seen == tensors {
-                break;
-            }
-        }
-    }
-    assert_eq!(
-        seen, tensors,
-        "the child finished before it could be killed"
-    );
-    child.kill().unwrap(); // SIGKILL on Unix: no destructor, no flush, no cleanup
-    let status = child.wait().unwrap();
-    assert!(!status.success());
+    let spec = format!("{}\n{}", source.display(), dir.display());
+    common::run_child_and_kill("convert_child", (CHILD_ENV, spec), tensors);
 }
 
 #[test]

@@ -4,7 +4,10 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context as _};
-use memwise_model::quant::{quantize_checkpoint, QuantizeOptions};
+use indicatif::{ProgressBar, ProgressStyle};
+use memwise_model::quant::{
+    plan_quantization, quantize_checkpoint_with, QuantizeEvent, QuantizeOptions, Start,
+};
 
 use super::inspect::human_bytes;
 
@@ -42,8 +45,39 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let config = memwise::init_config().context("reading the memwise configuration")?;
     // Every option is checked before the model is opened.
     let (options, out) = options(&args, &config)?;
-    let report = quantize_checkpoint(&args.model, &out, &options)
-        .with_context(|| format!("quantizing {} into {}", args.model.display(), out.display()))?;
+    let plan = plan_quantization(&args.model, &options)
+        .with_context(|| format!("reading {}", args.model.display()))?;
+    println!(
+        "planned peak {}: stage {}, {} read + {} quantized output + {} working (the largest \
+         linear's f32 copy, codes and packed form) + {} runtime",
+        human_bytes(plan.peak_bytes),
+        plan.stage,
+        human_bytes(plan.read_bytes),
+        human_bytes(plan.output_bytes),
+        human_bytes(plan.working_bytes),
+        human_bytes(plan.runtime_bytes),
+    );
+    // Drawn on stderr, and not at all when stderr is not a terminal.
+    let bar = ProgressBar::new(0).with_style(ProgressStyle::with_template(
+        "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({bytes_per_sec}, eta {eta}) {msg}",
+    )?);
+    let report = quantize_checkpoint_with(&args.model, &out, &options, &mut |p| {
+        bar.set_length(p.bytes_total);
+        bar.set_position(p.bytes_done);
+        let stage = format!("{}/{} {}", p.stages_done, p.stages_total, p.stage);
+        match &p.event {
+            QuantizeEvent::Started(start) if *start != Start::Fresh => {
+                bar.suspend(|| eprintln!("{start}"));
+            }
+            QuantizeEvent::TensorDone(name) => bar.set_message(format!("{stage}: {name}")),
+            QuantizeEvent::StageReused => bar.set_message(format!("{stage}: verified, kept")),
+            QuantizeEvent::StageWritten => bar.set_message(format!("{stage}: written")),
+            QuantizeEvent::Finishing => bar.set_message("writing shards and configs"),
+            _ => {}
+        }
+    })
+    .with_context(|| format!("quantizing {} into {}", args.model.display(), out.display()))?;
+    bar.finish_and_clear();
     let scheme = options.scheme();
     println!(
         "{}: {} linear weights quantized ({} bits, group size {}, {}), {} tensors kept, {} in {} file(s)",
@@ -56,6 +90,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         human_bytes(report.bytes),
         report.shards,
     );
+    if let Some(measured) = memwise::stats::ProcessMemory::read().map(|p| p.rss_peak) {
+        println!(
+            "peak: planned {}, measured {} (VmHWM)",
+            human_bytes(plan.peak_bytes),
+            human_bytes(measured)
+        );
+    }
     Ok(())
 }
 

@@ -27,6 +27,9 @@
 //! [`quantize_checkpoint`] does this for a whole model folder, one stage at a time, and
 //! writes what auto-round writes: the packed decoder linears, every other tensor as
 //! stored, `config.json` with a `quantization_config`, and `quantization_config.json`.
+//! It is resumable: a run killed midway leaves its finished stages, checksummed and
+//! recorded, and a rerun with the same source and options continues after them
+//! ([`Start`] says whether it did, and why not).
 //!
 //! ```
 //! use memwise_model::quant::{quantize_checkpoint, QuantizeOptions};
@@ -92,13 +95,16 @@
 //! padded input is a multiple of ten, and excludes 3-bit schemes for that reason.
 
 mod pack;
+mod resume;
 mod rtn;
 mod writer;
 
 pub use self::pack::{PackedWeight, PackingFormat};
+pub use self::resume::Start;
 pub use self::rtn::{quantize_rtn, QuantizedWeight};
 pub use self::writer::{
-    quantize_checkpoint, ExportFormat, QuantizeOptions, QuantizeReport, AUTO_ROUND_VERSION,
+    plan_quantization, quantize_checkpoint, quantize_checkpoint_with, ExportFormat, QuantizeEvent,
+    QuantizeOptions, QuantizePlan, QuantizeProgress, QuantizeReport, AUTO_ROUND_VERSION,
 };
 
 use std::fmt;

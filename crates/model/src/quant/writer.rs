@@ -1,17 +1,23 @@
 //! Quantizing a whole checkpoint, stage by stage, into auto-round's checkpoint format.
 
+use std::borrow::Cow;
 use std::fs::{self, File};
-use std::io::{BufWriter, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::num::NonZeroU64;
 use std::path::{Path, PathBuf};
 
+use half::f16;
 use serde_json::{json, Map, Value};
 
+use super::resume::{self, StageRecord, Start, WrittenTensor};
 use super::{quantize_rtn, Error, GroupSize, QuantScheme};
 use crate::checkpoint::{
-    encode_header, Checkpoint, ReadStrategy, StoredDType as DType, TensorHeader,
+    encode_header, Checkpoint, LayerReader, ReadStrategy, StoredDType as DType, TensorHeader,
+    TensorInfo,
 };
 use crate::error::Error as ReadError;
+use crate::plan::RUNTIME_FLOOR;
+use crate::workspace::{remove_if_present, write_atomically};
 
 /// The auto-round release whose model-free round-to-nearest output memwise reproduces bit for
 /// bit; written as `autoround_version`, so that readers pick the layout it stands for.
@@ -42,7 +48,7 @@ impl ExportFormat {
 pub struct QuantizeOptions {
     scheme: QuantScheme,
     format: ExportFormat,
-    max_shard_bytes: NonZeroU64,
+    pub(super) max_shard_bytes: NonZeroU64,
 }
 
 impl QuantizeOptions {
@@ -120,6 +126,43 @@ pub struct QuantizeReport {
     pub shards: usize,
     /// Bytes of tensor data written.
     pub bytes: u64,
+    /// Whether an interrupted run was continued, and how many of its stages were kept.
+    pub start: Start,
+}
+
+/// What happened, reported to [`quantize_checkpoint_with`]'s callback as it happens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum QuantizeEvent {
+    /// The run began, afresh or continuing an interrupted one (first event, once).
+    Started(Start),
+    /// A stage finished by an interrupted run was verified and kept.
+    StageReused,
+    /// A tensor of the stage being quantized was quantized or kept.
+    TensorDone(String),
+    /// The stage's file was written and recorded.
+    StageWritten,
+    /// Every stage is done; the shards, index and configs are being written.
+    Finishing,
+}
+
+/// Progress of [`quantize_checkpoint_with`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct QuantizeProgress {
+    /// The stage (`model.layers.3`; empty for [`QuantizeEvent::Started`] and
+    /// [`QuantizeEvent::Finishing`]).
+    pub stage: String,
+    /// What happened.
+    pub event: QuantizeEvent,
+    /// Stages finished so far.
+    pub stages_done: usize,
+    /// Stages in all.
+    pub stages_total: usize,
+    /// Source bytes handled so far.
+    pub bytes_done: u64,
+    /// Source bytes in all stages.
+    pub bytes_total: u64,
 }
 
 /// Quantizes the model folder `source` into a new folder `out`, reading one stage at a time.
@@ -134,6 +177,14 @@ pub struct QuantizeReport {
 /// into place when complete, so `out` either does not exist or is whole; an existing `out`
 /// is refused.
 ///
+/// Resumable: each stage's output is written atomically to a file of its own in the sibling
+/// folder, and a progress record beside it (rewritten atomically after each stage) lists
+/// every finished stage with its checksum, the source's fingerprint and the options. After
+/// a crash, a run with the same source and options verifies the finished stages and
+/// continues after the last good one; another source, a changed one or other options start
+/// over. [`QuantizeReport::start`] says which. The output is the same, byte for byte, either
+/// way.
+///
 /// For Llama-family decoders this is exactly what auto-round's model-free round-to-nearest
 /// writes, tensor for tensor (`tests/quantize.rs` checks it against auto-round's output).
 pub fn quantize_checkpoint(
@@ -141,94 +192,100 @@ pub fn quantize_checkpoint(
     out: impl AsRef<Path>,
     options: &QuantizeOptions,
 ) -> Result<QuantizeReport, Error> {
+    quantize_checkpoint_with(source, out, options, &mut |_| {})
+}
+
+/// [`quantize_checkpoint`], calling `progress` as each tensor and stage is done.
+///
+/// ```
+/// use memwise_model::quant::{quantize_checkpoint_with, QuantizeEvent, QuantizeOptions, Start};
+///
+/// let source = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/quant/llama-bf16");
+/// let out = tempfile::tempdir()?.keep().join("llama-bf16-w4g32");
+/// let options = QuantizeOptions::from_values(4, 32, true, "auto_round")?;
+/// let mut written = 0;
+/// let report = quantize_checkpoint_with(source, &out, &options, &mut |p| {
+///     if p.event == QuantizeEvent::StageWritten {
+///         written += 1;
+///         assert_eq!(p.stages_done, written);
+///     }
+/// })?;
+/// assert_eq!(report.start, Start::Fresh);
+/// assert!(written > 2);
+/// # std::fs::remove_dir_all(out.parent().unwrap())?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn quantize_checkpoint_with(
+    source: impl AsRef<Path>,
+    out: impl AsRef<Path>,
+    options: &QuantizeOptions,
+    progress: &mut dyn FnMut(&QuantizeProgress),
+) -> Result<QuantizeReport, Error> {
     let (source, out) = (source.as_ref(), out.as_ref());
     if out.exists() {
         return Err(Error::OutputExists(out.to_owned()));
     }
     let checkpoint = Checkpoint::open(source)?;
     let partial = partial_folder(out)?;
-    if partial.exists() {
-        // Left by an interrupted run of ours: its name is ours alone.
-        fs::remove_dir_all(&partial).map_err(|e| ReadError::io("removing", &partial, e))?;
-    }
-    fs::create_dir_all(&partial).map_err(|e| ReadError::io("creating", &partial, e))?;
+    let groups = tensor_groups(&checkpoint);
+    let names: Vec<String> = groups.iter().map(|g| g.stage.clone()).collect();
+    let (mut record, start) = resume::prepare(&partial, &checkpoint, options, &names)?;
 
-    let scheme = options.scheme;
-    let mut shards = ShardWriter::new(&partial, options.max_shard_bytes.get());
-    let mut quantized_layers = Vec::new();
-    let mut kept_matrices = Vec::new();
-    let (mut quantized, mut kept) = (0, 0);
+    let mut state = QuantizeProgress {
+        stage: String::new(),
+        event: QuantizeEvent::Started(start.clone()),
+        stages_done: 0,
+        stages_total: groups.len(),
+        bytes_done: 0,
+        bytes_total: groups.iter().map(|g| g.bytes).fold(0, u64::saturating_add),
+    };
+    progress(&state);
+    for group in groups.iter().take(record.stages.len()) {
+        state.stage.clone_from(&group.stage);
+        state.event = QuantizeEvent::StageReused;
+        state.stages_done += 1;
+        state.bytes_done = state.bytes_done.saturating_add(group.bytes);
+        progress(&state);
+    }
     let mut reader = checkpoint.reader(ReadStrategy::Pread);
-    for (in_block, names) in tensor_groups(&checkpoint) {
-        let data = reader.read_tensors(None, &names)?;
-        for tensor in data.tensors() {
-            let info = tensor.info();
-            if info.tied_to.is_some() {
-                continue; // a tied head: the embedding is written once, as auto-round does
-            }
-            let name = tensor.name();
-            let linear = match (name.strip_suffix(".weight"), tensor.shape()) {
-                (Some(module), &[out_features, in_features])
-                    if in_block && tensor.dtype().is_float() =>
-                {
-                    Some((module, out_features, in_features))
-                }
-                _ => None,
-            };
-            let Some((module, out_features, in_features)) = linear else {
-                if tensor.shape().len() >= 2 {
-                    if let Some(module) = name.strip_suffix(".weight") {
-                        kept_matrices.push(module.to_owned());
-                    }
-                }
-                shards.add(name, tensor.dtype(), tensor.shape(), tensor.bytes())?;
-                kept += 1;
-                continue;
-            };
-            let values = tensor.to_f32_vec()?;
-            let packed = quantize_rtn(&values, out_features, in_features, &scheme)
-                .map_err(|e| Error::in_tensor(name, e))?
-                .pack();
-            drop(values);
-            let qweight: Vec<u8> = packed
-                .qweight()
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect();
-            let qzeros: Vec<u8> = packed
-                .qzeros()
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect();
-            let scales: Vec<u8> = packed
-                .scales()
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect();
-            shards.add(
-                &format!("{module}.qweight"),
-                DType::I32,
-                &packed.qweight_shape(),
-                &qweight,
-            )?;
-            shards.add(
-                &format!("{module}.qzeros"),
-                DType::I32,
-                &packed.qzeros_shape(),
-                &qzeros,
-            )?;
-            shards.add(
-                &format!("{module}.scales"),
-                DType::F16,
-                &packed.scales_shape(),
-                &scales,
-            )?;
-            quantized_layers.push(module.to_owned());
-            quantized += 1;
-        }
+    for (i, group) in groups.iter().enumerate().skip(record.stages.len()) {
+        state.stage.clone_from(&group.stage);
+        let stage_start = state.bytes_done;
+        let entry = quantize_stage(
+            &mut reader,
+            i,
+            group,
+            &options.scheme,
+            &partial,
+            &mut |name, done| {
+                state.event = QuantizeEvent::TensorDone(name.to_owned());
+                state.bytes_done = stage_start.saturating_add(done);
+                progress(&state);
+            },
+        )?;
+        record.stages.push(entry);
+        record.save(&partial)?;
+        state.event = QuantizeEvent::StageWritten;
+        state.stages_done += 1;
+        state.bytes_done = stage_start.saturating_add(group.bytes);
+        progress(&state);
     }
-    let (shard_count, bytes) = shards.finish()?;
+    state.stage.clear();
+    state.event = QuantizeEvent::Finishing;
+    progress(&state);
 
+    let (shard_count, bytes) =
+        write_shards(&partial, &record.stages, options.max_shard_bytes.get())?;
+    let quantized_layers: Vec<String> = record
+        .stages
+        .iter()
+        .flat_map(|s| s.quantized.iter().cloned())
+        .collect();
+    let kept_matrices: Vec<String> = record
+        .stages
+        .iter()
+        .flat_map(|s| s.kept_matrices.iter().cloned())
+        .collect();
     let quantization_config = quantization_config(options, &quantized_layers, &kept_matrices);
     let mut config = checkpoint.config().raw.clone();
     if let Some(object) = config.as_object_mut() {
@@ -240,6 +297,12 @@ pub fn quantize_checkpoint(
         &quantization_config,
     )?;
     copy_other_files(source, &partial)?;
+    // The stage files first: a crash from here on redoes only the stages whose files are
+    // gone (the record still lists them), never trusts a half-finished folder.
+    for stage in &record.stages {
+        remove_if_present(&partial.join(&stage.file))?;
+    }
+    remove_if_present(&partial.join(resume::RECORD_FILE))?;
     sync_folder(&partial)?;
     fs::rename(&partial, out).map_err(|e| ReadError::io("renaming into place", out, e))?;
     if let Some(parent) = out.parent() {
@@ -247,18 +310,40 @@ pub fn quantize_checkpoint(
     }
     Ok(QuantizeReport {
         folder: out.to_owned(),
-        quantized,
-        kept,
+        quantized: quantized_layers.len(),
+        kept: record.stages.iter().map(|s| s.kept).sum(),
         shards: shard_count,
         bytes,
+        start,
     })
 }
 
+/// The tensors one stage reads first, quantized or written as stored in the order read.
+struct Group<'c> {
+    /// The stage's name (`model.layers.3`), or `(not read by any stage)`.
+    stage: String,
+    /// Whether the stage is a repeated block, whose linear weights are quantized.
+    in_block: bool,
+    tensors: Vec<&'c TensorInfo>,
+    /// Source bytes of those tensors.
+    bytes: u64,
+}
+
 /// Every stored tensor once, stage by stage (each with the stage that reads it first), then
-/// those no stage reads; with whether the group is a repeated block (`model.layers.3`),
-/// whose linear weights are the ones quantized.
-fn tensor_groups(checkpoint: &Checkpoint) -> Vec<(bool, Vec<&str>)> {
-    let mut groups: Vec<(bool, Vec<&str>)> = checkpoint
+/// those no stage reads.
+fn tensor_groups(checkpoint: &Checkpoint) -> Vec<Group<'_>> {
+    let index = checkpoint.index();
+    let group = |stage: String, in_block: bool, names: Vec<&str>| {
+        let tensors: Vec<&TensorInfo> = names.iter().filter_map(|n| index.get(n)).collect();
+        let bytes = tensors.iter().map(|t| t.byte_len()).sum();
+        Group {
+            stage,
+            in_block,
+            tensors,
+            bytes,
+        }
+    };
+    let mut groups: Vec<Group<'_>> = checkpoint
         .stages()
         .iter()
         .map(|stage| {
@@ -272,18 +357,233 @@ fn tensor_groups(checkpoint: &Checkpoint) -> Vec<(bool, Vec<&str>)> {
                 .map(String::as_str)
                 .filter(|name| checkpoint.first_reader(name) == Some(stage.name.as_str()))
                 .collect();
-            (in_block, own)
+            group(stage.name.clone(), in_block, own)
         })
         .collect();
-    let unread = checkpoint
-        .index()
+    let unread = index
         .tensors()
         .iter()
         .map(|t| t.name.as_str())
         .filter(|name| checkpoint.first_reader(name).is_none())
         .collect();
-    groups.push((false, unread));
+    groups.push(group("(not read by any stage)".to_owned(), false, unread));
     groups
+}
+
+/// The output and input dimensions of a tensor that is quantized: a 2-D float `*.weight` of
+/// a block stage.
+fn linear_dims(in_block: bool, info: &TensorInfo) -> Option<(&str, usize, usize)> {
+    match (info.name.strip_suffix(".weight"), info.shape.as_slice()) {
+        (Some(module), &[out_features, in_features]) if in_block && info.dtype.is_float() => {
+            Some((module, out_features, in_features))
+        }
+        _ => None,
+    }
+}
+
+/// Reads the tensors of `group`, quantizes its linears, and writes the result atomically to
+/// the stage's own file in `partial`; `done` is told each tensor's name and the source bytes
+/// of the stage handled so far.
+fn quantize_stage(
+    reader: &mut LayerReader<'_>,
+    index: usize,
+    group: &Group<'_>,
+    scheme: &QuantScheme,
+    partial: &Path,
+    done: &mut dyn FnMut(&str, u64),
+) -> Result<StageRecord, Error> {
+    let names: Vec<&str> = group.tensors.iter().map(|t| t.name.as_str()).collect();
+    let data = reader.read_tensors(None, &names)?;
+    let mut parts: Vec<Cow<'_, [u8]>> = Vec::new();
+    let mut tensors = Vec::new();
+    let (mut quantized, mut kept_matrices, mut kept) = (Vec::new(), Vec::new(), 0);
+    let mut bytes_done = 0u64;
+    for tensor in data.tensors() {
+        let info = tensor.info();
+        bytes_done = bytes_done.saturating_add(info.byte_len());
+        if info.tied_to.is_some() {
+            continue; // a tied head: the embedding is written once, as auto-round does
+        }
+        let name = tensor.name();
+        let Some((module, out_features, in_features)) = linear_dims(group.in_block, info) else {
+            if tensor.shape().len() >= 2 {
+                if let Some(module) = name.strip_suffix(".weight") {
+                    kept_matrices.push(module.to_owned());
+                }
+            }
+            let (dtype, shape) = (tensor.dtype(), tensor.shape().to_vec());
+            let bytes = Cow::Borrowed(tensor.bytes());
+            add(
+                &mut parts,
+                &mut tensors,
+                name.to_owned(),
+                dtype,
+                shape,
+                bytes,
+            );
+            kept += 1;
+            done(name, bytes_done);
+            continue;
+        };
+        let values = tensor.to_f32_vec()?;
+        let packed = quantize_rtn(&values, out_features, in_features, scheme)
+            .map_err(|e| Error::in_tensor(name, e))?
+            .pack();
+        drop(values);
+        let qweight = le_bytes(packed.qweight(), i32::to_le_bytes);
+        let qzeros = le_bytes(packed.qzeros(), i32::to_le_bytes);
+        let scales = le_bytes(packed.scales(), f16::to_le_bytes);
+        for (suffix, dtype, shape, bytes) in [
+            ("qweight", DType::I32, packed.qweight_shape(), qweight),
+            ("qzeros", DType::I32, packed.qzeros_shape(), qzeros),
+            ("scales", DType::F16, packed.scales_shape(), scales),
+        ] {
+            let name = format!("{module}.{suffix}");
+            add(
+                &mut parts,
+                &mut tensors,
+                name,
+                dtype,
+                shape.to_vec(),
+                Cow::Owned(bytes),
+            );
+        }
+        quantized.push(module.to_owned());
+        done(name, bytes_done);
+    }
+    let file = format!("stage-{index:05}.part");
+    let slices: Vec<&[u8]> = parts.iter().map(|p| p.as_ref()).collect();
+    let (bytes, checksum) = write_atomically(partial, &file, &slices)?;
+    Ok(StageRecord {
+        stage: group.stage.clone(),
+        file,
+        bytes,
+        checksum,
+        tensors,
+        quantized,
+        kept_matrices,
+        kept,
+    })
+}
+
+/// Adds a tensor's bytes to a stage's parts and its description to the stage's record.
+fn add<'d>(
+    parts: &mut Vec<Cow<'d, [u8]>>,
+    tensors: &mut Vec<WrittenTensor>,
+    name: String,
+    dtype: DType,
+    shape: Vec<usize>,
+    bytes: Cow<'d, [u8]>,
+) {
+    tensors.push(WrittenTensor {
+        name,
+        dtype: dtype.safetensors_name().to_owned(),
+        shape,
+        bytes: bytes.len() as u64,
+    });
+    parts.push(bytes);
+}
+
+fn le_bytes<T: Copy, const N: usize>(values: &[T], to_bytes: fn(T) -> [u8; N]) -> Vec<u8> {
+    values.iter().flat_map(|&v| to_bytes(v)).collect()
+}
+
+/// The memory [`quantize_checkpoint`] is planned to need at its peak: the stage whose
+/// tensors as read, quantized output and working copies add up to the most, plus the
+/// runtime.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct QuantizePlan {
+    /// The stage at which the peak falls.
+    pub stage: String,
+    /// Its tensors as read from the source, held until its file is written (kept tensors
+    /// are written straight from them).
+    pub read_bytes: u64,
+    /// Its quantized output (`qweight`, `qzeros`, `scales`), held until its file is written.
+    pub output_bytes: u64,
+    /// While its largest linear is quantized: the `f32` copy of the weight, one byte per
+    /// code (input padded to whole groups), the packed weight and its bytes being copied
+    /// out.
+    pub working_bytes: u64,
+    /// The process before any weight is read ([`RUNTIME_FLOOR`]).
+    pub runtime_bytes: u64,
+    /// The sum of the above.
+    pub peak_bytes: u64,
+}
+
+/// Plans the peak memory of quantizing `source` with `options` (see [`QuantizePlan`]),
+/// reading only the checkpoint's headers.
+///
+/// ```
+/// use memwise_model::quant::{plan_quantization, QuantizeOptions};
+///
+/// let source = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/quant/llama-bf16");
+/// let options = QuantizeOptions::from_values(4, 32, true, "auto_round")?;
+/// let plan = plan_quantization(source, &options)?;
+/// assert!(plan.read_bytes > 0);
+/// assert_eq!(
+///     plan.peak_bytes,
+///     plan.read_bytes + plan.output_bytes + plan.working_bytes + plan.runtime_bytes
+/// );
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn plan_quantization(
+    source: impl AsRef<Path>,
+    options: &QuantizeOptions,
+) -> Result<QuantizePlan, Error> {
+    let checkpoint = Checkpoint::open(source)?;
+    let scheme = options.scheme;
+    let mut best: Option<QuantizePlan> = None;
+    for group in tensor_groups(&checkpoint) {
+        let (mut output, mut working) = (0u64, 0u64);
+        for info in group.tensors.iter().filter(|t| t.tied_to.is_none()) {
+            if let Some((_, out_features, in_features)) = linear_dims(group.in_block, info) {
+                let packed = packed_bytes(&scheme, out_features, in_features);
+                let padded_in = padded_inputs(&scheme, in_features) as u64;
+                let values = 4 * out_features as u64 * in_features as u64;
+                let codes = out_features as u64 * padded_in;
+                output += packed;
+                working = working.max(values + codes + 2 * packed);
+            }
+        }
+        let plan = QuantizePlan {
+            stage: group.stage,
+            read_bytes: group.bytes,
+            output_bytes: output,
+            working_bytes: working,
+            runtime_bytes: RUNTIME_FLOOR,
+            peak_bytes: group.bytes + output + working + RUNTIME_FLOOR,
+        };
+        if best.as_ref().is_none_or(|b| plan.peak_bytes > b.peak_bytes) {
+            best = Some(plan);
+        }
+    }
+    Ok(best.unwrap_or(QuantizePlan {
+        stage: String::new(),
+        read_bytes: 0,
+        output_bytes: 0,
+        working_bytes: 0,
+        runtime_bytes: RUNTIME_FLOOR,
+        peak_bytes: RUNTIME_FLOOR,
+    }))
+}
+
+/// The input dimension padded to whole groups, as [`quantize_rtn`] pads it.
+fn padded_inputs(scheme: &QuantScheme, in_features: usize) -> usize {
+    let group = scheme.group_size().len_for(in_features);
+    in_features.div_ceil(group) * group
+}
+
+/// Bytes of a packed `out_features × in_features` weight: `qweight`, `qzeros` and `scales`.
+fn packed_bytes(scheme: &QuantScheme, out_features: usize, in_features: usize) -> u64 {
+    let pack = scheme.pack_factor() as u64;
+    let padded_in = padded_inputs(scheme, in_features) as u64;
+    let groups = padded_in / scheme.group_size().len_for(in_features) as u64;
+    let out = out_features as u64;
+    let qweight = padded_in / pack * out * 4;
+    let qzeros = groups * out.div_ceil(pack) * 4;
+    let scales = groups * out * 2;
+    qweight + qzeros + scales
 }
 
 /// The sibling folder a run builds `out` in.
@@ -390,129 +690,98 @@ fn copy_other_files(source: &Path, dest: &Path) -> Result<(), Error> {
     Ok(())
 }
 
-/// Writes tensors into safetensors shards of bounded size, holding no tensor in memory: each
-/// shard's data goes to a side file, and the shard is its header followed by that data.
-struct ShardWriter<'a> {
-    folder: &'a Path,
+/// Writes the safetensors shards (each at most `max_bytes` of data, a larger tensor in a
+/// shard of its own) from the stage files, in order, and their index when there is more
+/// than one. Returns the shard count and the data bytes written.
+fn write_shards(
+    partial: &Path,
+    stages: &[StageRecord],
     max_bytes: u64,
-    /// Finished shards: temporary file name and the tensors in it.
-    done: Vec<(PathBuf, Vec<String>)>,
-    current: Vec<(String, DType, Vec<usize>)>,
-    current_bytes: u64,
-    data: Option<BufWriter<File>>,
-    total: u64,
-}
-
-impl<'a> ShardWriter<'a> {
-    fn new(folder: &'a Path, max_bytes: u64) -> Self {
-        ShardWriter {
-            folder,
-            max_bytes,
-            done: Vec::new(),
-            current: Vec::new(),
-            current_bytes: 0,
-            data: None,
-            total: 0,
-        }
-    }
-
-    fn data_path(&self) -> PathBuf {
-        self.folder.join(format!("shard-{}.data", self.done.len()))
-    }
-
-    fn add(
-        &mut self,
-        name: &str,
-        dtype: DType,
-        shape: &[usize],
-        bytes: &[u8],
-    ) -> Result<(), Error> {
-        let len = bytes.len() as u64;
-        if !self.current.is_empty() && self.current_bytes.saturating_add(len) > self.max_bytes {
-            self.close_shard()?;
-        }
-        let path = self.data_path();
-        let data = match &mut self.data {
-            Some(data) => data,
-            None => {
-                let file = File::create(&path).map_err(|e| ReadError::io("creating", &path, e))?;
-                self.data.insert(BufWriter::with_capacity(1 << 20, file))
+) -> Result<(usize, u64), Error> {
+    // Each tensor with the stage file holding it and its offset there.
+    let mut shards: Vec<Vec<(&WrittenTensor, &str, u64)>> = Vec::new();
+    let (mut current, mut current_bytes, mut total) = (Vec::new(), 0u64, 0u64);
+    for stage in stages {
+        let mut offset = 0u64;
+        for tensor in &stage.tensors {
+            if !current.is_empty() && current_bytes.saturating_add(tensor.bytes) > max_bytes {
+                shards.push(std::mem::take(&mut current));
+                current_bytes = 0;
             }
+            current.push((tensor, stage.file.as_str(), offset));
+            offset += tensor.bytes;
+            current_bytes += tensor.bytes;
+            total += tensor.bytes;
+        }
+    }
+    if !current.is_empty() || shards.is_empty() {
+        shards.push(current);
+    }
+    let count = shards.len();
+    let mut weight_map = Map::new();
+    for (i, shard) in shards.iter().enumerate() {
+        let name = if count == 1 {
+            "model.safetensors".to_owned()
+        } else {
+            format!("model-{:05}-of-{:05}.safetensors", i + 1, count)
         };
-        data.write_all(bytes)
+        let path = partial.join(&name);
+        let mut headers = Vec::with_capacity(shard.len());
+        for (tensor, _, _) in shard {
+            let dtype = DType::parse(&tensor.dtype).ok_or_else(|| {
+                ReadError::io(
+                    "reading",
+                    partial.join(resume::RECORD_FILE),
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("unknown dtype {:?} of {}", tensor.dtype, tensor.name),
+                    ),
+                )
+            })?;
+            headers.push(TensorHeader {
+                name: &tensor.name,
+                dtype,
+                shape: &tensor.shape,
+            });
+            weight_map.insert(tensor.name.clone(), Value::String(name.clone()));
+        }
+        let mut out = File::create(&path).map_err(|e| ReadError::io("creating", &path, e))?;
+        out.write_all(&encode_header(&headers))
             .map_err(|e| ReadError::io("writing", &path, e))?;
-        self.current.push((name.to_owned(), dtype, shape.to_vec()));
-        self.current_bytes += len;
-        self.total += len;
-        Ok(())
-    }
-
-    fn close_shard(&mut self) -> Result<(), Error> {
-        let data_path = self.data_path();
-        let shard_path = self
-            .folder
-            .join(format!("shard-{}.safetensors", self.done.len()));
-        if let Some(data) = self.data.take() {
-            data.into_inner()
-                .map_err(|e| ReadError::io("writing", &data_path, e.into_error()))?;
-        }
-        let headers: Vec<TensorHeader<'_>> = self
-            .current
-            .iter()
-            .map(|(name, dtype, shape)| TensorHeader {
-                name,
-                dtype: *dtype,
-                shape,
-            })
-            .collect();
-        let mut shard =
-            File::create(&shard_path).map_err(|e| ReadError::io("creating", &shard_path, e))?;
-        shard
-            .write_all(&encode_header(&headers))
-            .map_err(|e| ReadError::io("writing", &shard_path, e))?;
-        if !self.current.is_empty() {
-            let mut data =
-                File::open(&data_path).map_err(|e| ReadError::io("reading", &data_path, e))?;
-            std::io::copy(&mut data, &mut shard)
-                .map_err(|e| ReadError::io("writing", &shard_path, e))?;
-            fs::remove_file(&data_path).map_err(|e| ReadError::io("removing", &data_path, e))?;
-        }
-        shard
-            .sync_all()
-            .map_err(|e| ReadError::io("syncing", &shard_path, e))?;
-        let names = self.current.drain(..).map(|(name, _, _)| name).collect();
-        self.done.push((shard_path, names));
-        self.current_bytes = 0;
-        Ok(())
-    }
-
-    /// Closes the last shard and gives the shards their Hugging Face names (with an index
-    /// when there is more than one). Returns the shard count and the data bytes written.
-    fn finish(mut self) -> Result<(usize, u64), Error> {
-        if !self.current.is_empty() || self.done.is_empty() {
-            self.close_shard()?;
-        }
-        let count = self.done.len();
-        let mut weight_map = Map::new();
-        for (i, (path, names)) in self.done.iter().enumerate() {
-            let name = if count == 1 {
-                "model.safetensors".to_owned()
-            } else {
-                format!("model-{:05}-of-{:05}.safetensors", i + 1, count)
+        let mut open: Option<(&str, File)> = None;
+        for &(tensor, file, offset) in shard {
+            let stage_path = partial.join(file);
+            let source = match &mut open {
+                Some((name, source)) if *name == file => source,
+                _ => {
+                    let source = File::open(&stage_path)
+                        .map_err(|e| ReadError::io("opening", &stage_path, e))?;
+                    &mut open.insert((file, source)).1
+                }
             };
-            let target = self.folder.join(&name);
-            fs::rename(path, &target).map_err(|e| ReadError::io("renaming", path, e))?;
-            for tensor in names {
-                weight_map.insert(tensor.clone(), Value::String(name.clone()));
+            source
+                .seek(SeekFrom::Start(offset))
+                .map_err(|e| ReadError::io("reading", &stage_path, e))?;
+            let copied = std::io::copy(&mut source.take(tensor.bytes), &mut out)
+                .map_err(|e| ReadError::io("writing", &path, e))?;
+            if copied != tensor.bytes {
+                return Err(ReadError::io(
+                    "reading",
+                    &stage_path,
+                    std::io::ErrorKind::UnexpectedEof.into(),
+                )
+                .into());
             }
         }
-        if count > 1 {
-            let index = json!({
-                "metadata": {"total_size": self.total},
-                "weight_map": weight_map,
-            });
-            write_json(&self.folder.join("model.safetensors.index.json"), &index)?;
-        }
-        Ok((count, self.total))
+        out.sync_all()
+            .map_err(|e| ReadError::io("syncing", &path, e))?;
     }
+    if count > 1 {
+        let index = json!({
+            "metadata": {"total_size": total},
+            "weight_map": weight_map,
+        });
+        write_json(&partial.join("model.safetensors.index.json"), &index)?;
+    }
+    Ok((count, total))
 }

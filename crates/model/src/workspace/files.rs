@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 /// Writes `parts` to `dir/name` atomically: a temporary file, synced, renamed over the
 /// target, and the folder synced so the rename itself survives a crash. Returns the size
 /// and checksum of what was written.
-pub(super) fn write_atomically(dir: &Path, name: &str, parts: &[&[u8]]) -> Result<(u64, String)> {
+pub(crate) fn write_atomically(dir: &Path, name: &str, parts: &[&[u8]]) -> Result<(u64, String)> {
     let target = dir.join(name);
     let temp = dir.join(format!("{name}{TEMP_SUFFIX}"));
     let mut file = File::create(&temp).map_err(|e| Error::io("creating", &temp, e))?;
@@ -32,7 +32,8 @@ pub(super) fn write_atomically(dir: &Path, name: &str, parts: &[&[u8]]) -> Resul
     Ok((len, format!("crc32:{:08x}", hasher.finalize())))
 }
 
-pub(super) fn checksum_file(path: &Path) -> Result<String> {
+/// The checksum of the file at `path`, as [`write_atomically`] reports it.
+pub(crate) fn checksum_file(path: &Path) -> Result<String> {
     let mut file = File::open(path).map_err(|e| Error::io("opening", path, e))?;
     let mut hasher = crc32fast::Hasher::new();
     let mut buffer = vec![0u8; 1 << 20];
@@ -48,7 +49,7 @@ pub(super) fn checksum_file(path: &Path) -> Result<String> {
     Ok(format!("crc32:{:08x}", hasher.finalize()))
 }
 
-pub(super) fn remove_if_present(path: &Path) -> Result<()> {
+pub(crate) fn remove_if_present(path: &Path) -> Result<()> {
     match fs::remove_file(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io("removing", path, e)),
         _ => Ok(()),

@@ -126,7 +126,7 @@ pub(super) fn check_matches_manifest(
 }
 
 /// The source's files with sizes and modification times, and the conversion dtype.
-pub(super) fn fingerprint(
+pub(crate) fn fingerprint(
     source: &Checkpoint,
     dtype: Option<StoredDType>,
 ) -> Result<SourceFingerprint> {

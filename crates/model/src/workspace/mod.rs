@@ -21,8 +21,11 @@ pub use self::manifest::{
     Manifest, ManifestStage, ManifestTensor, Origin, SourceFile, SourceFingerprint,
 };
 
-use self::files::{available_bytes, checksum_file, remove_if_present, write_atomically};
-use self::manifest::{check_matches_manifest, fingerprint, record, recorded};
+pub(crate) use self::files::{checksum_file, remove_if_present, write_atomically};
+pub(crate) use self::manifest::fingerprint;
+
+use self::files::available_bytes;
+use self::manifest::{check_matches_manifest, record, recorded};
 use std::fs;
 use std::path::{Path, PathBuf};
 

@@ -98,3 +98,39 @@ pub fn edit_torch_zip(path: &Path, mut edit: impl FnMut(&str, Vec<u8>) -> Vec<u8
     }
     fs::write(path, out.finish().unwrap().into_inner()).unwrap();
 }
+
+/// Runs the `#[ignore]`d test `child` of this test binary in a child process, with `env`
+/// set (which tells it what to do), and SIGKILLs it once it has printed `lines` lines
+/// starting with `tensor ` (the child slows itself down after each, so that it is killed
+/// midway).
+pub fn run_child_and_kill(child: &str, env: (&str, String), lines: usize) {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let mut process = Command::new(std::env::current_exe().unwrap())
+        .args([
+            child,
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(env.0, env.1)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = BufReader::new(process.stdout.take().unwrap());
+    let mut seen = 0;
+    for line in stdout.lines() {
+        if line.unwrap().starts_with("tensor ") {
+            seen += 1;
+            if seen == lines {
+                break;
+            }
+        }
+    }
+    assert_eq!(seen, lines, "the child finished before it could be killed");
+    process.kill().unwrap(); // SIGKILL on Unix: no destructor, no flush, no cleanup
+    let status = process.wait().unwrap();
+    assert!(!status.success());
+}
