@@ -50,7 +50,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -60,12 +60,11 @@ use candle_nn::VarBuilder;
 use memwise::stats::ProcessMemory;
 use memwise_model::models::{ArchitectureConfig, DecoderModel};
 use memwise_model::{
-    write_synthetic_checkpoint, Architecture, Checkpoint, Family, HookError, Inputs, LayerHook,
-    LayerWeights, ModelConverter, ReadStrategy, SynthSpec,
+    Checkpoint, Family, HookError, Inputs, LayerHook, LayerWeights, ModelConverter, ReadStrategy,
 };
 use serde_json::json;
 
-use common::{evict, fold, read_files, run_child};
+use common::{evict, fold, prepare_checkpoint, read_files, run_child, synthetic_llama};
 
 const MIB: f64 = (1u64 << 20) as f64;
 const TOKENS: usize = 128;
@@ -89,89 +88,6 @@ const STREAM_BUDGET: u64 = 400 << 20;
 
 fn main() {
     common::dispatch("streaming", child, orchestrate);
-}
-
-/// The model of issue 5, or with `small` one a few MiB in size for smoke runs.
-fn spec(small: bool) -> SynthSpec {
-    let full = SynthSpec {
-        arch: Architecture::Llama,
-        hidden_size: 2048,
-        intermediate_size: 5632,
-        num_layers: 9,
-        num_heads: 32,
-        num_kv_heads: 4,
-        vocab_size: 32000,
-        max_position_embeddings: 2048,
-        tie_word_embeddings: false,
-        seed: 0,
-        shard_bytes: 500_000_000,
-        dtype: DType::F32,
-    };
-    if small {
-        SynthSpec {
-            hidden_size: 256,
-            intermediate_size: 704,
-            num_layers: 3,
-            num_heads: 8,
-            num_kv_heads: 2,
-            vocab_size: 4000,
-            shard_bytes: 4_000_000,
-            ..full
-        }
-    } else {
-        full
-    }
-}
-
-/// The checkpoint's folder: reused when its config is the spec's and it opens, otherwise
-/// (re)written.
-fn prepare(spec: &SynthSpec) -> PathBuf {
-    let base = std::env::var_os("MEMWISE_BENCH_DIR").map_or_else(
-        || {
-            // The bench binary lives in `<target>/<profile>/deps/`.
-            let exe = std::env::current_exe().unwrap();
-            exe.ancestors().nth(3).unwrap().join("memwise-bench")
-        },
-        PathBuf::from,
-    );
-    let folder = base.join(format!(
-        "llama-h{}-i{}-l{}-v{}-seed{}",
-        spec.hidden_size, spec.intermediate_size, spec.num_layers, spec.vocab_size, spec.seed
-    ));
-    let config = spec.config_json().unwrap();
-    let valid = std::fs::read_to_string(folder.join("config.json")).is_ok_and(|c| c == config)
-        && Checkpoint::open(&folder).is_ok_and(|c| {
-            c.index().stored_bytes() == expected_bytes(spec)
-                && c.files().iter().all(|f| f.metadata().is_ok())
-        });
-    if valid {
-        println!("reusing {}", folder.display());
-        return folder;
-    }
-    if folder.exists() {
-        std::fs::remove_dir_all(&folder).unwrap();
-    }
-    std::fs::create_dir_all(&base).unwrap();
-    let started = Instant::now();
-    let report = write_synthetic_checkpoint(spec, &folder).unwrap();
-    println!(
-        "generated {} ({:.0} MiB in {} shards) in {:.1}s",
-        folder.display(),
-        report.total_size as f64 / MIB,
-        report.shards.len(),
-        started.elapsed().as_secs_f64()
-    );
-    folder
-}
-
-fn expected_bytes(spec: &SynthSpec) -> u64 {
-    let elements: usize = spec
-        .tensors()
-        .unwrap()
-        .iter()
-        .map(|t| t.element_count())
-        .sum();
-    (elements * spec.dtype.size_in_bytes()) as u64
 }
 
 /// What one child measured.
@@ -221,8 +137,7 @@ impl Run {
 
 fn orchestrate() {
     let small = std::env::var("MEMWISE_BENCH_SMALL").is_ok_and(|v| !v.is_empty() && v != "0");
-    let spec = spec(small);
-    let folder = prepare(&spec);
+    let folder = prepare_checkpoint(&synthetic_llama(small));
     let files = Checkpoint::open(&folder).unwrap().files().to_vec();
     let bytes: u64 = files.iter().map(|f| f.metadata().unwrap().len()).sum();
     println!(

@@ -5,6 +5,8 @@
 //! Each bench includes it with `mod common;`; a folder below `benches/` is not a bench of
 //! its own.
 
+#![allow(dead_code)] // each bench uses its own subset
+
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::io::AsRawFd;
@@ -89,4 +91,94 @@ pub fn fold(bytes: &[u8], mut acc: u64) -> u64 {
         acc = acc.rotate_left(5) ^ u64::from(b);
     }
     acc
+}
+
+/// The 2.11 GB fp32 Llama of issue 5 (hidden 2048, intermediate 5632, 9 layers, 32 heads /
+/// 4 key-value heads, vocab 32000, untied, in 500 MB shards), or with `small` one a few MiB
+/// in size, of the same shape, for smoke runs.
+pub fn synthetic_llama(small: bool) -> memwise_model::SynthSpec {
+    use memwise_model::{Architecture, SynthSpec};
+    let full = SynthSpec {
+        arch: Architecture::Llama,
+        hidden_size: 2048,
+        intermediate_size: 5632,
+        num_layers: 9,
+        num_heads: 32,
+        num_kv_heads: 4,
+        vocab_size: 32000,
+        max_position_embeddings: 2048,
+        tie_word_embeddings: false,
+        seed: 0,
+        shard_bytes: 500_000_000,
+        dtype: candle_core::DType::F32,
+    };
+    if small {
+        SynthSpec {
+            hidden_size: 256,
+            intermediate_size: 704,
+            num_layers: 3,
+            num_heads: 8,
+            num_kv_heads: 2,
+            vocab_size: 4000,
+            shard_bytes: 4_000_000,
+            ..full
+        }
+    } else {
+        full
+    }
+}
+
+/// The checkpoint's folder under `$MEMWISE_BENCH_DIR` (default: `memwise-bench/` in the
+/// cargo target folder): reused when its config is the spec's and it opens, otherwise
+/// (re)written.
+pub fn prepare_checkpoint(spec: &memwise_model::SynthSpec) -> PathBuf {
+    use memwise_model::{write_synthetic_checkpoint, Checkpoint};
+    let folder = bench_dir().join(format!(
+        "llama-h{}-i{}-l{}-v{}-seed{}",
+        spec.hidden_size, spec.intermediate_size, spec.num_layers, spec.vocab_size, spec.seed
+    ));
+    let config = spec.config_json().unwrap();
+    let elements: usize = spec
+        .tensors()
+        .unwrap()
+        .iter()
+        .map(|t| t.element_count())
+        .sum();
+    let expected_bytes = (elements * spec.dtype.size_in_bytes()) as u64;
+    let valid = std::fs::read_to_string(folder.join("config.json")).is_ok_and(|c| c == config)
+        && Checkpoint::open(&folder).is_ok_and(|c| {
+            c.index().stored_bytes() == expected_bytes
+                && c.files().iter().all(|f| f.metadata().is_ok())
+        });
+    if valid {
+        println!("reusing {}", folder.display());
+        return folder;
+    }
+    if folder.exists() {
+        std::fs::remove_dir_all(&folder).unwrap();
+    }
+    std::fs::create_dir_all(bench_dir()).unwrap();
+    let started = std::time::Instant::now();
+    let report = write_synthetic_checkpoint(spec, &folder).unwrap();
+    println!(
+        "generated {} ({:.0} MiB in {} shards) in {:.1}s",
+        folder.display(),
+        report.total_size as f64 / (1u64 << 20) as f64,
+        report.shards.len(),
+        started.elapsed().as_secs_f64()
+    );
+    folder
+}
+
+/// Where benches keep what they generate: `$MEMWISE_BENCH_DIR`, or `memwise-bench/` in the
+/// cargo target folder.
+pub fn bench_dir() -> PathBuf {
+    std::env::var_os("MEMWISE_BENCH_DIR").map_or_else(
+        || {
+            // The bench binary lives in `<target>/<profile>/deps/`.
+            let exe = std::env::current_exe().unwrap();
+            exe.ancestors().nth(3).unwrap().join("memwise-bench")
+        },
+        PathBuf::from,
+    )
 }
