@@ -425,7 +425,7 @@ fn quantize_stage(
             done(name, bytes_done);
             continue;
         };
-        let values = tensor.to_f32_vec()?;
+        let values = f32_values(tensor)?;
         let packed = quantize_rtn(&values, out_features, in_features, scheme)
             .map_err(|e| Error::in_tensor(name, e))?
             .pack();
@@ -587,6 +587,23 @@ fn packed_bytes(scheme: &QuantScheme, out_features: usize, in_features: usize) -
 }
 
 /// The sibling folder a run builds `out` in.
+/// A float weight's values as f32: the stored bytes themselves for an f32 tensor whose
+/// bytes are aligned (no copy of the largest linear beside the stage already read), a
+/// converted copy otherwise.
+fn f32_values<'t>(
+    tensor: &'t crate::checkpoint::TensorView<'_>,
+) -> Result<std::borrow::Cow<'t, [f32]>, Error> {
+    if cfg!(target_endian = "little") && tensor.dtype() == crate::checkpoint::StoredDType::F32 {
+        // SAFETY: every bit pattern is a valid f32, and `align_to` only returns a middle
+        // slice of correctly aligned, whole f32s; the bytes are little-endian f32 as stored.
+        let (head, values, tail) = unsafe { tensor.bytes().align_to::<f32>() };
+        if head.is_empty() && tail.is_empty() {
+            return Ok(std::borrow::Cow::Borrowed(values));
+        }
+    }
+    Ok(std::borrow::Cow::Owned(tensor.to_f32_vec()?))
+}
+
 fn partial_folder(out: &Path) -> Result<PathBuf, Error> {
     let name = out
         .file_name()
