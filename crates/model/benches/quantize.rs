@@ -37,16 +37,18 @@
 //!
 //! | | wall time | time / memwise's | peak RSS (own `ru_maxrss`) | peak RSS (process tree, sampled) | peak / memwise's |
 //! | --- | ---: | ---: | ---: | ---: | ---: |
-//! | memwise quantize | 10.35 s | 1.00× | 336 MiB | 336 MiB | 1.00× |
-//! | auto-round 0.16 RTN, model-free path | 41.47 s | 4.01× | 1579 MiB | 2444 MiB | 7.28× |
+//! | memwise quantize | 7.40 s | 1.00× | 292 MiB | 292 MiB | 1.00× |
+//! | auto-round 0.16 RTN, model-free path | 24.54 s | 3.31× | 1612 MiB | 2472 MiB | 8.47× |
 //!
-//! All 210 tensors memwise wrote equal auto-round's byte for byte. Both targets of issue 12
-//! are missed: peak RSS 336 MiB against at most 300 MiB (36 MiB, 12% over; `memwise
-//! quantize` planned 278 MiB: a 168 MiB block read, 22 MiB packed output, 66 MiB working
-//! copies of its largest linear, 22 MiB runtime, so 58 MiB are not accounted for), and 4.0×
-//! faster against at least 5× (10.35 s would have to be 8.3 s; memwise quantizes on one
-//! core). With `MEMWISE_BENCH_SMALL=1` (19 MiB model): memwise 0.22 s and 14 MiB, auto-round
-//! 18.94 s and 1723 MiB (mostly its start-up), tensors equal.
+//! All 210 tensors memwise wrote equal auto-round's byte for byte. Peak RSS meets issue 12's
+//! target (at most 300 MiB; `memwise quantize` planned 278 MiB: a 168 MiB block read, 22 MiB
+//! packed output, 66 MiB working copies of its largest linear, 22 MiB runtime). Speed does
+//! not: 3.3× faster against at least 5× (memwise quantizes on one core). An earlier run,
+//! before aligned f32 weights were quantized from the bytes read instead of a copy and with
+//! other builds loading the machine: memwise 10.35 s and 336 MiB, auto-round 41.47 s and
+//! 1579 MiB (2444 MiB with its workers). With `MEMWISE_BENCH_SMALL=1` (19 MiB model):
+//! memwise 0.22 s and 14 MiB, auto-round 18.94 s and 1723 MiB (mostly its start-up), tensors
+//! equal.
 
 mod common;
 
