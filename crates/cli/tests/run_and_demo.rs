@@ -759,3 +759,42 @@ fn run_json_carries_the_plan_and_a_peak_predicted_within_the_bound() {
         assert_eq!(summary["plan"]["placement"], placement, "{extra:?}");
     }
 }
+
+#[test]
+fn generation_flags_that_would_be_ignored_are_refused() {
+    let decoder = fixture("tiny-llama");
+    let encoder = fixture("tiny-bert");
+    for (model, extra, says) in [
+        (
+            &encoder,
+            &["--max-new-tokens", "3"][..],
+            "--max-new-tokens is for decoders",
+        ),
+        (
+            &encoder,
+            &["--max-new-tokens", "3", "--temperature", "0.5"][..],
+            "is an encoder",
+        ),
+        (
+            &decoder,
+            &["--temperature", "0.5"][..],
+            "give --max-new-tokens too",
+        ),
+        (
+            &decoder,
+            &["--max-new-tokens", "3", "--top-k", "5"][..],
+            "give --temperature above 0",
+        ),
+        (
+            &decoder,
+            &["--max-new-tokens", "3", "--temperature", "-1"][..],
+            "temperature -1",
+        ),
+    ] {
+        let mut args = vec!["run", model.to_str().unwrap(), "--input-ids", "1,2"];
+        args.extend_from_slice(extra);
+        let output = memwise(&args);
+        assert!(!output.status.success(), "{extra:?}");
+        assert!(text(&output).contains(says), "{extra:?}: {}", text(&output));
+    }
+}

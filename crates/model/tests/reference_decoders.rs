@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 
 use candle_core::{DType, Device, Tensor};
 use fixture_support::*;
-use memwise_model::models::{DecoderModel, Family, Inputs, KvCache, LlamaConfig};
+use memwise_model::models::{DecoderModel, Family, Inputs, KvCache, LlamaConfig, Loaded};
 
 struct Fixture {
     name: &'static str,
@@ -33,6 +33,13 @@ impl Fixture {
 
     fn model(&self) -> DecoderModel {
         DecoderModel::new(&self.config, DType::F32, &Device::Cpu).expect("skeleton builds")
+    }
+
+    /// The model with every stage loaded from the fixture's weights.
+    fn loaded(&self) -> Loaded<DecoderModel> {
+        self.model()
+            .load(full_weights(&self.weights))
+            .expect("loads")
     }
 
     fn reference(&self, key: &str) -> &Tensor {
@@ -310,10 +317,7 @@ fn greedy_generation_matches_transformers_with_and_without_cache() {
             .expect("eos")[0];
         let eos: Vec<u32> = u32::try_from(eos).into_iter().collect();
         let new_tokens = expected.len() - prompt.len();
-        let model = fixture
-            .model()
-            .load(full_weights(&fixture.weights))
-            .expect("loads");
+        let model = fixture.loaded();
 
         let cached = model
             .generate_greedy(&prompt, new_tokens, &eos, true)
@@ -350,10 +354,7 @@ fn greedy_generation_matches_transformers_with_and_without_cache() {
 #[test]
 fn cached_logits_equal_recomputed_logits() {
     let fixture = Fixture::load("tiny-mistral");
-    let model = fixture
-        .model()
-        .load(full_weights(&fixture.weights))
-        .expect("loads");
+    let model = fixture.loaded();
     let ids = fixture.input_ids();
     let full = model.forward(Inputs::new(&ids)).expect("forward");
     // Feed the same tokens in two chunks through a cache: the window mask must follow.
@@ -461,10 +462,7 @@ fn weights_of_another_dtype_are_refused_by_name() {
 fn last_position_logits_are_the_last_row_of_all_logits() {
     for name in FIXTURES {
         let fixture = Fixture::load(name);
-        let model = fixture
-            .model()
-            .load(full_weights(&fixture.weights))
-            .expect("loads");
+        let model = fixture.loaded();
         let ids = fixture.input_ids();
         let all = model.forward(Inputs::new(&ids)).expect("forward");
         let last = model
@@ -507,10 +505,7 @@ fn pad_batch(rows: &[&[u32]], left: bool) -> (Tensor, Tensor) {
 fn a_padded_batch_gives_each_sequence_what_it_gives_alone() {
     for name in FIXTURES {
         let fixture = Fixture::load(name);
-        let model = fixture
-            .model()
-            .load(full_weights(&fixture.weights))
-            .expect("loads");
+        let model = fixture.loaded();
         let ids: Vec<Vec<u32>> = fixture.input_ids().to_vec2().unwrap();
         let long = ids[0].as_slice();
         let short = &ids[1][..ids[1].len() - 4];

@@ -45,7 +45,12 @@ pub struct Args {
     chat: bool,
     /// Decoders: draw each new token at this temperature instead of taking the likeliest
     /// (0, the default, is greedy).
-    #[arg(long, default_value_t = 0.0, value_name = "T")]
+    #[arg(
+        long,
+        default_value_t = 0.0,
+        value_name = "T",
+        allow_negative_numbers = true
+    )]
     temperature: f64,
     /// Decoders, with --temperature: draw only among the K likeliest tokens.
     #[arg(long, value_name = "K")]
@@ -102,7 +107,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         )
     });
 
-    let batch = input_batch(&args, is_decoder(&args.model)?)?;
+    let is_decoder_model = is_decoder(&args.model)?;
+    check_generation_flags(&args, is_decoder_model)?;
+    let batch = input_batch(&args, is_decoder_model)?;
     let mut converter = ModelConverter::new(&args.model)
         .device(Device::Cpu)
         .request(run_request(&args, &batch));
@@ -163,6 +170,35 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 /// Whether the model folder holds a decoder (read from its config, no weight).
+/// Refuses generation flags that would be silently ignored: on an encoder, which embeds
+/// and does not generate, and top-k/top-p without a temperature to draw at.
+fn check_generation_flags(args: &Args, decoder: bool) -> anyhow::Result<()> {
+    let generating = [
+        ("--max-new-tokens", args.max_new_tokens > 0),
+        ("--chat", args.chat),
+        ("--temperature", args.temperature != 0.0),
+        ("--top-k", args.top_k.is_some()),
+        ("--top-p", args.top_p.is_some()),
+    ];
+    if let Some((flag, _)) = generating.iter().find(|(_, set)| *set && !decoder) {
+        bail!(
+            "{flag} is for decoders; {} is an encoder, which embeds and does not generate",
+            args.model.display()
+        );
+    }
+    if args.max_new_tokens == 0 {
+        if let Some((flag, _)) = generating[2..].iter().find(|(_, set)| *set) {
+            bail!("{flag} shapes generation: give --max-new-tokens too");
+        }
+    }
+    if args.temperature == 0.0 {
+        if let Some((flag, _)) = generating[3..].iter().find(|(_, set)| *set) {
+            bail!("{flag} shapes a draw: give --temperature above 0 too (0 is greedy)");
+        }
+    }
+    Ok(())
+}
+
 fn is_decoder(model: &Path) -> anyhow::Result<bool> {
     let checkpoint = memwise_model::Checkpoint::open(model)
         .with_context(|| format!("opening {}", model.display()))?;
@@ -344,7 +380,8 @@ fn decoder(model: &mut StreamedModel, batch: &Batch, args: &Args) -> anyhow::Res
     }
     let eos = model.eos_token_ids().to_vec();
     let mut options = GenerateOptions::greedy(args.max_new_tokens, &eos);
-    if args.temperature > 0.0 {
+    // A negative temperature reaches the sampler, which refuses it by name.
+    if args.temperature != 0.0 {
         let mut sampling = Sampling::new(args.temperature).seed(args.seed);
         sampling.top_k = args.top_k;
         sampling.top_p = args.top_p;
