@@ -11,7 +11,7 @@ use memwise::report::{self, ReportOptions, Sampler};
 use memwise::{enable_memory_tracking, get_memory_stats, reset_peak_memory, track};
 use memwise_model::models::{GenerateOptions, Sampling};
 use memwise_model::plan::{Request, RUNTIME_FLOOR};
-use memwise_model::{Inputs, ModelConverter, StreamedModel};
+use memwise_model::{Inputs, ModelConverter, ReadStrategy, StreamedModel};
 
 use super::report::{
     breakdown_table, memory_summary, mib, signed_mib, stage_breakdown, StageBreakdown,
@@ -68,6 +68,11 @@ pub struct Args {
     /// Keep each layer's weights after it runs instead of freeing them.
     #[arg(long, conflicts_with = "full")]
     keep_weights: bool,
+    /// Copy the weights into memory instead of computing on the model's mapped files. By
+    /// default f32 weights are used where they lie in the page cache, as llama.cpp does:
+    /// do not rewrite or truncate the model's files while memwise runs.
+    #[arg(long)]
+    no_mmap: bool,
     /// Layers read ahead on a background thread (default: memory.prefetch_depth).
     #[arg(long, value_name = "N")]
     prefetch: Option<usize>,
@@ -115,6 +120,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .request(run_request(&args, &batch));
     if let Some(depth) = args.prefetch {
         converter = converter.prefetch_depth(depth);
+    }
+    if !args.no_mmap {
+        // SAFETY: `--help` asks the user not to change the model's files while memwise runs;
+        // a file found shorter than its tensors is still an error, not a crash.
+        converter = converter.read_strategy(unsafe { ReadStrategy::mmap_release() });
     }
     if let Some(budget) = args.budget {
         converter = converter.budget(Some(budget.bytes()));

@@ -7,6 +7,7 @@
 mod candle;
 mod dtype;
 mod index;
+mod mapped;
 mod pickle;
 mod read;
 mod safetensors;
@@ -23,6 +24,8 @@ use serde_json::Value;
 pub(crate) use self::candle::{stored_dtype, tensor_bytes};
 pub use self::dtype::{convert_into, to_f32_vec, StoredDType};
 pub use self::index::{TensorIndex, TensorInfo, TiedWeight};
+pub use self::mapped::MappedTensor;
+pub(crate) use self::mapped::{MappedFiles, PREFETCH_SCRATCH};
 pub use self::read::{FilesUnchanged, LayerData, LayerReader, ReadStrategy, TensorView};
 pub(crate) use self::safetensors::{encode_header, read_safetensors, TensorHeader};
 pub use self::safetensors::{parse_safetensors, MAX_HEADER_BYTES};

@@ -8,7 +8,9 @@
 //! [`mean_pool`] over the last hidden states instead.
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::LayerNorm;
+
+use super::weights::{Embedding, Linear, Weights};
 use serde::{Deserialize, Serialize};
 
 use super::stage::previous_output;
@@ -158,8 +160,10 @@ impl EncoderConfig {
         })
     }
 
-    fn layer_norm(&self, vb: VarBuilder) -> candle_core::Result<LayerNorm> {
-        candle_nn::layer_norm(self.hidden_size, self.layer_norm_eps, vb)
+    /// Norm weights are vectors, never mapped: the builder has them, under either of the
+    /// names BERT checkpoints use (`weight`/`bias` or `gamma`/`beta`).
+    fn layer_norm(&self, vb: &Weights) -> candle_core::Result<LayerNorm> {
+        candle_nn::layer_norm(self.hidden_size, self.layer_norm_eps, vb.vb().clone())
     }
 }
 
@@ -173,25 +177,17 @@ struct BertEmbeddings {
 }
 
 impl BertEmbeddings {
-    fn load(vb: VarBuilder, cfg: &EncoderConfig) -> candle_core::Result<Self> {
+    fn load(vb: Weights, cfg: &EncoderConfig) -> candle_core::Result<Self> {
         let hidden = cfg.hidden_size;
         Ok(Self {
-            word_embeddings: candle_nn::embedding(
-                cfg.vocab_size,
-                hidden,
-                vb.pp("word_embeddings"),
-            )?,
-            position_embeddings: candle_nn::embedding(
-                cfg.max_position_embeddings,
-                hidden,
-                vb.pp("position_embeddings"),
-            )?,
-            token_type_embeddings: candle_nn::embedding(
-                cfg.type_vocab_size,
-                hidden,
-                vb.pp("token_type_embeddings"),
-            )?,
-            layer_norm: cfg.layer_norm(vb.pp("LayerNorm"))?,
+            word_embeddings: vb.pp("word_embeddings").embedding(cfg.vocab_size, hidden)?,
+            position_embeddings: vb
+                .pp("position_embeddings")
+                .embedding(cfg.max_position_embeddings, hidden)?,
+            token_type_embeddings: vb
+                .pp("token_type_embeddings")
+                .embedding(cfg.type_vocab_size, hidden)?,
+            layer_norm: cfg.layer_norm(&vb.pp("LayerNorm"))?,
         })
     }
 
@@ -219,15 +215,15 @@ struct BertAttention {
 }
 
 impl BertAttention {
-    fn load(vb: VarBuilder, cfg: &EncoderConfig) -> candle_core::Result<Self> {
+    fn load(vb: Weights, cfg: &EncoderConfig) -> candle_core::Result<Self> {
         let hidden = cfg.hidden_size;
         let attention = vb.pp("self");
         Ok(Self {
-            query: candle_nn::linear(hidden, hidden, attention.pp("query"))?,
-            key: candle_nn::linear(hidden, hidden, attention.pp("key"))?,
-            value: candle_nn::linear(hidden, hidden, attention.pp("value"))?,
-            output: candle_nn::linear(hidden, hidden, vb.pp("output.dense"))?,
-            output_norm: cfg.layer_norm(vb.pp("output.LayerNorm"))?,
+            query: attention.pp("query").linear(hidden, hidden, true)?,
+            key: attention.pp("key").linear(hidden, hidden, true)?,
+            value: attention.pp("value").linear(hidden, hidden, true)?,
+            output: vb.pp("output.dense").linear(hidden, hidden, true)?,
+            output_norm: cfg.layer_norm(&vb.pp("output.LayerNorm"))?,
             num_heads: cfg.num_heads,
             head_dim: cfg.head_dim,
         })
@@ -269,13 +265,13 @@ struct BertLayer {
 }
 
 impl BertLayer {
-    fn load(vb: VarBuilder, cfg: &EncoderConfig) -> candle_core::Result<Self> {
+    fn load(vb: Weights, cfg: &EncoderConfig) -> candle_core::Result<Self> {
         let (hidden, inner) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
             attention: BertAttention::load(vb.pp("attention"), cfg)?,
-            intermediate: candle_nn::linear(hidden, inner, vb.pp("intermediate.dense"))?,
-            output: candle_nn::linear(inner, hidden, vb.pp("output.dense"))?,
-            output_norm: cfg.layer_norm(vb.pp("output.LayerNorm"))?,
+            intermediate: vb.pp("intermediate.dense").linear(hidden, inner, true)?,
+            output: vb.pp("output.dense").linear(inner, hidden, true)?,
+            output_norm: cfg.layer_norm(&vb.pp("output.LayerNorm"))?,
             activation: cfg.activation,
         })
     }
@@ -415,7 +411,7 @@ impl Family for EncoderModel {
         &self.device
     }
 
-    fn build_block(&self, index: usize, vb: VarBuilder) -> candle_core::Result<EncoderBlock> {
+    fn build_block(&self, index: usize, vb: Weights) -> candle_core::Result<EncoderBlock> {
         let vb = vb.pp(self.stage_name(index));
         let block = match index {
             0 => Block::Embeddings(BertEmbeddings::load(vb, &self.cfg)?),

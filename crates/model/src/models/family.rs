@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 use super::stage::{stage_for, StageCursor};
+use super::weights::Weights;
 use super::{KvCache, ModelError, Stage};
 
 /// What one forward pass reads: token ids and, where the family uses them, a padding mask,
@@ -173,9 +174,9 @@ pub trait Family: Clone + Send + Sync + 'static {
     /// The device the model computes on.
     fn device(&self) -> &Device;
 
-    /// Builds stage `index` from `vb`, a builder at the checkpoint's root. Its requests are
-    /// what [`Stage::tensors`] records, so this is the only list of a stage's tensors.
-    fn build_block(&self, index: usize, vb: VarBuilder) -> candle_core::Result<Self::Block>;
+    /// Builds stage `index` from `weights`, at the checkpoint's root. Its requests are what
+    /// [`Stage::tensors`] records, so this is the only list of a stage's tensors.
+    fn build_block(&self, index: usize, weights: Weights) -> candle_core::Result<Self::Block>;
 
     /// The index of the stage `block` was built for.
     fn block_index(block: &Self::Block) -> usize;
@@ -200,8 +201,13 @@ pub trait Family: Clone + Send + Sync + 'static {
     /// Builds stage `index` from `vb`, checking that `vb` yields the model's dtype and
     /// naming the stage in any error.
     fn load_stage(&self, index: usize, vb: VarBuilder) -> Result<Self::Block, ModelError> {
-        let stage = stage_for(self.stages(), index, &vb, self.dtype())?;
-        self.build_block(index, vb)
+        self.load_stage_from(index, Weights::from(vb))
+    }
+
+    /// [`Family::load_stage`] from [`Weights`], which may compute on mapped tensors.
+    fn load_stage_from(&self, index: usize, weights: Weights) -> Result<Self::Block, ModelError> {
+        let stage = stage_for(self.stages(), index, weights.vb(), self.dtype())?;
+        self.build_block(index, weights)
             .map_err(ModelError::stage(stage.name()))
     }
 
@@ -237,7 +243,9 @@ pub trait Family: Clone + Send + Sync + 'static {
     fn trace_stages(&self, names: impl Iterator<Item = String>) -> Result<Vec<Stage>, ModelError> {
         names
             .enumerate()
-            .map(|(index, name)| Stage::trace(name, self.dtype(), |vb| self.build_block(index, vb)))
+            .map(|(index, name)| {
+                Stage::trace(name, self.dtype(), |vb| self.build_block(index, vb.into()))
+            })
             .collect()
     }
 }

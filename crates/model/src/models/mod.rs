@@ -18,6 +18,7 @@ mod generate;
 mod llama;
 mod pooling;
 mod stage;
+mod weights;
 
 pub use bert::{mean_pool, BertConfig, EncoderBlock, EncoderModel, EncoderState};
 pub use config::{Activation, ArchitectureConfig, RopeType, TokenIds};
@@ -30,6 +31,8 @@ pub use llama::{
 };
 pub use pooling::{PoolingMode, SentencePooling};
 pub use stage::{Stage, TensorSpec};
+pub(crate) use weights::rows_per_chunk;
+pub use weights::{Embedding, Linear, Matrix, Weights};
 
 /// The architectures these blocks implement, as `config.json`'s `model_type` names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -64,6 +64,10 @@ pub struct Request {
     /// A placement the caller insists on: `Some(Placement::Streamed)` streams every stage
     /// whatever the budget allows; `None` takes the cheapest that fits.
     pub placement: Option<Placement>,
+    /// Whether f32 matrices are computed on in their mapped files
+    /// ([`crate::ReadStrategy::mmap_release`] on the CPU): a streamed stage then holds one
+    /// chunk of rows at a time and an embedding table only the rows looked up.
+    pub mapped: bool,
 }
 
 impl Request {
@@ -79,6 +83,7 @@ impl Request {
             prefetch_depth: 1,
             runtime_floor: RUNTIME_FLOOR,
             placement: None,
+            mapped: false,
         }
     }
 
@@ -121,6 +126,12 @@ impl Request {
     /// A placement to use instead of the cheapest that fits.
     pub fn placement(mut self, placement: Option<Placement>) -> Self {
         self.placement = placement;
+        self
+    }
+
+    /// Whether matrices are computed on in their mapped files.
+    pub fn mapped(mut self, mapped: bool) -> Self {
+        self.mapped = mapped;
         self
     }
 }
@@ -268,11 +279,6 @@ impl Plan {
         let dims = predict::Dims::of(checkpoint.architecture()?);
         let dtype = request.dtype;
         let sizes: Vec<u64> = stages.iter().map(|s| s.weight_bytes(dtype)).collect();
-        let stored = |stage: &Stage| {
-            checkpoint
-                .stage(stage.name())
-                .map_or(stage.weight_bytes(dtype), |s| s.bytes)
-        };
         let mut parts = Parts {
             runtime_floor: request.runtime_floor,
             activations: predict::activations(&dims, request),
@@ -290,6 +296,9 @@ impl Plan {
         let total: u64 = sizes.iter().sum();
         let streamed = vec![Residency::Streamed; sizes.len()];
 
+        if request.mapped {
+            return Self::mapped(checkpoint, stages, request, parts, sizes);
+        }
         let (placement, residency, window_budget) = match (request.budget, request.placement) {
             (None, Some(Placement::Streamed)) => (Placement::Streamed, streamed, None),
             (None, _) => (
@@ -315,34 +324,7 @@ impl Plan {
                     let largest = sizes.iter().copied().max().unwrap_or(0);
                     let need = fixed + largest;
                     if need > budget {
-                        let mut items: Vec<PlanItem> = parts
-                            .named()
-                            .iter()
-                            .map(|(name, bytes)| PlanItem {
-                                name: (*name).to_owned(),
-                                bytes: *bytes,
-                            })
-                            .collect();
-                        items.extend(stages.iter().zip(&sizes).map(|(s, &bytes)| PlanItem {
-                            name: format!("stage {}", s.name()),
-                            bytes,
-                        }));
-                        // The first of equals: `max_by_key` keeps the last.
-                        let largest = items
-                            .into_iter()
-                            .rev()
-                            .max_by_key(|item| item.bytes)
-                            .unwrap_or(PlanItem {
-                                name: "nothing".into(),
-                                bytes: 0,
-                            });
-                        return Err(PlanError::OverBudget {
-                            device: "cpu".into(),
-                            need,
-                            budget,
-                            deficit: need - budget,
-                            largest,
-                        });
+                        return Err(over_budget(&parts, stages, &sizes, need, budget));
                     }
                     (Placement::Streamed, streamed, Some(room))
                 }
@@ -352,12 +334,136 @@ impl Plan {
         let weights = weights_peak(&sizes, &residency, depth, window_budget);
         parts.resident_weights = resident;
         parts.streaming_window = weights - resident;
+        Ok(Self::assemble(
+            checkpoint,
+            stages,
+            request,
+            parts,
+            &sizes,
+            placement,
+            residency,
+            window_budget,
+        ))
+    }
+
+    /// Plans a run on mapped weights: a resident stage holds the pages its computation
+    /// touches (all of a matrix, the looked-up rows of an embedding table), a streamed one
+    /// a chunk of rows at a time plus the copies of what is not mapped, and read-ahead
+    /// only a scratch buffer (it reads into the page cache, not into the process).
+    fn mapped(
+        checkpoint: &Checkpoint,
+        stages: &[Stage],
+        request: &Request,
+        mut parts: Parts,
+        sizes: Vec<u64>,
+    ) -> Result<Plan, PlanError> {
+        let tokens = (request.batch * (request.seq_len + request.new_tokens)) as u64;
+        let footprints: Vec<(u64, u64)> = stages
+            .iter()
+            .enumerate()
+            .map(|(i, stage)| {
+                predict::mapped_footprint(
+                    checkpoint,
+                    stage,
+                    request.dtype,
+                    (i == 0).then_some(tokens),
+                )
+            })
+            .collect();
+        let resident_sizes: Vec<u64> = footprints.iter().map(|f| f.0).collect();
+        let streamed_sizes: Vec<u64> = footprints.iter().map(|f| f.1).collect();
+        let scratch = if request.prefetch_depth > 0 {
+            crate::checkpoint::PREFETCH_SCRATCH as u64
+        } else {
+            0
+        };
+        let fixed = parts.total();
+        let window = |residency: &[Residency]| {
+            streamed_sizes
+                .iter()
+                .zip(residency)
+                .filter(|(_, r)| **r == Residency::Streamed)
+                .map(|(&s, _)| s + scratch)
+                .max()
+                .unwrap_or(0)
+        };
+        let all_resident = vec![Residency::Resident; stages.len()];
+        let all_streamed = vec![Residency::Streamed; stages.len()];
+        let auto = request.placement != Some(Placement::Streamed);
+        let (placement, residency) = match request.budget {
+            None if auto => (Placement::AllResident, all_resident),
+            None => (Placement::Streamed, all_streamed),
+            Some(budget) => {
+                let room = budget.saturating_sub(fixed);
+                let need = fixed + window(&all_streamed);
+                if auto && resident_bytes(&resident_sizes, &all_resident) <= room {
+                    (Placement::AllResident, all_resident)
+                } else if need > budget {
+                    return Err(over_budget(&parts, stages, &streamed_sizes, need, budget));
+                } else if !auto {
+                    (Placement::Streamed, all_streamed)
+                } else {
+                    // Keep the largest stages that fit beside the stream's window: each
+                    // byte kept is one a generation step does not fault in again.
+                    let cap = room - window(&all_streamed);
+                    let mut residency = all_streamed.clone();
+                    let mut order: Vec<usize> = (0..stages.len()).collect();
+                    order.sort_by_key(|&i| std::cmp::Reverse(resident_sizes[i]));
+                    let mut kept = 0;
+                    for i in order {
+                        if kept + resident_sizes[i] <= cap {
+                            kept += resident_sizes[i];
+                            residency[i] = Residency::Resident;
+                        }
+                    }
+                    if kept == 0 {
+                        (Placement::Streamed, residency)
+                    } else {
+                        (Placement::Mixed, residency)
+                    }
+                }
+            }
+        };
+        parts.resident_weights = resident_bytes(&resident_sizes, &residency);
+        parts.streaming_window = window(&residency);
+        let window_budget = request
+            .budget
+            .map(|budget| budget.saturating_sub(parts.total()) + parts.streaming_window);
+        Ok(Self::assemble(
+            checkpoint,
+            stages,
+            request,
+            parts,
+            &sizes,
+            placement,
+            residency,
+            window_budget,
+        ))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        checkpoint: &Checkpoint,
+        stages: &[Stage],
+        request: &Request,
+        parts: Parts,
+        sizes: &[u64],
+        placement: Placement,
+        residency: Vec<Residency>,
+        window_budget: Option<u64>,
+    ) -> Plan {
+        let dtype = request.dtype;
+        let stored = |stage: &Stage| {
+            checkpoint
+                .stage(stage.name())
+                .map_or(stage.weight_bytes(dtype), |s| s.bytes)
+        };
         let peak = parts.total();
-        Ok(Plan {
+        Plan {
             placement,
             stages: stages
                 .iter()
-                .zip(&sizes)
+                .zip(sizes)
                 .zip(residency)
                 .map(|((stage, &weight_bytes), residency)| StagePlan {
                     name: stage.name().to_owned(),
@@ -374,7 +480,7 @@ impl Plan {
             }],
             window_budget,
             request: request.clone(),
-        })
+        }
     }
 
     /// The request planned for.
@@ -418,6 +524,45 @@ impl Plan {
         self.stages
             .get(index)
             .is_some_and(|s| s.residency == Residency::Resident)
+    }
+}
+
+/// The refusal of a budget that not even streaming fits: the need, the deficit and the
+/// largest item (a part of the peak or a stage's `sizes`).
+fn over_budget(
+    parts: &Parts,
+    stages: &[Stage],
+    sizes: &[u64],
+    need: u64,
+    budget: u64,
+) -> PlanError {
+    let mut items: Vec<PlanItem> = parts
+        .named()
+        .iter()
+        .map(|(name, bytes)| PlanItem {
+            name: (*name).to_owned(),
+            bytes: *bytes,
+        })
+        .collect();
+    items.extend(stages.iter().zip(sizes).map(|(s, &bytes)| PlanItem {
+        name: format!("stage {}", s.name()),
+        bytes,
+    }));
+    // The first of equals: `max_by_key` keeps the last.
+    let largest = items
+        .into_iter()
+        .rev()
+        .max_by_key(|item| item.bytes)
+        .unwrap_or(PlanItem {
+            name: "nothing".into(),
+            bytes: 0,
+        });
+    PlanError::OverBudget {
+        device: "cpu".into(),
+        need,
+        budget,
+        deficit: need - budget,
+        largest,
     }
 }
 

@@ -7,7 +7,7 @@ use candle_core::{DType, Device};
 
 use super::streaming::{Pipeline, StageReader};
 use super::{LayerHook, Resident, RunError, Skeleton, StreamedModel};
-use crate::checkpoint::{stored_dtype, Checkpoint, ReadStrategy};
+use crate::checkpoint::{stored_dtype, Checkpoint, MappedFiles, ReadStrategy};
 use crate::models::{ArchitectureConfig, DecoderModel, EncoderModel, SentencePooling, Stage};
 use crate::plan::{Placement, Plan, Request};
 use crate::workspace::Workspace;
@@ -142,7 +142,10 @@ impl ModelConverter {
         self
     }
 
-    /// How bytes come off disk.
+    /// How bytes come off disk. With [`ReadStrategy::mmap_release`] on the CPU and no hook,
+    /// f32 matrices stored as f32 are not read at all: matmuls and embedding lookups compute
+    /// on the mapped file, a stage that is not kept drops its pages from the process as each
+    /// matrix is done, and the full load maps instead of copying.
     pub fn read_strategy(mut self, strategy: ReadStrategy) -> Self {
         self.strategy = strategy;
         self
@@ -241,8 +244,10 @@ impl ModelConverter {
         }
         // The plan, from the config and the index alone: a budget nothing fits is refused
         // here, before any weight is read.
+        let mapped_files = maps_weights(self.strategy, &device, &self.hooks);
         let request = self
             .request
+            .mapped(mapped_files.is_some())
             .dtype(self.dtype)
             .budget(self.budget)
             .prefetch_depth(self.prefetch_depth)
@@ -261,6 +266,7 @@ impl ModelConverter {
                     strategy: self.strategy,
                     dtype: self.dtype,
                     stored: compute,
+                    mapped_files,
                     quantization,
                     device,
                 }),
@@ -276,6 +282,18 @@ impl ModelConverter {
             plan,
         })
     }
+}
+
+/// The file mappings to compute on, when a converter computes on mapped weights: only the
+/// CPU multiplies a mapped slice, and hooks see every tensor as a copy.
+fn maps_weights(
+    strategy: ReadStrategy,
+    device: &Device,
+    hooks: &[Arc<dyn LayerHook>],
+) -> Option<MappedFiles> {
+    let mapped =
+        matches!(strategy, ReadStrategy::MmapRelease(_)) && device.is_cpu() && hooks.is_empty();
+    mapped.then(MappedFiles::default)
 }
 
 /// The candle device `device` names, or why this build or machine cannot use it.

@@ -2,10 +2,12 @@
 //! runs and free it after", open to users.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use candle_core::Tensor;
 
 use super::HookError;
+use crate::checkpoint::MappedTensor;
 
 /// One stage's weights, as a hook sees them before the stage runs.
 #[derive(Debug)]
@@ -13,6 +15,9 @@ pub struct LayerWeights {
     pub(super) name: String,
     pub(super) index: usize,
     pub(super) tensors: HashMap<String, Tensor>,
+    /// Matrices computed on in their mapped files; empty whenever hooks run (they see
+    /// every tensor in `tensors`).
+    pub(super) mapped: HashMap<String, Arc<MappedTensor>>,
     pub(super) replaced: bool,
     pub(super) persist: bool,
 }

@@ -1,6 +1,7 @@
 //! The one streaming loop: stages come off disk (read ahead on a background thread, within
 //! the budget), hooks see them, each runs in a scope of its name and is freed after.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
@@ -8,8 +9,8 @@ use candle_nn::VarBuilder;
 use memwise::MemoryTracker;
 
 use super::{LayerHook, LayerWeights, RunError};
-use crate::checkpoint::{tensor_bytes, Checkpoint, ReadStrategy};
-use crate::models::{Family, Inputs, Stage, TensorSpec};
+use crate::checkpoint::{tensor_bytes, Checkpoint, MappedFiles, MappedTensor, ReadStrategy};
+use crate::models::{Family, Inputs, Stage, TensorSpec, Weights};
 use crate::stream::LayerStream;
 use crate::workspace::{ConvertOptions, TensorBytes, Workspace};
 
@@ -29,20 +30,29 @@ pub(super) struct StageReader {
     /// How packed linear weights are stored, for an auto-round checkpoint.
     pub(super) quantization: Option<crate::quant::QuantScheme>,
     pub(super) device: Device,
+    /// The checkpoint's files mapped once, when its f32 matrices are computed on in place
+    /// (`ReadStrategy::MmapRelease` on the CPU, no hook to show copies to).
+    pub(super) mapped_files: Option<MappedFiles>,
 }
 
 impl StageReader {
-    fn read(&self, index: usize) -> Result<LayerWeights, RunError> {
+    /// Reads stage `index`; `transient` when it is freed after this pass (its mapped pages
+    /// are then released after each use).
+    fn read(&self, index: usize, transient: bool) -> Result<LayerWeights, RunError> {
         let stage = &self.stages[index];
         let _phase = phase_scope(stage.name(), "read");
+        let mapped = self.map_stage(stage.name(), stage.tensors(), transient)?;
         if self.layer_bytes != Some(stage.weight_bytes(self.dtype)) {
             // Not a repeated layer (embeddings, head): the cached layer blocks would only
             // sit beside it, so give them back first.
             memwise::alloc::release_block_cache();
         }
         // Packed weights are dequantized on their own; the rest is read as stored.
-        let (packed, names): (Vec<&TensorSpec>, Vec<&TensorSpec>) =
-            stage.tensors().iter().partition(|t| {
+        let (packed, names): (Vec<&TensorSpec>, Vec<&TensorSpec>) = stage
+            .tensors()
+            .iter()
+            .filter(|t| !mapped.contains_key(&t.name))
+            .partition(|t| {
                 self.quantization.is_some()
                     && super::packed::packed_module(&self.checkpoint, &t.name).is_some()
             });
@@ -80,9 +90,38 @@ impl StageReader {
             name: stage.name().to_owned(),
             index,
             tensors,
+            mapped,
             replaced: false,
             persist: false,
         })
+    }
+
+    /// The stage's matrices that are computed on in their mapped files (empty unless the
+    /// reader maps): each 2-D tensor stored in the compute dtype. When the stage streams in
+    /// ahead of its turn, the pages not yet in the page cache are read now, on the
+    /// read-ahead thread, so a cold read overlaps the previous stage's compute.
+    fn map_stage(
+        &self,
+        stage: &str,
+        tensors: &[TensorSpec],
+        transient: bool,
+    ) -> Result<HashMap<String, Arc<MappedTensor>>, RunError> {
+        let mut mapped = HashMap::new();
+        let Some(files) = &self.mapped_files else {
+            return Ok(mapped);
+        };
+        for spec in tensors.iter().filter(|t| t.shape.len() == 2) {
+            let Some(info) = self.checkpoint.tensor_for(Some(stage), &spec.name) else {
+                continue;
+            };
+            // SAFETY: `mapped_files` is only set for `ReadStrategy::MmapRelease`, whose maker
+            // promised the checkpoint's files do not change while they are mapped.
+            if let Some(tensor) = unsafe { files.tensor(info, self.stored, transient) }? {
+                tensor.prefetch();
+                mapped.insert(spec.name.clone(), Arc::new(tensor));
+            }
+        }
+        Ok(mapped)
     }
 
     /// Writes a stage a hook replaced to the workspace, under the stage's own name: a tied
@@ -158,7 +197,8 @@ impl Pipeline {
         }
         let reader = &self.reader;
         let vb = VarBuilder::from_tensors(weights.tensors, reader.dtype, &reader.device);
-        Ok(model.load_stage(index, vb)?)
+        let weights = Weights::with_mapped(vb, weights.mapped);
+        Ok(model.load_stage_from(index, weights)?)
     }
 
     /// Loads and builds every stage not yet resident, without running any.
@@ -169,7 +209,7 @@ impl Pipeline {
     ) -> Result<(), RunError> {
         for (index, slot) in resident.iter_mut().enumerate() {
             if slot.is_none() {
-                let weights = self.reader.read(index)?;
+                let weights = self.reader.read(index, false)?;
                 *slot = Some(self.materialize(model, index, weights)?);
             }
         }
@@ -197,10 +237,11 @@ impl Pipeline {
             (limit, sizes)
         });
         let stream_reader = Arc::clone(reader);
-        let order = missing.clone();
+        let order: Vec<(usize, bool)> = missing.iter().map(|&i| (i, !self.keep[i])).collect();
         let mut stream =
             LayerStream::with_budget(missing.len(), self.prefetch_depth, budget, move |k| {
-                stream_reader.read(order[k])
+                let (index, transient) = order[k];
+                stream_reader.read(index, transient)
             })
             .map_err(RunError::Prefetch)?;
         for (index, slot) in resident.iter_mut().enumerate() {

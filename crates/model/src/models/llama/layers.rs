@@ -2,36 +2,23 @@
 //! the pre-norm layer that holds them.
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Linear, RmsNorm, VarBuilder};
+use candle_nn::RmsNorm;
 
 use super::config::DecoderConfig;
+use crate::models::weights::{Linear, Matrix, Weights};
 use crate::models::Activation;
-
-/// A linear layer with or without a bias, named as Hugging Face names it.
-fn linear(
-    in_dim: usize,
-    out_dim: usize,
-    bias: bool,
-    vb: VarBuilder,
-) -> candle_core::Result<Linear> {
-    if bias {
-        candle_nn::linear(in_dim, out_dim, vb)
-    } else {
-        candle_nn::linear_no_bias(in_dim, out_dim, vb)
-    }
-}
 
 /// An RMSNorm of width `dim`; with Gemma's norms it scales by `1 + weight`.
 pub(super) fn rms_norm(
     dim: usize,
     cfg: &DecoderConfig,
-    vb: VarBuilder,
+    vb: Weights,
 ) -> candle_core::Result<RmsNorm> {
     if cfg.gemma_norms {
         let weight = (vb.get(dim, "weight")? + 1.0)?;
         Ok(RmsNorm::new(weight, cfg.rms_norm_eps))
     } else {
-        candle_nn::rms_norm(dim, cfg.rms_norm_eps, vb)
+        Ok(RmsNorm::new(vb.get(dim, "weight")?, cfg.rms_norm_eps))
     }
 }
 
@@ -48,7 +35,7 @@ pub(super) fn soft_cap(xs: Tensor, cap: Option<f64>) -> candle_core::Result<Tens
 fn split_linear(
     in_dim: usize,
     out_dims: &[usize],
-    vb: VarBuilder,
+    vb: Weights,
 ) -> candle_core::Result<Vec<Linear>> {
     let fused = vb.get((out_dims.iter().sum::<usize>(), in_dim), "weight")?;
     let mut start = 0;
@@ -57,7 +44,7 @@ fn split_linear(
         .map(|&rows| {
             let part = fused.narrow(0, start, rows)?;
             start += rows;
-            Ok(Linear::new(part, None))
+            Ok(Linear::new(Matrix::InMemory(part), None))
         })
         .collect()
 }
@@ -203,14 +190,14 @@ struct Attention {
 }
 
 impl Attention {
-    fn load(vb: VarBuilder, cfg: &DecoderConfig) -> candle_core::Result<Self> {
+    fn load(vb: Weights, cfg: &DecoderConfig) -> candle_core::Result<Self> {
         let (hidden, dim) = (cfg.hidden_size, cfg.head_dim);
         let (q_out, kv_out) = (cfg.num_heads * dim, cfg.num_kv_heads * dim);
         let [q_proj, k_proj, v_proj] = if cfg.fused_projections {
             let parts = split_linear(hidden, &[q_out, kv_out, kv_out], vb.pp("qkv_proj"))?;
             parts.try_into().expect("three parts")
         } else {
-            let proj = |out, name| linear(hidden, out, cfg.qkv_bias, vb.pp(name));
+            let proj = |out, name| vb.pp(name).linear(hidden, out, cfg.qkv_bias);
             [
                 proj(q_out, "q_proj")?,
                 proj(kv_out, "k_proj")?,
@@ -221,7 +208,9 @@ impl Attention {
             q_proj,
             k_proj,
             v_proj,
-            o_proj: linear(cfg.num_heads * dim, hidden, cfg.o_bias, vb.pp("o_proj"))?,
+            o_proj: vb
+                .pp("o_proj")
+                .linear(cfg.num_heads * dim, hidden, cfg.o_bias)?,
             qk_norm: if cfg.qk_norm {
                 let norm = |name| rms_norm(dim, cfg, vb.pp(name));
                 Some((norm("q_norm")?, norm("k_norm")?))
@@ -304,22 +293,22 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn load(vb: VarBuilder, cfg: &DecoderConfig) -> candle_core::Result<Self> {
+    fn load(vb: Weights, cfg: &DecoderConfig) -> candle_core::Result<Self> {
         let (hidden, inner, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
         let [gate_proj, up_proj] = if cfg.fused_projections {
             let parts = split_linear(hidden, &[inner, inner], vb.pp("gate_up_proj"))?;
             parts.try_into().expect("two parts")
         } else {
             [
-                linear(hidden, inner, bias, vb.pp("gate_proj"))?,
-                linear(hidden, inner, bias, vb.pp("up_proj"))?,
+                vb.pp("gate_proj").linear(hidden, inner, bias)?,
+                vb.pp("up_proj").linear(hidden, inner, bias)?,
             ]
         };
         Ok(Self {
             activation: cfg.activation.clone(),
             gate_proj,
             up_proj,
-            down_proj: linear(inner, hidden, bias, vb.pp("down_proj"))?,
+            down_proj: vb.pp("down_proj").linear(inner, hidden, bias)?,
         })
     }
 
@@ -347,7 +336,7 @@ pub(super) struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    pub(super) fn load(vb: VarBuilder, cfg: &DecoderConfig) -> candle_core::Result<Self> {
+    pub(super) fn load(vb: Weights, cfg: &DecoderConfig) -> candle_core::Result<Self> {
         let norm = |name| rms_norm(cfg.hidden_size, cfg, vb.pp(name));
         Ok(Self {
             input_layernorm: norm("input_layernorm")?,

@@ -15,7 +15,7 @@ mod config;
 mod layers;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
+use candle_nn::RmsNorm;
 
 pub use config::{DecoderExtras, LlamaConfig, RopeScaling};
 
@@ -24,6 +24,7 @@ use self::layers::{
     attention_mask, padded_attention_mask, rms_norm, soft_cap, DecoderLayer, RotaryTables,
 };
 use super::stage::previous_output;
+use super::weights::{Embedding, Linear, Weights};
 use super::{Family, Inputs, ModelError, Stage};
 
 /// The blocks of one stage, built from that stage's tensors.
@@ -153,15 +154,15 @@ impl Family for DecoderModel {
         &self.device
     }
 
-    fn build_block(&self, index: usize, vb: VarBuilder) -> candle_core::Result<DecoderBlock> {
+    fn build_block(&self, index: usize, vb: Weights) -> candle_core::Result<DecoderBlock> {
         let cfg = &self.cfg;
         let layers = self.num_layers();
         let embeddings = || {
             vb.pp("model.embed_tokens")
-                .get((cfg.vocab_size, cfg.hidden_size), "weight")
+                .embedding(cfg.vocab_size, cfg.hidden_size)
         };
         let block = match index {
-            0 => Block::Embeddings(Embedding::new(embeddings()?, cfg.hidden_size)),
+            0 => Block::Embeddings(embeddings()?),
             i if i <= layers => Block::Layer(
                 i - 1,
                 Box::new(DecoderLayer::load(
@@ -172,12 +173,11 @@ impl Family for DecoderModel {
             i if i == layers + 1 => {
                 Block::FinalNorm(rms_norm(cfg.hidden_size, cfg, vb.pp("model.norm"))?)
             }
-            _ if cfg.tie_word_embeddings => Block::LmHead(Linear::new(embeddings()?, None)),
-            _ => Block::LmHead(candle_nn::linear_no_bias(
-                cfg.hidden_size,
-                cfg.vocab_size,
-                vb.pp("lm_head"),
-            )?),
+            _ if cfg.tie_word_embeddings => Block::LmHead(embeddings()?.as_linear()),
+            _ => Block::LmHead(
+                vb.pp("lm_head")
+                    .linear(cfg.hidden_size, cfg.vocab_size, false)?,
+            ),
         };
         Ok(DecoderBlock { index, block })
     }

@@ -1,0 +1,271 @@
+//! Tensors computed on where they lie: slices of read-only file mappings that matmuls and
+//! embedding lookups read in place, instead of copies.
+//!
+//! A copy costs its bytes twice (the page cache and the process's own pages) and, for a
+//! stage streamed again at every generated token, fresh page faults each time. A mapped
+//! tensor costs only the page-table entries of the pages a computation touches; those of a
+//! stage that is not kept are dropped from the process again ([`MappedTensor::release`])
+//! as soon as it has used them, so the resident set holds about one tensor of it at a time
+//! while the bytes stay in the page cache for the next pass.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use memmap2::{Advice, Mmap, UncheckedAdvice};
+
+use crate::checkpoint::dtype::StoredDType;
+use crate::checkpoint::index::TensorInfo;
+use crate::error::{Error, Result};
+
+/// Bytes of the buffer read-ahead reads through, per thread.
+pub(crate) const PREFETCH_SCRATCH: usize = 4 << 20;
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// One read-only mapping per file, made when a tensor of that file is first asked for and
+/// shared by every tensor mapped from it. Reused across stages and passes.
+#[derive(Debug, Default)]
+pub(crate) struct MappedFiles {
+    maps: Mutex<HashMap<PathBuf, Arc<MappedFile>>>,
+}
+
+#[derive(Debug)]
+struct MappedFile {
+    path: PathBuf,
+    file: File,
+    map: Mmap,
+}
+
+impl MappedFiles {
+    /// `info`'s bytes as a mapped tensor when they can be computed on in place: stored as
+    /// `compute` (f32 only: it is the one dtype candle's CPU matmul and memwise's mapped
+    /// matmul share) and aligned for it. `None` means "read a copy instead".
+    ///
+    /// # Safety
+    ///
+    /// The file must not be truncated or rewritten while any tensor mapped from it is alive
+    /// (see [`crate::ReadStrategy::mmap_release`], whose promise the runner holds).
+    pub(crate) unsafe fn tensor(
+        &self,
+        info: &TensorInfo,
+        compute: StoredDType,
+        transient: bool,
+    ) -> Result<Option<MappedTensor>> {
+        if info.dtype != compute || compute != StoredDType::F32 || info.data.start % 4 != 0 {
+            return Ok(None);
+        }
+        let file = {
+            let mut maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
+            match maps.get(&info.file) {
+                Some(file) => Arc::clone(file),
+                None => {
+                    // SAFETY: forwarded from this function's contract.
+                    let file = Arc::new(unsafe { MappedFile::open(&info.file)? });
+                    maps.insert(info.file.clone(), Arc::clone(&file));
+                    file
+                }
+            }
+        };
+        // A page past the end of a file that shrank since it was mapped faults (SIGBUS):
+        // check the length each time a tensor is handed out, so a truncation between
+        // stages is an error rather than a crash.
+        let len = file
+            .file
+            .metadata()
+            .map_err(|e| Error::io("reading metadata of", &file.path, e))?
+            .len();
+        if info.data.end > len || info.data.end as usize > file.map.len() {
+            return Err(Error::Truncated {
+                file: file.path.clone(),
+                tensor: info.name.clone(),
+                needed: info.data.end,
+                actual: len,
+            });
+        }
+        Ok(Some(MappedTensor {
+            file,
+            range: info.data.start as usize..info.data.end as usize,
+            shape: info.shape.clone(),
+            name: info.name.clone(),
+            transient,
+        }))
+    }
+}
+
+impl MappedFile {
+    /// # Safety
+    ///
+    /// As [`MappedFiles::tensor`].
+    unsafe fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io("opening", path, e))?;
+        // SAFETY: a shared read-only mapping; the caller promised the file does not change
+        // while it is mapped.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io("mapping", path, e))?;
+        Ok(Self {
+            path: path.to_owned(),
+            file,
+            map,
+        })
+    }
+}
+
+/// An f32 tensor that stays in its file: a slice of a shared read-only mapping.
+///
+/// `transient` tensors belong to a stage that is not kept: [`MappedTensor::release`] drops
+/// their pages from the process after each use, and dropping the tensor does too.
+#[derive(Debug)]
+pub struct MappedTensor {
+    file: Arc<MappedFile>,
+    range: Range<usize>,
+    shape: Vec<usize>,
+    name: String,
+    transient: bool,
+}
+
+impl MappedTensor {
+    /// The tensor's Hugging Face name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its shape, outermost dimension first.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// Bytes it covers in its file.
+    pub fn byte_len(&self) -> usize {
+        self.range.len()
+    }
+
+    /// Whether its pages are released after each use (a stage that is not kept).
+    pub fn is_transient(&self) -> bool {
+        self.transient
+    }
+
+    /// The elements, read in place: touching them faults the pages in from the page cache.
+    pub fn as_f32(&self) -> &[f32] {
+        let bytes = &self.file.map[self.range.clone()];
+        // SAFETY: the range starts 4-byte aligned in a page-aligned mapping (checked when
+        // the tensor was made) and holds `len / 4` initialised f32 values; every bit
+        // pattern is a valid f32.
+        unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<f32>(), bytes.len() / 4) }
+    }
+
+    /// Rows `rows` of the tensor seen as a `(shape[0], rest)` matrix.
+    pub fn rows(&self, rows: Range<usize>) -> &[f32] {
+        let width = self.row_len();
+        &self.as_f32()[rows.start * width..rows.end * width]
+    }
+
+    /// Elements per row of the `(shape[0], rest)` matrix.
+    pub fn row_len(&self) -> usize {
+        self.shape.iter().skip(1).product()
+    }
+
+    /// Faults the pages of `rows` in with one call (large reads instead of one fault at a
+    /// time); a read-ahead hint on kernels before 5.14.
+    pub fn populate(&self, rows: Range<usize>) {
+        let (start, len) = self.byte_span(rows);
+        let map = &self.file.map;
+        if map.advise_range(Advice::PopulateRead, start, len).is_err() {
+            let _ = map.advise_range(Advice::WillNeed, start, len);
+        }
+    }
+
+    /// Brings the tensor's bytes into the page cache if some are not there yet, with large
+    /// reads into a small reused buffer, so a stage streamed ahead of its turn is not read
+    /// a page fault at a time while it computes. Reading (not mapping) keeps the pages out
+    /// of the process: read-ahead costs a 4 MiB buffer, not a stage.
+    pub fn prefetch(&self) {
+        if self.is_cached() {
+            return;
+        }
+        SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            scratch.resize(PREFETCH_SCRATCH, 0);
+            let mut offset = self.range.start;
+            while offset < self.range.end {
+                let len = (self.range.end - offset).min(PREFETCH_SCRATCH);
+                match self.file.file.read_at(&mut scratch[..len], offset as u64) {
+                    Ok(0) | Err(_) => break, // the compute's own faults will report it
+                    Ok(read) => offset += read,
+                }
+            }
+        });
+    }
+
+    /// Whether every page of the tensor is in the page cache (`mincore`).
+    fn is_cached(&self) -> bool {
+        let page = page_size();
+        let start = self.range.start / page * page;
+        let len = self.range.end - start;
+        let mut resident = vec![0u8; len.div_ceil(page)];
+        // SAFETY: `start` is page-aligned inside the mapping, `start + len` within it, and
+        // `resident` has one byte per page of the span, as mincore writes.
+        let done = unsafe {
+            libc::mincore(
+                self.file.map.as_ptr().add(start).cast_mut().cast(),
+                len,
+                resident.as_mut_ptr(),
+            )
+        };
+        done == 0 && resident.iter().all(|&page| page & 1 == 1)
+    }
+
+    /// Drops the pages of `rows` from the process (not from the page cache) if the tensor
+    /// is transient; a resident tensor keeps them.
+    pub fn release(&self, rows: Range<usize>) {
+        if !self.transient {
+            return;
+        }
+        let (start, len) = self.byte_span(rows);
+        // Only whole pages inside the span: a page shared with a neighbouring tensor of a
+        // resident stage stays, so releasing never makes a kept stage fault again.
+        let page = page_size();
+        let first = start.div_ceil(page) * page;
+        let end = (start + len) / page * page;
+        if end > first {
+            // SAFETY: a shared read-only file mapping: DONTNEED only drops the pages from
+            // this process, and a later access reads the same bytes back from the file, so
+            // slices into the range stay valid.
+            let _ = unsafe {
+                self.file
+                    .map
+                    .unchecked_advise_range(UncheckedAdvice::DontNeed, first, end - first)
+            };
+        }
+    }
+
+    /// The byte offset in the mapping and length of `rows`.
+    fn byte_span(&self, rows: Range<usize>) -> (usize, usize) {
+        let row_bytes = self.row_len() * 4;
+        (
+            self.range.start + rows.start * row_bytes,
+            rows.len() * row_bytes,
+        )
+    }
+
+    /// All rows.
+    pub fn all_rows(&self) -> Range<usize> {
+        0..self.shape.first().copied().unwrap_or(1)
+    }
+}
+
+impl Drop for MappedTensor {
+    fn drop(&mut self) {
+        self.release(self.all_rows());
+    }
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(size).unwrap_or(4096).max(1)
+}
