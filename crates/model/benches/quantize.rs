@@ -28,27 +28,35 @@
 //! the sum of the RSS of the whole process tree is sampled every 20 ms as well, and the
 //! larger figure counts. At the end every tensor memwise wrote is compared with auto-round's.
 //!
+//! Then, with the release binary, `memwise run` streams the fp32 model and memwise's
+//! quantized one through a 512 MiB budget on the same 128 ids: bytes read (`rchar`), wall
+//! time and peak RSS side by side. `$MEMWISE_BENCH_MODEL` names a model folder to use
+//! instead of the synthetic one.
+//!
 //! # Measured
 //!
-//! `MEMWISE_AUTOROUND_PYTHON=/root/venv-quant/bin/python cargo bench -p memwise-model --bench
-//! quantize` (after `cargo build --release -p memwise-cli`), on the 2.11 GB fp32 Llama, w4g128
-//! symmetric, page cache warm, once, on the 2-core development VM; auto-round 0.16.1, torch
-//! 2.15.0 on CPU:
+//! `MEMWISE_BENCH_MODEL=/work/models/llama-2g MEMWISE_AUTOROUND_PYTHON=/root/venv-quant/bin/python
+//! cargo bench -p memwise-model --bench quantize` (after `cargo build --release -p
+//! memwise-cli`), the 2.11 GB fp32 Llama, w4g128 symmetric, page cache warm, once, on the
+//! 2-core development VM with other builds running (load average 4.6); auto-round 0.16.1,
+//! torch 2.15.0 on CPU:
 //!
 //! | | wall time | time / memwise's | peak RSS (own `ru_maxrss`) | peak RSS (process tree, sampled) | peak / memwise's |
 //! | --- | ---: | ---: | ---: | ---: | ---: |
-//! | memwise quantize | 7.40 s | 1.00× | 292 MiB | 292 MiB | 1.00× |
-//! | auto-round 0.16 RTN, model-free path | 24.54 s | 3.31× | 1612 MiB | 2472 MiB | 8.47× |
+//! | memwise quantize | 4.86 s | 1.00× | 292 MiB | 292 MiB | 1.00× |
+//! | auto-round 0.16 RTN, model-free path | 38.21 s | 7.86× | 1576 MiB | 2441 MiB | 8.34× |
 //!
-//! All 210 tensors memwise wrote equal auto-round's byte for byte. Peak RSS meets issue 12's
-//! target (at most 300 MiB; `memwise quantize` planned 278 MiB: a 168 MiB block read, 22 MiB
-//! packed output, 66 MiB working copies of its largest linear, 22 MiB runtime). Speed does
-//! not: 3.3× faster against at least 5× (memwise quantizes on one core). An earlier run,
-//! before aligned f32 weights were quantized from the bytes read instead of a copy and with
-//! other builds loading the machine: memwise 10.35 s and 336 MiB, auto-round 41.47 s and
-//! 1579 MiB (2444 MiB with its workers). With `MEMWISE_BENCH_SMALL=1` (19 MiB model):
-//! memwise 0.22 s and 14 MiB, auto-round 18.94 s and 1723 MiB (mostly its start-up), tensors
-//! equal.
+//! | `memwise run`, 128 ids, budget 512MiB | weight files | bytes read | wall time | peak RSS |
+//! | --- | ---: | ---: | ---: | ---: |
+//! | fp32 (source) | 2012 MiB | 2013 MiB | 2.70 s | 512 MiB |
+//! | w4g128 (memwise's output) | 697 MiB | 697 MiB | 3.04 s | 512 MiB |
+//!
+//! All 210 tensors memwise wrote equal auto-round's byte for byte; both targets of issue 12
+//! are met (peak at most 300 MiB, at least 5× faster). Alone on the machine, `memwise
+//! quantize` takes 3.2–3.7 s (`/usr/bin/time`). Before stages were written straight into
+//! the shards and rows split across both cores it took 7.40 s (against auto-round's
+//! 24.54 s in a quiet run): most of it was writing every stage twice (a stage file, then
+//! `copy_file_range` into the shard), as `strace -c` showed.
 
 mod common;
 
