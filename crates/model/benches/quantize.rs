@@ -28,27 +28,35 @@
 //! the sum of the RSS of the whole process tree is sampled every 20 ms as well, and the
 //! larger figure counts. At the end every tensor memwise wrote is compared with auto-round's.
 //!
+//! Then, with the release binary, `memwise run` streams the fp32 model and memwise's
+//! quantized one through a 512 MiB budget on the same 128 ids: bytes read (`rchar`), wall
+//! time and peak RSS side by side. `$MEMWISE_BENCH_MODEL` names a model folder to use
+//! instead of the synthetic one.
+//!
 //! # Measured
 //!
-//! `MEMWISE_AUTOROUND_PYTHON=/root/venv-quant/bin/python cargo bench -p memwise-model --bench
-//! quantize` (after `cargo build --release -p memwise-cli`), on the 2.11 GB fp32 Llama, w4g128
-//! symmetric, page cache warm, once, on the 2-core development VM; auto-round 0.16.1, torch
-//! 2.15.0 on CPU:
+//! `MEMWISE_BENCH_MODEL=/work/models/llama-2g MEMWISE_AUTOROUND_PYTHON=/root/venv-quant/bin/python
+//! cargo bench -p memwise-model --bench quantize` (after `cargo build --release -p
+//! memwise-cli`), the 2.11 GB fp32 Llama, w4g128 symmetric, page cache warm, once, on the
+//! 2-core development VM with other builds running (load average 4.6); auto-round 0.16.1,
+//! torch 2.15.0 on CPU:
 //!
 //! | | wall time | time / memwise's | peak RSS (own `ru_maxrss`) | peak RSS (process tree, sampled) | peak / memwise's |
 //! | --- | ---: | ---: | ---: | ---: | ---: |
-//! | memwise quantize | 7.40 s | 1.00× | 292 MiB | 292 MiB | 1.00× |
-//! | auto-round 0.16 RTN, model-free path | 24.54 s | 3.31× | 1612 MiB | 2472 MiB | 8.47× |
+//! | memwise quantize | 4.86 s | 1.00× | 292 MiB | 292 MiB | 1.00× |
+//! | auto-round 0.16 RTN, model-free path | 38.21 s | 7.86× | 1576 MiB | 2441 MiB | 8.34× |
 //!
-//! All 210 tensors memwise wrote equal auto-round's byte for byte. Peak RSS meets issue 12's
-//! target (at most 300 MiB; `memwise quantize` planned 278 MiB: a 168 MiB block read, 22 MiB
-//! packed output, 66 MiB working copies of its largest linear, 22 MiB runtime). Speed does
-//! not: 3.3× faster against at least 5× (memwise quantizes on one core). An earlier run,
-//! before aligned f32 weights were quantized from the bytes read instead of a copy and with
-//! other builds loading the machine: memwise 10.35 s and 336 MiB, auto-round 41.47 s and
-//! 1579 MiB (2444 MiB with its workers). With `MEMWISE_BENCH_SMALL=1` (19 MiB model):
-//! memwise 0.22 s and 14 MiB, auto-round 18.94 s and 1723 MiB (mostly its start-up), tensors
-//! equal.
+//! | `memwise run`, 128 ids, budget 512MiB | weight files | bytes read | wall time | peak RSS |
+//! | --- | ---: | ---: | ---: | ---: |
+//! | fp32 (source) | 2012 MiB | 2013 MiB | 2.70 s | 512 MiB |
+//! | w4g128 (memwise's output) | 697 MiB | 697 MiB | 3.04 s | 512 MiB |
+//!
+//! All 210 tensors memwise wrote equal auto-round's byte for byte; both targets of issue 12
+//! are met (peak at most 300 MiB, at least 5× faster). Alone on the machine, `memwise
+//! quantize` takes 3.2–3.7 s (`/usr/bin/time`). Before stages were written straight into
+//! the shards and rows split across both cores it took 7.40 s (against auto-round's
+//! 24.54 s in a quiet run): most of it was writing every stage twice (a stage file, then
+//! `copy_file_range` into the shard), as `strace -c` showed.
 
 mod common;
 
@@ -82,6 +90,9 @@ fn child(args: &[String]) {
 /// What one child process measured.
 struct Measured {
     wall_s: f64,
+    /// Bytes it read through system calls (`rchar` of `/proc/PID/io`, read as it exits):
+    /// from the page cache or the disk alike.
+    read_bytes: u64,
     /// The process's own peak (`ru_maxrss`).
     own_peak: f64,
     /// The sampled peak of the sum over the process and its descendants.
@@ -95,9 +106,14 @@ impl Measured {
 }
 
 fn orchestrate() {
-    let small = std::env::var("MEMWISE_BENCH_SMALL").is_ok_and(|v| !v.is_empty() && v != "0");
-    let spec = synthetic_llama(small);
-    let source = prepare_checkpoint(&spec);
+    let source = match std::env::var_os("MEMWISE_BENCH_MODEL") {
+        Some(folder) => PathBuf::from(folder),
+        None => {
+            let small =
+                std::env::var("MEMWISE_BENCH_SMALL").is_ok_and(|v| !v.is_empty() && v != "0");
+            prepare_checkpoint(&synthetic_llama(small))
+        }
+    };
     let files = Checkpoint::open(&source).unwrap().files().to_vec();
     let bytes: u64 = files.iter().map(|f| f.metadata().unwrap().len()).sum();
     println!(
@@ -202,7 +218,64 @@ fn orchestrate() {
         let (compared, differing) = compare_tensors(&ours, &theirs);
         println!("tensors: {compared} of memwise's compared with auto-round's, {differing} differ");
     }
+    if binary.is_file() {
+        run_streamed(&binary, &source, &ours);
+    } else {
+        println!("no release binary: the streamed runs are not measured");
+    }
     std::fs::remove_dir_all(&work).unwrap();
+}
+
+/// Token ids the streamed runs take: `RUN_TOKENS` of them, spread over a 32000 vocabulary.
+const RUN_TOKENS: usize = 128;
+/// The weight budget both streamed runs get.
+const RUN_BUDGET: &str = "512MiB";
+
+/// The second half: `memwise run` streams the quantized model and the fp32 one through the
+/// same budget on the same ids, one forward pass each, page cache warm; bytes read, wall
+/// time and peak RSS side by side.
+fn run_streamed(binary: &Path, fp32: &Path, quantized: &Path) {
+    let ids: Vec<String> = (0..RUN_TOKENS)
+        .map(|i| (i * 7919 % 32000).to_string())
+        .collect();
+    let ids = ids.join(",");
+    let mut rows = Vec::new();
+    for (name, model) in [
+        ("fp32 (source)", fp32),
+        ("w4g128 (memwise's output)", quantized),
+    ] {
+        let files = Checkpoint::open(model).unwrap().files().to_vec();
+        let stored: u64 = files.iter().map(|f| f.metadata().unwrap().len()).sum();
+        let mut command = Command::new(binary);
+        command
+            .arg("run")
+            .arg(model)
+            .args(["--input-ids", &ids, "--budget", RUN_BUDGET]);
+        command.stdout(std::process::Stdio::null());
+        read_files(&files, |_| {});
+        let m = measure(command);
+        println!(
+            "memwise run {name}: {:.2} s, peak {:.0} MiB, {:.0} MiB read",
+            m.wall_s,
+            m.peak(),
+            m.read_bytes as f64 / MIB
+        );
+        rows.push((name, stored, m));
+    }
+    println!();
+    println!("`memwise run MODEL --input-ids <{RUN_TOKENS} ids> --budget {RUN_BUDGET}` (one forward pass, streamed):");
+    println!();
+    println!("| model | weight files | bytes read | wall time | peak RSS |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
+    for (name, stored, m) in &rows {
+        println!(
+            "| {name} | {:.0} MiB | {:.0} MiB | {:.2} s | {:.0} MiB |",
+            *stored as f64 / MIB,
+            m.read_bytes as f64 / MIB,
+            m.wall_s,
+            m.peak()
+        );
+    }
 }
 
 /// Runs `command` to completion, timing it and sampling the RSS of its process tree.
@@ -230,6 +303,26 @@ fn measure(mut command: Command) -> Measured {
             peak
         })
     };
+    // Wait for the exit without reaping, so that its /proc entry (and I/O counts) remain.
+    // SAFETY: an all-zero siginfo_t is a valid value; waitid fills it for our own child.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: pid is our child, not yet waited for; info is writable.
+    let rc = unsafe {
+        libc::waitid(
+            libc::P_PID,
+            pid as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOWAIT,
+        )
+    };
+    assert_eq!(rc, 0, "waitid failed");
+    let read_bytes = std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .ok()
+        .and_then(|io| {
+            io.lines()
+                .find_map(|l| l.strip_prefix("rchar: ")?.trim().parse::<u64>().ok())
+        })
+        .unwrap_or(0);
     let mut status = 0;
     // SAFETY: an all-zero rusage is a valid value; wait4 fills it for our own child.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
@@ -246,6 +339,7 @@ fn measure(mut command: Command) -> Measured {
     drop(child);
     Measured {
         wall_s,
+        read_bytes,
         own_peak: usage.ru_maxrss as f64 * 1024.0 / MIB,
         tree_peak: tree_peak as f64 / MIB,
     }

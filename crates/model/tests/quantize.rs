@@ -79,94 +79,113 @@ fn scheme_of(config: &Value) -> QuantScheme {
     QuantScheme::new(bits, group, config["sym"].as_bool().unwrap()).unwrap()
 }
 
+/// A packed layer checked: its input width and the dtype its weight was stored in.
+struct Checked {
+    in_features: usize,
+    dtype: Dtype,
+}
+
+/// Quantizes every weight `output` (auto-round's) holds packed from its stored form in
+/// `input` and asserts that ours packs to the same bytes and that theirs reads back as ours.
+fn check_packed_layers(input: &Path, output: &Path) -> Vec<Checked> {
+    let config = read_json(&output.join("quantization_config.json"));
+    let scheme = scheme_of(&config);
+    assert_eq!(
+        config["packing_format"].as_str().unwrap(),
+        scheme.packing_format().name(),
+        "{}",
+        output.display()
+    );
+    let in_bytes = std::fs::read(input.join("model.safetensors")).unwrap();
+    let out_bytes = std::fs::read(output.join("model.safetensors")).unwrap();
+    let source = SafeTensors::deserialize(&in_bytes).unwrap();
+    let quantized = SafeTensors::deserialize(&out_bytes).unwrap();
+    let mut checked = Vec::new();
+    for name in quantized.names() {
+        let Some(layer) = name.strip_suffix(".qweight") else {
+            continue;
+        };
+        let weight_name = format!("{layer}.weight");
+        let weight = source.tensor(&weight_name).unwrap();
+        let &[out_features, in_features] = weight.shape() else {
+            panic!("{weight_name} is not 2-D")
+        };
+        let values = to_f32(&weight_name, &weight);
+        let ours = quantize_rtn(&values, out_features, in_features, &scheme)
+            .unwrap()
+            .pack();
+
+        let what = format!("{} {layer}", output.display());
+        let qweight = quantized.tensor(name).unwrap();
+        let qzeros = quantized.tensor(&format!("{layer}.qzeros")).unwrap();
+        let scales = quantized.tensor(&format!("{layer}.scales")).unwrap();
+        assert_eq!(
+            qweight.shape(),
+            ours.qweight_shape(),
+            "{what} qweight shape"
+        );
+        assert_eq!(qzeros.shape(), ours.qzeros_shape(), "{what} qzeros shape");
+        assert_eq!(scales.shape(), ours.scales_shape(), "{what} scales shape");
+        let theirs_scales = f16s(&scales);
+        let mismatched_scales = ours
+            .scales()
+            .iter()
+            .zip(&theirs_scales)
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count();
+        assert_eq!(mismatched_scales, 0, "{what}: scales differ");
+        assert_eq!(ours.qzeros(), i32s(&qzeros), "{what}: qzeros differ");
+        let theirs_qweight = i32s(&qweight);
+        let mismatched_words = ours
+            .qweight()
+            .iter()
+            .zip(&theirs_qweight)
+            .filter(|(a, b)| a != b)
+            .count();
+        assert_eq!(mismatched_words, 0, "{what}: qweight words differ");
+
+        // Their packed weight reads back as ours does.
+        let theirs = PackedWeight::new(
+            scheme,
+            theirs_qweight,
+            i32s(&qzeros),
+            theirs_scales,
+            [scales.shape()[0], scales.shape()[1]],
+        )
+        .unwrap();
+        assert_eq!(
+            theirs.dequantize(in_features).unwrap(),
+            ours.dequantize(in_features).unwrap()
+        );
+        checked.push(Checked {
+            in_features,
+            dtype: weight.dtype(),
+        });
+    }
+    checked
+}
+
 #[test]
 fn every_packed_tensor_equals_auto_round_bit_for_bit() {
     let folders = quantized_folders();
     let mut covered = BTreeMap::<&str, usize>::new();
     let mut layers_checked = 0;
     for (input, output) in &folders {
-        let config = read_json(&output.join("quantization_config.json"));
-        let scheme = scheme_of(&config);
-        assert_eq!(
-            config["packing_format"].as_str().unwrap(),
-            scheme.packing_format().name(),
-            "{}",
-            output.display()
-        );
-        let in_bytes = std::fs::read(input.join("model.safetensors")).unwrap();
-        let out_bytes = std::fs::read(output.join("model.safetensors")).unwrap();
-        let source = SafeTensors::deserialize(&in_bytes).unwrap();
-        let quantized = SafeTensors::deserialize(&out_bytes).unwrap();
-        for name in quantized.names() {
-            let Some(layer) = name.strip_suffix(".qweight") else {
-                continue;
-            };
-            let weight_name = format!("{layer}.weight");
-            let weight = source.tensor(&weight_name).unwrap();
-            let &[out_features, in_features] = weight.shape() else {
-                panic!("{weight_name} is not 2-D")
-            };
-            let values = to_f32(&weight_name, &weight);
-            let ours = quantize_rtn(&values, out_features, in_features, &scheme)
-                .unwrap()
-                .pack();
-
-            let what = format!("{} {layer}", output.display());
-            let qweight = quantized.tensor(name).unwrap();
-            let qzeros = quantized.tensor(&format!("{layer}.qzeros")).unwrap();
-            let scales = quantized.tensor(&format!("{layer}.scales")).unwrap();
-            assert_eq!(
-                qweight.shape(),
-                ours.qweight_shape(),
-                "{what} qweight shape"
-            );
-            assert_eq!(qzeros.shape(), ours.qzeros_shape(), "{what} qzeros shape");
-            assert_eq!(scales.shape(), ours.scales_shape(), "{what} scales shape");
-            let theirs_scales = f16s(&scales);
-            let mismatched_scales = ours
-                .scales()
-                .iter()
-                .zip(&theirs_scales)
-                .filter(|(a, b)| a.to_bits() != b.to_bits())
-                .count();
-            assert_eq!(mismatched_scales, 0, "{what}: scales differ");
-            assert_eq!(ours.qzeros(), i32s(&qzeros), "{what}: qzeros differ");
-            let theirs_qweight = i32s(&qweight);
-            let mismatched_words = ours
-                .qweight()
-                .iter()
-                .zip(&theirs_qweight)
-                .filter(|(a, b)| a != b)
-                .count();
-            assert_eq!(mismatched_words, 0, "{what}: qweight words differ");
-
-            // Their packed weight reads back as ours does.
-            let theirs = PackedWeight::new(
-                scheme,
-                theirs_qweight,
-                i32s(&qzeros),
-                theirs_scales,
-                [scales.shape()[0], scales.shape()[1]],
-            )
-            .unwrap();
-            assert_eq!(
-                theirs.dequantize(in_features).unwrap(),
-                ours.dequantize(in_features).unwrap()
-            );
-
+        let scheme = scheme_of(&read_json(&output.join("quantization_config.json")));
+        for layer in check_packed_layers(input, output) {
             layers_checked += 1;
             *covered
                 .entry(if scheme.sym() { "sym" } else { "asym" })
                 .or_default() += 1;
             *covered
-                .entry(if weight.dtype() == Dtype::BF16 {
+                .entry(if layer.dtype == Dtype::BF16 {
                     "bf16"
                 } else {
                     "f32"
                 })
                 .or_default() += 1;
             if let GroupSize::Size(g) = scheme.group_size() {
-                if in_features % g.get() != 0 {
+                if layer.in_features % g.get() != 0 {
                     *covered.entry("padded").or_default() += 1;
                 }
                 *covered
@@ -496,6 +515,57 @@ fn auto_round_checkpoints_run_streamed_and_full_as_their_dequantized_weights() {
     }
 }
 
+/// The numbers of a JSON array.
+fn numbers(array: &Value) -> impl Iterator<Item = f64> + '_ {
+    array
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+}
+
+/// `tests/fixtures/quant/reference_logits.json`: for every quantized fixture, the logits
+/// transformers computes in f32 from its weights as auto-round's kernel dequantizes them
+/// (unpacked in Python by `make_fixtures.py`, independently of memwise).
+#[test]
+fn quantized_fixtures_run_streamed_and_full_within_1e_4_of_transformers() {
+    let reference = read_json(&fixtures().join("reference_logits.json"));
+    let ids: Vec<u32> = numbers(&reference["input_ids"]).map(|v| v as u32).collect();
+    let ids = candle_core::Tensor::new(ids.as_slice(), &candle_core::Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let folders = quantized_folders();
+    let entries = reference["folders"].as_object().unwrap();
+    assert_eq!(
+        entries.len(),
+        folders.len(),
+        "a reference for every fixture"
+    );
+    for (_, folder) in folders {
+        let name = folder.file_name().unwrap().to_str().unwrap().to_owned();
+        let entry = &entries[&name];
+        let expected: Vec<f32> = numbers(&entry["logits"]).map(|v| v as f32).collect();
+        let check = |logits: candle_core::Tensor, how: &str| {
+            let shape: Vec<usize> = numbers(&entry["shape"]).map(|v| v as usize).collect();
+            assert_eq!(logits.dims(), shape.as_slice(), "{name} {how}");
+            let got: Vec<f32> = logits.flatten_all().unwrap().to_vec1().unwrap();
+            let worst = got
+                .iter()
+                .zip(&expected)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(worst <= 1e-4, "{name} {how}: off by {worst}");
+        };
+        let mut model = memwise_model::ModelConverter::new(&folder)
+            .load_model_with_hooks(true)
+            .unwrap();
+        check(model.forward(&ids).unwrap(), "streamed");
+        model.load_all().unwrap();
+        check(model.forward(&ids).unwrap(), "full");
+    }
+}
+
 #[test]
 fn a_quantization_config_memwise_cannot_read_is_refused_naming_the_key() {
     let scratch = tempfile::tempdir().unwrap();
@@ -624,6 +694,24 @@ fn a_run_killed_midway_resumes_and_ends_bit_identical() {
     }
 }
 
+/// Flips the first data byte of `tensor` in whichever shard of `folder` holds it.
+fn flip_first_byte_of(folder: &Path, tensor: &str) {
+    for entry in std::fs::read_dir(folder).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "safetensors") {
+            continue;
+        }
+        let mut bytes = std::fs::read(&path).unwrap();
+        let (header, metadata) = SafeTensors::read_metadata(&bytes).unwrap();
+        if let Some(info) = metadata.info(tensor) {
+            bytes[8 + header + info.data_offsets.0] ^= 1;
+            std::fs::write(&path, bytes).unwrap();
+            return;
+        }
+    }
+    panic!("no shard in {} holds {tensor}", folder.display());
+}
+
 #[test]
 fn a_damaged_stage_is_redone_and_other_options_start_over() {
     let dir = tempfile::tempdir().unwrap();
@@ -634,14 +722,16 @@ fn a_damaged_stage_is_redone_and_other_options_start_over() {
         .tensors()
         .len();
 
-    // A finished stage whose file no longer matches its checksum is redone, with the ones
-    // after it.
+    // A finished stage whose bytes in the shards no longer match its checksum is redone,
+    // with the ones after it.
     let out = dir.path().join("damaged");
     quantize_and_kill(&source, &out, total - 1);
-    let stage = partial_of(&out).join("stage-00001.part");
-    let mut bytes = std::fs::read(&stage).unwrap();
-    bytes[0] ^= 1;
-    std::fs::write(&stage, bytes).unwrap();
+    let manifest = read_json(&partial_of(&out).join("quantize-manifest.json"));
+    let stage = manifest["stages"][1]["stage"].as_str().unwrap().to_owned();
+    let first = manifest["stages"][1]["tensors"][0]["name"]
+        .as_str()
+        .unwrap();
+    flip_first_byte_of(&partial_of(&out), first);
     let report = quantize_checkpoint(&source, &out, &kill_test_options(false)).unwrap();
     let Start::Resumed { stages, note } = &report.start else {
         panic!("{:?}", report.start);
@@ -649,7 +739,7 @@ fn a_damaged_stage_is_redone_and_other_options_start_over() {
     assert_eq!(*stages, 1);
     let note = note.as_deref().unwrap();
     assert!(
-        note.contains("stage-00001.part does not match its checksum"),
+        note.contains(&format!("stage {stage}'s bytes do not match its checksum")),
         "{note}"
     );
     let reference = dir.path().join("reference-sym");

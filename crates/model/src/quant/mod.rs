@@ -94,6 +94,7 @@
 //! refused: auto-round's model-free packing puts ten 3-bit codes in a word only when the
 //! padded input is a multiple of ten, and excludes 3-bit schemes for that reason.
 
+mod layout;
 mod pack;
 mod resume;
 mod rtn;

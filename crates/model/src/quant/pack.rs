@@ -87,16 +87,27 @@ impl QuantizedWeight {
         // qweight[w][o]: codes of inputs w*pack .. w*pack+pack of output o, low bits first.
         let words_in = padded_in / pack;
         let mut qweight = vec![0i32; words_in * out];
-        for (o, row) in self.codes().chunks_exact(padded_in).enumerate() {
-            for (w, chunk) in row.chunks_exact(pack).enumerate() {
-                let word = chunk
-                    .iter()
-                    .enumerate()
-                    .fold(0u32, |acc, (j, &c)| acc | u32::from(c) << (bits * j as u32));
-                // The int64 sum auto-round casts to int32 wraps the same way.
-                qweight[w * out + o] = word as i32;
-            }
-        }
+        // Each worker packs a block of word rows (`qweight[w]`, every output).
+        let word_rows = words_in.div_ceil(super::rtn::workers(self.codes().len()));
+        let codes = self.codes();
+        super::rtn::parallel_chunks(
+            qweight.chunks_mut(word_rows * out).enumerate(),
+            |(block, words)| {
+                let first = block * word_rows * pack;
+                let inputs = words.len() / out * pack;
+                for (o, row) in codes.chunks_exact(padded_in).enumerate() {
+                    let row = &row[first..first + inputs];
+                    for (w, chunk) in row.chunks_exact(pack).enumerate() {
+                        let word = chunk
+                            .iter()
+                            .enumerate()
+                            .fold(0u32, |acc, (j, &c)| acc | u32::from(c) << (bits * j as u32));
+                        // The int64 sum auto-round casts to int32 wraps the same way.
+                        words[w * out + o] = word as i32;
+                    }
+                }
+            },
+        );
 
         // Outputs past `out` (padding to whole words) hold the zero of an all-zero group.
         let padding_zero = {
@@ -248,14 +259,23 @@ impl PackedWeight {
             )));
         }
         let mut codes = vec![0u8; out * padded_in];
-        for (w, words) in self.qweight.chunks_exact(out).enumerate() {
-            for (o, &word) in words.iter().enumerate() {
-                for j in 0..pack {
-                    codes[o * padded_in + w * pack + j] =
-                        ((word as u32 >> (bits * j as u32)) & mask) as u8;
+        // Each worker unpacks the codes of a block of outputs.
+        let rows = out.div_ceil(super::rtn::workers(codes.len()));
+        let qweight = &self.qweight;
+        super::rtn::parallel_chunks(
+            codes.chunks_mut(rows * padded_in).enumerate(),
+            |(block, codes)| {
+                let first = block * rows;
+                for (w, words) in qweight.chunks_exact(out).enumerate() {
+                    let words = &words[first..first + codes.len() / padded_in];
+                    for (row, &word) in codes.chunks_exact_mut(padded_in).zip(words) {
+                        for (j, code) in row[w * pack..(w + 1) * pack].iter_mut().enumerate() {
+                            *code = ((word as u32 >> (bits * j as u32)) & mask) as u8;
+                        }
+                    }
                 }
-            }
-        }
+            },
+        );
         let format = scheme.packing_format();
         let words_out = out.div_ceil(pack);
         let mut zeros = vec![0u16; out * groups];

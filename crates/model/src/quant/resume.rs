@@ -1,12 +1,12 @@
 //! What makes [`quantize_checkpoint`](super::quantize_checkpoint) resumable: the progress
 //! record (`quantize-manifest.json`) in the folder a run builds its output in.
 //!
-//! Each finished stage's output is one file (`stage-00003.part`, written atomically through
-//! the workspace's helpers), and the record, rewritten atomically after each stage, lists
-//! every finished stage with its file's size, checksum and tensors, beside the source's
-//! fingerprint and the options. A rerun with the same source and options verifies the
-//! recorded files in order and continues after the last one that matches; anything else
-//! starts over, and [`Start`] says which and why.
+//! Each stage writes its tensors straight into the output's shards, at places fixed before
+//! the run began (see `layout.rs`), and syncs them; the record, rewritten atomically after
+//! each stage, lists every finished stage with its bytes, checksum and tensors, beside the
+//! source's fingerprint and the options. A rerun with the same source and options verifies
+//! the recorded stages' bytes in the shards in order and continues after the last one that
+//! matches; anything else starts over, and [`Start`] says which and why.
 
 use std::fmt;
 use std::fs;
@@ -17,12 +17,12 @@ use serde::{Deserialize, Serialize};
 use super::{Error, QuantizeOptions};
 use crate::checkpoint::Checkpoint;
 use crate::error::Error as ReadError;
-use crate::workspace::{checksum_file, fingerprint, write_atomically, SourceFingerprint};
+use crate::workspace::{fingerprint, write_atomically, SourceFingerprint};
 
 /// The progress record's file name inside the partial folder.
 pub(super) const RECORD_FILE: &str = "quantize-manifest.json";
 /// The record format this build writes and reads.
-const RECORD_VERSION: u32 = 1;
+const RECORD_VERSION: u32 = 2;
 
 /// How a run of [`quantize_checkpoint`](super::quantize_checkpoint) began.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,12 +31,13 @@ pub enum Start {
     /// No interrupted run had left anything: every stage is quantized.
     Fresh,
     /// An interrupted run of the same source with the same options had finished `stages`
-    /// stages, whose files matched their checksums; the run continued after them.
+    /// stages, whose bytes in the shards matched their checksums; the run continued after
+    /// them.
     Resumed {
         /// Stages kept from the interrupted run.
         stages: usize,
-        /// Why fewer stages were kept than the interrupted run recorded (a file missing or
-        /// not matching its checksum), if so.
+        /// Why fewer stages were kept than the interrupted run recorded (a shard missing, or
+        /// a stage's bytes not matching its checksum), if so.
         note: Option<String>,
     },
     /// An interrupted run's output could not be continued (`reason`: another source, a
@@ -107,7 +108,7 @@ impl fmt::Display for RecordedOptions {
     }
 }
 
-/// One tensor of a stage file, in the order its bytes are stored.
+/// One tensor a stage writes, in the order its bytes are stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(super) struct WrittenTensor {
     pub name: String,
@@ -122,10 +123,8 @@ pub(super) struct WrittenTensor {
 pub(super) struct StageRecord {
     /// The stage's name, e.g. `model.layers.3`.
     pub stage: String,
-    /// Its file inside the partial folder.
-    pub file: String,
     pub bytes: u64,
-    /// `crc32:xxxxxxxx`, as [`write_atomically`] reports it.
+    /// `crc32:xxxxxxxx` of its tensors' bytes, in order.
     pub checksum: String,
     pub tensors: Vec<WrittenTensor>,
     /// Modules whose weights were quantized.
@@ -155,15 +154,23 @@ impl Record {
     }
 }
 
-/// Makes `partial` ready for a run quantizing `checkpoint` into stages named `stages`:
-/// continues an interrupted run where its record allows (removing every file the record
-/// does not vouch for), or starts over, and returns the record to extend and how the run
-/// began.
+/// What a rerun checks an interrupted run's stages against: the stages due, in order, the
+/// shard files that may stay, and how to verify a recorded stage (why it cannot be kept,
+/// if so).
+pub(super) struct Expected<'a> {
+    pub stages: &'a [String],
+    pub files: &'a [String],
+    pub verify: &'a dyn Fn(usize, &StageRecord) -> Option<String>,
+}
+
+/// Makes `partial` ready for a run quantizing `checkpoint`: continues an interrupted run
+/// where its record allows (removing every file but the record and the shards), or starts
+/// over, and returns the record to extend and how the run began.
 pub(super) fn prepare(
     partial: &Path,
     checkpoint: &Checkpoint,
     options: &QuantizeOptions,
-    stages: &[String],
+    expected: &Expected<'_>,
 ) -> Result<(Record, Start), Error> {
     let mut record = Record {
         format_version: RECORD_VERSION,
@@ -172,10 +179,10 @@ pub(super) fn prepare(
         stages: Vec::new(),
     };
     let start = if partial.exists() {
-        match continuable(partial, &record, stages) {
+        match continuable(partial, &record, expected) {
             Ok((kept, note)) => {
                 record.stages = kept;
-                remove_unrecorded(partial, &record)?;
+                remove_unrecorded(partial, expected.files)?;
                 record.save(partial)?;
                 let stages = record.stages.len();
                 return Ok((record, Start::Resumed { stages, note }));
@@ -195,12 +202,12 @@ pub(super) fn prepare(
 }
 
 /// The stages of the interrupted run in `partial` that can be kept (the longest run of
-/// recorded stages, in order, whose files match), and why any recorded ones cannot; or why
+/// recorded stages, in order, whose bytes match), and why any recorded ones cannot; or why
 /// nothing of it can be continued.
 fn continuable(
     partial: &Path,
     fresh: &Record,
-    stages: &[String],
+    expected: &Expected<'_>,
 ) -> Result<(Vec<StageRecord>, Option<String>), String> {
     let path = partial.join(RECORD_FILE);
     let bytes = fs::read(&path).map_err(|e| {
@@ -239,6 +246,7 @@ fn continuable(
     let mut kept = Vec::with_capacity(old.stages.len());
     let mut note = None;
     for (i, stage) in old.stages.into_iter().enumerate() {
+        let stages = expected.stages;
         let problem = if stages.get(i) != Some(&stage.stage) {
             Some(format!(
                 "stage {} was recorded where {} is due",
@@ -246,15 +254,7 @@ fn continuable(
                 stages.get(i).map_or("nothing", String::as_str)
             ))
         } else {
-            let file = partial.join(&stage.file);
-            let size = fs::metadata(&file).map(|m| m.len()).ok();
-            if size != Some(stage.bytes) {
-                Some(format!("{} is missing or cut short", stage.file))
-            } else if checksum_file(&file).ok().as_ref() != Some(&stage.checksum) {
-                Some(format!("{} does not match its checksum", stage.file))
-            } else {
-                None
-            }
+            (expected.verify)(i, &stage)
         };
         if let Some(problem) = problem {
             note = Some(format!("{problem}; it and the stages after it are redone"));
@@ -265,15 +265,14 @@ fn continuable(
     Ok((kept, note))
 }
 
-/// Removes from `partial` everything but the record and the stage files it lists
-/// (temporaries, stage files past the last good one, half-assembled shards).
-fn remove_unrecorded(partial: &Path, record: &Record) -> Result<(), Error> {
+/// Removes from `partial` everything but the record and the shard files `keep`
+/// (temporaries, and whatever else an interrupted run had begun to write).
+fn remove_unrecorded(partial: &Path, keep: &[String]) -> Result<(), Error> {
     let entries = fs::read_dir(partial).map_err(|e| ReadError::io("listing", partial, e))?;
     for entry in entries {
         let entry = entry.map_err(|e| ReadError::io("listing", partial, e))?;
         let name = entry.file_name();
-        let keep = name == RECORD_FILE || record.stages.iter().any(|s| name == *s.file);
-        if keep {
+        if name == RECORD_FILE || keep.iter().any(|k| name == **k) {
             continue;
         }
         let path = entry.path();

@@ -50,24 +50,110 @@ pub fn quantize_rtn(
         });
     }
     let mut codes = vec![0u8; out_features * padded_in];
-    let mut scales = Vec::with_capacity(out_features * groups);
-    let mut zeros = Vec::with_capacity(out_features * groups);
+    let mut scales = vec![f16::ZERO; out_features * groups];
+    let mut zeros = vec![0u16; out_features * groups];
+    // Rows are independent: each worker quantizes a contiguous block of them into its own
+    // slices of the outputs, so the result does not depend on how many there are.
+    let rows = out_features.div_ceil(workers(weight.len()));
+    parallel_chunks(
+        weight
+            .chunks(rows * in_features)
+            .zip(codes.chunks_mut(rows * padded_in))
+            .zip(
+                scales
+                    .chunks_mut(rows * groups)
+                    .zip(zeros.chunks_mut(rows * groups)),
+            ),
+        |((weight, codes), (scales, zeros))| {
+            quantize_rows(weight, codes, scales, zeros, in_features, group_len, scheme)
+        },
+    );
+    QuantizedWeight::from_parts(*scheme, out_features, in_features, codes, scales, zeros)
+}
+
+/// Values below which one thread does the work (spawning costs more than it saves).
+const PARALLEL_MIN_VALUES: usize = 1 << 16;
+
+/// How many threads to split `values` weights' worth of work across: one per core the
+/// process may use, or one for small work.
+pub(super) fn workers(values: usize) -> usize {
+    if values < PARALLEL_MIN_VALUES {
+        return 1;
+    }
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Runs `work` on every item, each but the first on a scoped thread of its own, the first
+/// on this one; returns when all are done.
+pub(super) fn parallel_chunks<I, F>(items: I, work: F)
+where
+    I: IntoIterator,
+    I::Item: Send,
+    F: Fn(I::Item) + Sync,
+{
+    let mut items = items.into_iter();
+    let Some(first) = items.next() else { return };
+    std::thread::scope(|s| {
+        for item in items {
+            let work = &work;
+            s.spawn(move || work(item));
+        }
+        work(first);
+    });
+}
+
+/// Quantizes whole rows of `in_features` inputs: `codes` gets `padded_in` per row,
+/// `scales` and `zeros` one per group.
+fn quantize_rows(
+    weight: &[f32],
+    codes: &mut [u8],
+    scales: &mut [f16],
+    zeros: &mut [u16],
+    in_features: usize,
+    group_len: usize,
+    scheme: &QuantScheme,
+) {
+    let padded_in = codes.len() / (weight.len() / in_features);
+    let groups = padded_in / group_len;
     let mut group = vec![0f32; group_len];
-    for (row, row_codes) in weight
+    for (((row, row_codes), row_scales), row_zeros) in weight
         .chunks_exact(in_features)
         .zip(codes.chunks_exact_mut(padded_in))
+        .zip(scales.chunks_exact_mut(groups))
+        .zip(zeros.chunks_exact_mut(groups))
     {
         for (g, group_codes) in row_codes.chunks_exact_mut(group_len).enumerate() {
             let start = g * group_len;
             let end = (start + group_len).min(in_features);
-            group[..end - start].copy_from_slice(&row[start..end]);
-            group[end - start..].fill(0.0);
-            let (scale, zero) = quantize_group(&group, group_codes, scheme);
-            scales.push(scale);
-            zeros.push(zero);
+            // A whole group is quantized from the row itself; only the last, padded one
+            // from a copy.
+            let x = if end - start == group_len {
+                &row[start..end]
+            } else {
+                group[..end - start].copy_from_slice(&row[start..end]);
+                group[end - start..].fill(0.0);
+                &group[..]
+            };
+            let (scale, zero) = quantize_group(x, group_codes, scheme);
+            row_scales[g] = scale;
+            row_zeros[g] = zero;
         }
     }
-    QuantizedWeight::from_parts(*scheme, out_features, in_features, codes, scales, zeros)
+}
+
+/// `x` rounded to the nearest integer, ties to even, as `torch.round` does, for every `x`
+/// whose magnitude is below 2^22 (a zero's sign aside, which no code depends on); beyond that (never a code: callers clamp to at most
+/// 2^8) it stays beyond it with the same sign. Adding and removing 1.5 × 2^23 leaves
+/// the rounding to the FPU's default mode, round to nearest even, without the library
+/// call `round_ties_even` costs on x86-64 without SSE4.1.
+#[inline(always)]
+fn round_even(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
+    if x.abs() < 4_194_304.0 {
+        (x + MAGIC) - MAGIC
+    } else {
+        x
+    }
 }
 
 /// auto-round's floor on a scale's magnitude (`q_scale_thresh` for fp16 scales).
@@ -103,7 +189,7 @@ fn quantize_group(x: &[f32], codes: &mut [u8], scheme: &QuantScheme) -> (f16, u1
         };
         let s = f32::from(scale);
         for (code, &v) in codes.iter_mut().zip(x) {
-            let q = (v / s).round_ties_even().clamp(-maxq, maxq - 1.0);
+            let q = round_even(v / s).clamp(-maxq, maxq - 1.0);
             *code = (q + maxq) as u8;
         }
         (scale, maxq as u16)
@@ -113,7 +199,7 @@ fn quantize_group(x: &[f32], codes: &mut [u8], scheme: &QuantScheme) -> (f16, u1
         let s = f32::from(scale);
         let zero = (-lo / s).round_ties_even();
         for (code, &v) in codes.iter_mut().zip(x) {
-            *code = ((v / s).round_ties_even() + zero).clamp(0.0, maxq) as u8;
+            *code = (round_even(v / s) + zero).clamp(0.0, maxq) as u8;
         }
         // auto-round stores the zero point clamped to the code range.
         (scale, zero.clamp(0.0, maxq) as u16)
@@ -207,16 +293,37 @@ impl QuantizedWeight {
     /// The weight the codes stand for, `out_features × in_features` (padding dropped):
     /// `scale × (code − zero)` in `f32`.
     pub fn dequantize(&self) -> Vec<f32> {
-        let padded_in = self.padded_in();
-        let groups = self.groups();
-        let mut out = Vec::with_capacity(self.out_features * self.in_features);
-        for (r, row) in self.codes.chunks_exact(padded_in).enumerate() {
-            for (i, &code) in row[..self.in_features].iter().enumerate() {
-                let g = r * groups + i / self.group_len;
-                let scale = f32::from(self.scales[g]);
-                out.push(scale * (f32::from(code) - f32::from(self.zeros[g])));
-            }
-        }
+        let (padded_in, groups, in_features) = (self.padded_in(), self.groups(), self.in_features);
+        let mut out = vec![0f32; self.out_features * in_features];
+        // Rows are independent: each worker dequantizes a block of them.
+        let rows = self.out_features.div_ceil(workers(out.len()));
+        parallel_chunks(
+            out.chunks_mut(rows * in_features)
+                .zip(self.codes.chunks(rows * padded_in))
+                .zip(
+                    self.scales
+                        .chunks(rows * groups)
+                        .zip(self.zeros.chunks(rows * groups)),
+                ),
+            |((out, codes), (scales, zeros))| {
+                for (((row, codes), scales), zeros) in out
+                    .chunks_exact_mut(in_features)
+                    .zip(codes.chunks_exact(padded_in))
+                    .zip(scales.chunks_exact(groups))
+                    .zip(zeros.chunks_exact(groups))
+                {
+                    let groups = row
+                        .chunks_mut(self.group_len)
+                        .zip(codes.chunks(self.group_len));
+                    for ((values, codes), (&scale, &zero)) in groups.zip(scales.iter().zip(zeros)) {
+                        let (scale, zero) = (f32::from(scale), f32::from(zero));
+                        for (value, &code) in values.iter_mut().zip(codes) {
+                            *value = scale * (f32::from(code) - zero);
+                        }
+                    }
+                }
+            },
+        );
         out
     }
 }
@@ -278,6 +385,59 @@ mod tests {
         // 4 bits, groups of 4: 4 inputs do not fill a word of 8 codes.
         let err = quantize_rtn(&[0.0; 4], 1, 4, &scheme(4, 4, true)).unwrap_err();
         assert!(err.to_string().contains("8 codes"), "{err}");
+    }
+
+    #[test]
+    fn round_even_is_round_ties_even_wherever_a_code_can_land() {
+        let mut x = -300.0f32;
+        while x <= 300.0 {
+            for v in [x, x + 0.5, x.next_up(), (x + 0.5).next_down()] {
+                // Equal as numbers: -0.5 gives +0 here and -0 there, the same code.
+                assert_eq!(round_even(v), v.round_ties_even(), "{v}");
+            }
+            x += 0.25;
+        }
+        for v in [
+            -0.0,
+            0.49999997,
+            2.5,
+            -2.5,
+            4_194_303.5,
+            -4_194_303.5,
+            1e9,
+            -1e9,
+        ] {
+            assert_eq!(round_even(v), v.round_ties_even(), "{v}");
+        }
+        assert_eq!(round_even(f32::INFINITY), f32::INFINITY);
+    }
+
+    #[test]
+    fn a_weight_split_across_threads_equals_its_rows_quantized_one_by_one() {
+        // Large enough to be split; 37 rows do not divide evenly between workers.
+        let (out, inputs) = (37, 4096);
+        let w: Vec<f32> = (0..out * inputs)
+            .map(|i| ((i as f32) * 0.013).sin() * (1.0 + (i % 97) as f32))
+            .collect();
+        for s in [
+            scheme(4, 128, true),
+            scheme(2, 32, false),
+            scheme(8, 64, true),
+        ] {
+            let whole = quantize_rtn(&w, out, inputs, &s).unwrap();
+            let mut codes = Vec::new();
+            let (mut scales, mut zeros) = (Vec::new(), Vec::new());
+            for row in w.chunks_exact(inputs) {
+                let q = quantize_rtn(row, 1, inputs, &s).unwrap();
+                codes.extend_from_slice(q.codes());
+                scales.extend_from_slice(q.scales());
+                zeros.extend_from_slice(q.zeros());
+            }
+            assert_eq!(whole.codes(), codes.as_slice());
+            assert_eq!(whole.scales(), scales.as_slice());
+            assert_eq!(whole.zeros(), zeros.as_slice());
+            assert_eq!(whole.pack().unpack(inputs).unwrap(), whole);
+        }
     }
 
     #[test]

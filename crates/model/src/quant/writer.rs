@@ -2,22 +2,20 @@
 
 use std::borrow::Cow;
 use std::fs::{self, File};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::Write;
 use std::num::NonZeroU64;
 use std::path::{Path, PathBuf};
 
 use half::f16;
 use serde_json::{json, Map, Value};
 
+use super::layout::Layout;
 use super::resume::{self, StageRecord, Start, WrittenTensor};
 use super::{quantize_rtn, Error, GroupSize, QuantScheme};
-use crate::checkpoint::{
-    encode_header, Checkpoint, LayerReader, ReadStrategy, StoredDType as DType, TensorHeader,
-    TensorInfo,
-};
+use crate::checkpoint::{Checkpoint, LayerReader, ReadStrategy, StoredDType as DType, TensorInfo};
 use crate::error::Error as ReadError;
 use crate::plan::RUNTIME_FLOOR;
-use crate::workspace::{remove_if_present, write_atomically};
+use crate::workspace::remove_if_present;
 
 /// The auto-round release whose model-free round-to-nearest output memwise reproduces bit for
 /// bit; written as `autoround_version`, so that readers pick the layout it stands for.
@@ -177,9 +175,15 @@ pub struct QuantizeProgress {
 /// into place when complete, so `out` either does not exist or is whole; an existing `out`
 /// is refused.
 ///
-/// Resumable: each stage's output is written atomically to a file of its own in the sibling
-/// folder, and a progress record beside it (rewritten atomically after each stage) lists
-/// every finished stage with its checksum, the source's fingerprint and the options. After
+/// Every output tensor's shard and offset follow from the stored shapes and the scheme, so
+/// they are fixed before any weight is read: each stage writes its tensors once, straight
+/// into the shards in the sibling folder, and syncs them. The linears are quantized,
+/// packed and dequantized on every core the process may use, rows split between threads
+/// (the result does not depend on how many).
+///
+/// Resumable: a progress record beside the shards (rewritten atomically after each stage)
+/// lists every finished stage with the checksum of its bytes, the source's fingerprint and
+/// the options. After
 /// a crash, a run with the same source and options verifies the finished stages and
 /// continues after the last good one; another source, a changed one or other options start
 /// over. [`QuantizeReport::start`] says which. The output is the same, byte for byte, either
@@ -229,7 +233,35 @@ pub fn quantize_checkpoint_with(
     let partial = partial_folder(out)?;
     let groups = tensor_groups(&checkpoint);
     let names: Vec<String> = groups.iter().map(|g| g.stage.clone()).collect();
-    let (mut record, start) = resume::prepare(&partial, &checkpoint, options, &names)?;
+    let planned = groups
+        .iter()
+        .map(|g| planned_tensors(g, &options.scheme))
+        .collect::<Result<Vec<_>, Error>>()?;
+    let layout = Layout::new(planned, options.max_shard_bytes.get())?;
+    let shard_names: Vec<String> = layout.shards.iter().map(|s| s.name.clone()).collect();
+    let verify = |i: usize, stage: &StageRecord| {
+        if stage.tensors != layout.stages[i] {
+            return Some(format!(
+                "stage {} was recorded with other tensors",
+                stage.stage
+            ));
+        }
+        match layout.checksum_stage(&partial, i) {
+            Ok(found) if found == (stage.bytes, stage.checksum.clone()) => None,
+            Ok(_) => Some(format!(
+                "stage {}'s bytes do not match its checksum",
+                stage.stage
+            )),
+            Err(problem) => Some(problem),
+        }
+    };
+    let expected = resume::Expected {
+        stages: &names,
+        files: &shard_names,
+        verify: &verify,
+    };
+    let (mut record, start) = resume::prepare(&partial, &checkpoint, options, &expected)?;
+    let files = layout.open(&partial)?;
 
     let mut state = QuantizeProgress {
         stage: String::new(),
@@ -248,6 +280,11 @@ pub fn quantize_checkpoint_with(
         progress(&state);
     }
     let mut reader = checkpoint.reader(ReadStrategy::Pread);
+    let target = StageTarget {
+        partial: &partial,
+        layout: &layout,
+        files: &files,
+    };
     for (i, group) in groups.iter().enumerate().skip(record.stages.len()) {
         state.stage.clone_from(&group.stage);
         let stage_start = state.bytes_done;
@@ -256,7 +293,7 @@ pub fn quantize_checkpoint_with(
             i,
             group,
             &options.scheme,
-            &partial,
+            &target,
             &mut |name, done| {
                 state.event = QuantizeEvent::TensorDone(name.to_owned());
                 state.bytes_done = stage_start.saturating_add(done);
@@ -270,12 +307,15 @@ pub fn quantize_checkpoint_with(
         state.bytes_done = stage_start.saturating_add(group.bytes);
         progress(&state);
     }
+    drop(files);
     state.stage.clear();
     state.event = QuantizeEvent::Finishing;
     progress(&state);
 
-    let (shard_count, bytes) =
-        write_shards(&partial, &record.stages, options.max_shard_bytes.get())?;
+    if let Some(index) = layout.index() {
+        write_json(&partial.join("model.safetensors.index.json"), &index)?;
+    }
+    let (shard_count, bytes) = (layout.shards.len(), layout.data_bytes());
     let quantized_layers: Vec<String> = record
         .stages
         .iter()
@@ -297,11 +337,6 @@ pub fn quantize_checkpoint_with(
         &quantization_config,
     )?;
     copy_other_files(source, &partial)?;
-    // The stage files first: a crash from here on redoes only the stages whose files are
-    // gone (the record still lists them), never trusts a half-finished folder.
-    for stage in &record.stages {
-        remove_if_present(&partial.join(&stage.file))?;
-    }
     remove_if_present(&partial.join(resume::RECORD_FILE))?;
     sync_folder(&partial)?;
     fs::rename(&partial, out).map_err(|e| ReadError::io("renaming into place", out, e))?;
@@ -381,15 +416,63 @@ fn linear_dims(in_block: bool, info: &TensorInfo) -> Option<(&str, usize, usize)
     }
 }
 
-/// Reads the tensors of `group`, quantizes its linears, and writes the result atomically to
-/// the stage's own file in `partial`; `done` is told each tensor's name and the source bytes
-/// of the stage handled so far.
+/// Where a stage's output goes: the shard files open in `partial`, laid out by `layout`.
+struct StageTarget<'a> {
+    partial: &'a Path,
+    layout: &'a Layout,
+    files: &'a [File],
+}
+
+/// The tensors stage `group` will write, in order: what [`quantize_stage`] writes, known from
+/// the stored shapes alone (a linear that cannot be packed is refused here, before any
+/// weight is read).
+fn planned_tensors(group: &Group<'_>, scheme: &QuantScheme) -> Result<Vec<WrittenTensor>, Error> {
+    let mut planned = Vec::new();
+    for info in group.tensors.iter().filter(|t| t.tied_to.is_none()) {
+        let Some((module, out_features, in_features)) = linear_dims(group.in_block, info) else {
+            planned.push(WrittenTensor {
+                name: info.name.clone(),
+                dtype: info.dtype.safetensors_name().to_owned(),
+                shape: info.shape.clone(),
+                bytes: info.byte_len(),
+            });
+            continue;
+        };
+        let padded_in = padded_inputs(scheme, in_features);
+        let pack = scheme.pack_factor();
+        if padded_in % pack != 0 {
+            let source = Error::Unpackable {
+                padded_in,
+                pack_factor: pack,
+            };
+            return Err(Error::in_tensor(&info.name, source));
+        }
+        let groups = padded_in / scheme.group_size().len_for(in_features);
+        for (suffix, dtype, shape) in [
+            ("qweight", DType::I32, [padded_in / pack, out_features]),
+            ("qzeros", DType::I32, [groups, out_features.div_ceil(pack)]),
+            ("scales", DType::F16, [groups, out_features]),
+        ] {
+            planned.push(WrittenTensor {
+                name: format!("{module}.{suffix}"),
+                dtype: dtype.safetensors_name().to_owned(),
+                shape: shape.to_vec(),
+                bytes: dtype.byte_len(&shape).unwrap_or(u64::MAX),
+            });
+        }
+    }
+    Ok(planned)
+}
+
+/// Reads the tensors of `group`, quantizes its linears, and writes the result into the
+/// shards at the places the layout gave them, synced; `done` is told each tensor's name and
+/// the source bytes of the stage handled so far.
 fn quantize_stage(
     reader: &mut LayerReader<'_>,
     index: usize,
     group: &Group<'_>,
     scheme: &QuantScheme,
-    partial: &Path,
+    target: &StageTarget<'_>,
     done: &mut dyn FnMut(&str, u64),
 ) -> Result<StageRecord, Error> {
     let names: Vec<&str> = group.tensors.iter().map(|t| t.name.as_str()).collect();
@@ -451,12 +534,13 @@ fn quantize_stage(
         quantized.push(module.to_owned());
         done(name, bytes_done);
     }
-    let file = format!("stage-{index:05}.part");
     let slices: Vec<&[u8]> = parts.iter().map(|p| p.as_ref()).collect();
-    let (bytes, checksum) = write_atomically(partial, &file, &slices)?;
+    let (bytes, checksum) =
+        target
+            .layout
+            .write_stage(target.partial, target.files, index, &tensors, &slices)?;
     Ok(StageRecord {
         stage: group.stage.clone(),
-        file,
         bytes,
         checksum,
         tensors,
@@ -705,100 +789,4 @@ fn copy_other_files(source: &Path, dest: &Path) -> Result<(), Error> {
         fs::copy(&path, &target).map_err(|e| ReadError::io("copying", &path, e))?;
     }
     Ok(())
-}
-
-/// Writes the safetensors shards (each at most `max_bytes` of data, a larger tensor in a
-/// shard of its own) from the stage files, in order, and their index when there is more
-/// than one. Returns the shard count and the data bytes written.
-fn write_shards(
-    partial: &Path,
-    stages: &[StageRecord],
-    max_bytes: u64,
-) -> Result<(usize, u64), Error> {
-    // Each tensor with the stage file holding it and its offset there.
-    let mut shards: Vec<Vec<(&WrittenTensor, &str, u64)>> = Vec::new();
-    let (mut current, mut current_bytes, mut total) = (Vec::new(), 0u64, 0u64);
-    for stage in stages {
-        let mut offset = 0u64;
-        for tensor in &stage.tensors {
-            if !current.is_empty() && current_bytes.saturating_add(tensor.bytes) > max_bytes {
-                shards.push(std::mem::take(&mut current));
-                current_bytes = 0;
-            }
-            current.push((tensor, stage.file.as_str(), offset));
-            offset += tensor.bytes;
-            current_bytes += tensor.bytes;
-            total += tensor.bytes;
-        }
-    }
-    if !current.is_empty() || shards.is_empty() {
-        shards.push(current);
-    }
-    let count = shards.len();
-    let mut weight_map = Map::new();
-    for (i, shard) in shards.iter().enumerate() {
-        let name = if count == 1 {
-            "model.safetensors".to_owned()
-        } else {
-            format!("model-{:05}-of-{:05}.safetensors", i + 1, count)
-        };
-        let path = partial.join(&name);
-        let mut headers = Vec::with_capacity(shard.len());
-        for (tensor, _, _) in shard {
-            let dtype = DType::parse(&tensor.dtype).ok_or_else(|| {
-                ReadError::io(
-                    "reading",
-                    partial.join(resume::RECORD_FILE),
-                    std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        format!("unknown dtype {:?} of {}", tensor.dtype, tensor.name),
-                    ),
-                )
-            })?;
-            headers.push(TensorHeader {
-                name: &tensor.name,
-                dtype,
-                shape: &tensor.shape,
-            });
-            weight_map.insert(tensor.name.clone(), Value::String(name.clone()));
-        }
-        let mut out = File::create(&path).map_err(|e| ReadError::io("creating", &path, e))?;
-        out.write_all(&encode_header(&headers))
-            .map_err(|e| ReadError::io("writing", &path, e))?;
-        let mut open: Option<(&str, File)> = None;
-        for &(tensor, file, offset) in shard {
-            let stage_path = partial.join(file);
-            let source = match &mut open {
-                Some((name, source)) if *name == file => source,
-                _ => {
-                    let source = File::open(&stage_path)
-                        .map_err(|e| ReadError::io("opening", &stage_path, e))?;
-                    &mut open.insert((file, source)).1
-                }
-            };
-            source
-                .seek(SeekFrom::Start(offset))
-                .map_err(|e| ReadError::io("reading", &stage_path, e))?;
-            let copied = std::io::copy(&mut source.take(tensor.bytes), &mut out)
-                .map_err(|e| ReadError::io("writing", &path, e))?;
-            if copied != tensor.bytes {
-                return Err(ReadError::io(
-                    "reading",
-                    &stage_path,
-                    std::io::ErrorKind::UnexpectedEof.into(),
-                )
-                .into());
-            }
-        }
-        out.sync_all()
-            .map_err(|e| ReadError::io("syncing", &path, e))?;
-    }
-    if count > 1 {
-        let index = json!({
-            "metadata": {"total_size": total},
-            "weight_map": weight_map,
-        });
-        write_json(&partial.join("model.safetensors.index.json"), &index)?;
-    }
-    Ok((count, total))
 }
