@@ -116,7 +116,9 @@ fn orchestrate() {
         .unwrap_or(3)
         .max(1);
     let files = Checkpoint::open(&model).unwrap().files().to_vec();
-    let ids: Vec<String> = (0..TOKENS).map(|i| (i * 7919 % 32000).to_string()).collect();
+    let ids: Vec<String> = (0..TOKENS)
+        .map(|i| (i * 7919 % 32000).to_string())
+        .collect();
     let ids = ids.join(",");
     println!(
         "model {} ({:.0} MiB), binary {}, {repeats} run(s) per cell, load average {}",

@@ -323,4 +323,3 @@ fn tree_rss(root: i32) -> u64 {
         .map(|pages| pages * page)
         .sum()
 }
-

@@ -62,7 +62,8 @@ pub struct Request {
     /// Bytes the process holds before the model loads ([`RUNTIME_FLOOR`] by default).
     pub runtime_floor: u64,
     /// A placement the caller insists on: `Some(Placement::Streamed)` streams every stage
-    /// whatever the budget allows; `None` takes the cheapest that fits.
+    /// whatever the budget allows, `Some(Placement::AllResident)` keeps every stage or is
+    /// refused; `None` takes the cheapest that fits.
     pub placement: Option<Placement>,
     /// Whether f32 matrices are computed on in their mapped files
     /// ([`crate::ReadStrategy::mmap_release`] on the CPU): a streamed stage then holds one
@@ -306,6 +307,9 @@ impl Plan {
                 vec![Residency::Resident; sizes.len()],
                 None,
             ),
+            (Some(budget), Some(Placement::AllResident)) if fixed + total > budget => {
+                return Err(over_budget(&parts, stages, &sizes, fixed + total, budget));
+            }
             (Some(budget), forced) => {
                 let room = budget.saturating_sub(fixed);
                 let auto = forced != Some(Placement::Streamed);
@@ -357,18 +361,10 @@ impl Plan {
         mut parts: Parts,
         sizes: Vec<u64>,
     ) -> Result<Plan, PlanError> {
-        let tokens = (request.batch * (request.seq_len + request.new_tokens)) as u64;
         let footprints: Vec<(u64, u64)> = stages
             .iter()
             .enumerate()
-            .map(|(i, stage)| {
-                predict::mapped_footprint(
-                    checkpoint,
-                    stage,
-                    request.dtype,
-                    (i == 0).then_some(tokens),
-                )
-            })
+            .map(|(i, stage)| predict::mapped_footprint(checkpoint, stage, request.dtype, i == 0))
             .collect();
         let resident_sizes: Vec<u64> = footprints.iter().map(|f| f.0).collect();
         let streamed_sizes: Vec<u64> = footprints.iter().map(|f| f.1).collect();
@@ -396,8 +392,12 @@ impl Plan {
             Some(budget) => {
                 let room = budget.saturating_sub(fixed);
                 let need = fixed + window(&all_streamed);
-                if auto && resident_bytes(&resident_sizes, &all_resident) <= room {
+                let whole = resident_bytes(&resident_sizes, &all_resident);
+                if auto && whole <= room {
                     (Placement::AllResident, all_resident)
+                } else if request.placement == Some(Placement::AllResident) {
+                    let need = fixed + whole;
+                    return Err(over_budget(&parts, stages, &resident_sizes, need, budget));
                 } else if need > budget {
                     return Err(over_budget(&parts, stages, &streamed_sizes, need, budget));
                 } else if !auto {

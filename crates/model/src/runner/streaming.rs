@@ -41,7 +41,10 @@ impl StageReader {
     fn read(&self, index: usize, transient: bool) -> Result<LayerWeights, RunError> {
         let stage = &self.stages[index];
         let _phase = phase_scope(stage.name(), "read");
-        let mapped = self.map_stage(stage.name(), stage.tensors(), transient)?;
+        // The first stage of every family is its embeddings, which are looked up a row at a
+        // time: reading the whole table ahead would read 250 MiB to use 1.
+        let read_ahead = index > 0;
+        let mapped = self.map_stage(stage.name(), stage.tensors(), transient, read_ahead)?;
         if self.layer_bytes != Some(stage.weight_bytes(self.dtype)) {
             // Not a repeated layer (embeddings, head): the cached layer blocks would only
             // sit beside it, so give them back first.
@@ -105,6 +108,7 @@ impl StageReader {
         stage: &str,
         tensors: &[TensorSpec],
         transient: bool,
+        read_ahead: bool,
     ) -> Result<HashMap<String, Arc<MappedTensor>>, RunError> {
         let mut mapped = HashMap::new();
         let Some(files) = &self.mapped_files else {
@@ -117,7 +121,9 @@ impl StageReader {
             // SAFETY: `mapped_files` is only set for `ReadStrategy::MmapRelease`, whose maker
             // promised the checkpoint's files do not change while they are mapped.
             if let Some(tensor) = unsafe { files.tensor(info, self.stored, transient) }? {
-                tensor.prefetch();
+                if read_ahead {
+                    tensor.prefetch();
+                }
                 mapped.insert(spec.name.clone(), Arc::new(tensor));
             }
         }
