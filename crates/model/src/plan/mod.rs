@@ -202,6 +202,9 @@ pub struct StagePlan {
     pub weight_bytes: u64,
     /// Bytes read from disk to load it.
     pub stored_bytes: u64,
+    /// Bytes it holds in the process while it streams: its weights, or on mapped weights
+    /// one chunk of rows and the copies of what is not mapped.
+    pub streamed_bytes: u64,
     /// Resident or streamed.
     pub residency: Residency,
 }
@@ -344,6 +347,7 @@ impl Plan {
             request,
             parts,
             &sizes,
+            &sizes,
             placement,
             residency,
             window_budget,
@@ -353,7 +357,7 @@ impl Plan {
     /// Plans a run on mapped weights: a resident stage holds the pages its computation
     /// touches (all of a matrix, the looked-up rows of an embedding table), a streamed one
     /// a chunk of rows at a time plus the copies of what is not mapped, and read-ahead
-    /// only a scratch buffer (it reads into the page cache, not into the process).
+    /// nothing (it reads into the page cache, not into the process).
     fn mapped(
         checkpoint: &Checkpoint,
         stages: &[Stage],
@@ -368,18 +372,13 @@ impl Plan {
             .collect();
         let resident_sizes: Vec<u64> = footprints.iter().map(|f| f.0).collect();
         let streamed_sizes: Vec<u64> = footprints.iter().map(|f| f.1).collect();
-        let scratch = if request.prefetch_depth > 0 {
-            crate::checkpoint::PREFETCH_SCRATCH as u64
-        } else {
-            0
-        };
         let fixed = parts.total();
         let window = |residency: &[Residency]| {
             streamed_sizes
                 .iter()
                 .zip(residency)
                 .filter(|(_, r)| **r == Residency::Streamed)
-                .map(|(&s, _)| s + scratch)
+                .map(|(&s, _)| s)
                 .max()
                 .unwrap_or(0)
         };
@@ -435,6 +434,7 @@ impl Plan {
             request,
             parts,
             &sizes,
+            &streamed_sizes,
             placement,
             residency,
             window_budget,
@@ -448,6 +448,7 @@ impl Plan {
         request: &Request,
         parts: Parts,
         sizes: &[u64],
+        streamed: &[u64],
         placement: Placement,
         residency: Vec<Residency>,
         window_budget: Option<u64>,
@@ -465,12 +466,16 @@ impl Plan {
                 .iter()
                 .zip(sizes)
                 .zip(residency)
-                .map(|((stage, &weight_bytes), residency)| StagePlan {
-                    name: stage.name().to_owned(),
-                    weight_bytes,
-                    stored_bytes: stored(stage),
-                    residency,
-                })
+                .zip(streamed)
+                .map(
+                    |(((stage, &weight_bytes), residency), &streamed_bytes)| StagePlan {
+                        name: stage.name().to_owned(),
+                        weight_bytes,
+                        stored_bytes: stored(stage),
+                        streamed_bytes,
+                        residency,
+                    },
+                )
                 .collect(),
             devices: vec![DevicePlan {
                 device: "cpu".into(),
