@@ -41,6 +41,20 @@
 //! default). Measured side by side by `cargo bench -p memwise-model --bench layer_stream`
 //! (figures in that bench's docs and the README).
 //!
+//! # Computing on the mapped files
+//!
+//! The runner goes further with [`ReadStrategy::mmap_release`] on the CPU (what `memwise
+//! run` does unless `--no-mmap`): an f32 matrix stored as f32 is not read at all. Its
+//! [`models::Linear`] multiplies the mapped slice with the same `gemm` call candle makes
+//! for a tensor in memory, 16 MiB of rows at a time, and a stage that is not kept releases
+//! each chunk's pages from the process (`MADV_DONTNEED`, the bytes stay in the page cache)
+//! as soon as it is multiplied; an [`models::Embedding`] copies out only the rows looked up.
+//! So a streamed stage holds one chunk at a time, a generation step faults cached pages in
+//! instead of copying 2 GB, and the full load maps instead of copying. Read-ahead reads the
+//! next stage's missing pages into the page cache (`posix_fadvise(WILLNEED)`), not into
+//! the process. The [`plan::Plan`] predicts these footprints. Hand-written because candle's
+//! CPU tensors own their storage: there is no tensor over borrowed, mapped memory.
+//!
 //! # Untrusted input
 //!
 //! Safetensors headers are capped at [`checkpoint::MAX_HEADER_BYTES`]; offsets must lie inside the

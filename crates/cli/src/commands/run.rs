@@ -10,7 +10,7 @@ use candle_core::{Device, Tensor};
 use memwise::report::{self, ReportOptions, Sampler};
 use memwise::{enable_memory_tracking, get_memory_stats, reset_peak_memory, track};
 use memwise_model::models::{GenerateOptions, Sampling};
-use memwise_model::plan::{Request, RUNTIME_FLOOR};
+use memwise_model::plan::{Placement, Request, RUNTIME_FLOOR};
 use memwise_model::{Inputs, ModelConverter, ReadStrategy, StreamedModel};
 
 use super::report::{
@@ -224,6 +224,7 @@ fn run_request(args: &Args, batch: &Batch) -> Request {
     let (rows, len) = batch.ids.dims2().unwrap_or((1, 1));
     let now = memwise::stats::ProcessMemory::read().map_or(0, |p| p.rss);
     Request::new(len)
+        .placement(args.full.then_some(Placement::AllResident))
         .batch(rows)
         .new_tokens(args.max_new_tokens)
         .runtime_floor(RUNTIME_FLOOR.max(now))

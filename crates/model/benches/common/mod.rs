@@ -12,6 +12,11 @@ use std::io::Read;
 use std::os::unix::io::AsRawFd;
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const MIB: f64 = (1u64 << 20) as f64;
 
 /// Runs `child` with the arguments after `--child` when this process is a child, and
 /// `orchestrate` when `cargo bench` started it. `cargo test --benches` passes neither flag,
@@ -181,4 +186,140 @@ pub fn bench_dir() -> PathBuf {
         },
         PathBuf::from,
     )
+}
+
+/// What one child process measured.
+pub struct Measured {
+    pub wall_s: f64,
+    /// Bytes it read through system calls (`rchar` of `/proc/PID/io`, read as it exits):
+    /// from the page cache or the disk alike.
+    pub read_bytes: u64,
+    /// The process's own peak (`ru_maxrss`).
+    pub own_peak: f64,
+    /// The sampled peak of the sum over the process and its descendants.
+    pub tree_peak: f64,
+    /// What it wrote to stdout.
+    pub stdout: String,
+}
+
+impl Measured {
+    /// The larger of its own peak and its process tree's, in MiB.
+    pub fn peak(&self) -> f64 {
+        self.own_peak.max(self.tree_peak)
+    }
+}
+
+/// Runs `command` to completion, timing it from spawn to exit, sampling the RSS of its
+/// process tree and keeping its stdout.
+pub fn measure(mut command: Command) -> Measured {
+    // memwise reads every MEMWISE_* variable as configuration and refuses keys it does not
+    // know: the bench's own are not passed on.
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy().into_owned();
+        if key.starts_with("MEMWISE_BENCH_") || key == "MEMWISE_AUTOROUND_PYTHON" {
+            command.env_remove(key);
+        }
+    }
+    command.stdout(std::process::Stdio::piped());
+    let started = Instant::now();
+    let mut child = command.spawn().unwrap();
+    let pid = child.id() as i32;
+    let mut pipe = child.stdout.take().unwrap();
+    let stdout = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = pipe.read_to_string(&mut text);
+        text
+    });
+    let done = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let done = Arc::clone(&done);
+        std::thread::spawn(move || {
+            let mut peak = 0u64;
+            while !done.load(Ordering::Relaxed) {
+                peak = peak.max(tree_rss(pid));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            peak
+        })
+    };
+    // Wait for the exit without reaping, so that its /proc entry (and I/O counts) remain.
+    // SAFETY: an all-zero siginfo_t is a valid value; waitid fills it for our own child.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: pid is our child, not yet waited for; info is writable.
+    let rc = unsafe {
+        libc::waitid(
+            libc::P_PID,
+            pid as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOWAIT,
+        )
+    };
+    assert_eq!(rc, 0, "waitid failed");
+    let read_bytes = std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .ok()
+        .and_then(|io| {
+            io.lines()
+                .find_map(|l| l.strip_prefix("rchar: ")?.trim().parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value; wait4 fills it for our own child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: pid is our child, not yet waited for; status and usage are writable.
+    let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let wall_s = started.elapsed().as_secs_f64();
+    done.store(true, Ordering::Relaxed);
+    let tree_peak = sampler.join().unwrap();
+    assert_eq!(rc, pid, "wait4 failed");
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "{command:?} failed (status {status})"
+    );
+    drop(child);
+    Measured {
+        wall_s,
+        read_bytes,
+        own_peak: usage.ru_maxrss as f64 * 1024.0 / MIB,
+        tree_peak: tree_peak as f64 / MIB,
+        stdout: stdout.join().unwrap(),
+    }
+}
+
+/// The resident bytes of `root` and every process descending from it.
+fn tree_rss(root: i32) -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
+    let mut parents = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid ...`: comm may hold spaces, so split after its `)`.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<i32>().ok());
+        if let Some(ppid) = ppid {
+            parents.push((pid, ppid));
+        }
+    }
+    let mut tree = vec![root];
+    let mut grew = true;
+    while grew {
+        grew = false;
+        for &(pid, ppid) in &parents {
+            if tree.contains(&ppid) && !tree.contains(&pid) {
+                tree.push(pid);
+                grew = true;
+            }
+        }
+    }
+    tree.iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/statm")).ok())
+        .filter_map(|statm| statm.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map(|pages| pages * page)
+        .sum()
 }

@@ -233,7 +233,9 @@ fn gemm_rows(
     n: usize,
     dst: &mut [f32],
 ) {
-    let threads = candle_core::utils::get_num_threads();
+    // candle asks the system for the CPU count on every call; once is enough.
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let threads = *THREADS.get_or_init(candle_core::utils::get_num_threads);
     let parallelism = if threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
@@ -270,8 +272,9 @@ fn gemm_rows(
     }
 }
 
-/// An embedding table: in memory, or mapped, where a lookup copies out only the rows the
-/// ids name (a 250 MiB table costs a prompt of 128 tokens 1 MiB).
+/// An embedding table: in memory, or mapped, where a lookup reads only the rows the ids
+/// name with `pread` (a 250 MiB table costs a prompt of 128 tokens 1 MiB, and holds no
+/// page in the process).
 #[derive(Debug, Clone)]
 pub struct Embedding {
     table: Matrix,
@@ -309,8 +312,10 @@ impl Module for Embedding {
                             table.name()
                         );
                     }
-                    out.extend_from_slice(table.rows(id..id + 1));
-                    table.release(id..id + 1);
+                    let row = table.read_rows(id..id + 1).map_err(|e| {
+                        candle_core::Error::Msg(format!("reading {} row {id}: {e}", table.name()))
+                    })?;
+                    out.extend_from_slice(&row);
                 }
                 let mut dims = ids.dims().to_vec();
                 dims.push(width);

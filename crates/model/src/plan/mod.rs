@@ -62,7 +62,8 @@ pub struct Request {
     /// Bytes the process holds before the model loads ([`RUNTIME_FLOOR`] by default).
     pub runtime_floor: u64,
     /// A placement the caller insists on: `Some(Placement::Streamed)` streams every stage
-    /// whatever the budget allows; `None` takes the cheapest that fits.
+    /// whatever the budget allows, `Some(Placement::AllResident)` keeps every stage or is
+    /// refused; `None` takes the cheapest that fits.
     pub placement: Option<Placement>,
     /// Whether f32 matrices are computed on in their mapped files
     /// ([`crate::ReadStrategy::mmap_release`] on the CPU): a streamed stage then holds one
@@ -201,6 +202,9 @@ pub struct StagePlan {
     pub weight_bytes: u64,
     /// Bytes read from disk to load it.
     pub stored_bytes: u64,
+    /// Bytes it holds in the process while it streams: its weights, or on mapped weights
+    /// one chunk of rows and the copies of what is not mapped.
+    pub streamed_bytes: u64,
     /// Resident or streamed.
     pub residency: Residency,
 }
@@ -306,6 +310,9 @@ impl Plan {
                 vec![Residency::Resident; sizes.len()],
                 None,
             ),
+            (Some(budget), Some(Placement::AllResident)) if fixed + total > budget => {
+                return Err(over_budget(&parts, stages, &sizes, fixed + total, budget));
+            }
             (Some(budget), forced) => {
                 let room = budget.saturating_sub(fixed);
                 let auto = forced != Some(Placement::Streamed);
@@ -340,6 +347,7 @@ impl Plan {
             request,
             parts,
             &sizes,
+            &sizes,
             placement,
             residency,
             window_budget,
@@ -349,7 +357,7 @@ impl Plan {
     /// Plans a run on mapped weights: a resident stage holds the pages its computation
     /// touches (all of a matrix, the looked-up rows of an embedding table), a streamed one
     /// a chunk of rows at a time plus the copies of what is not mapped, and read-ahead
-    /// only a scratch buffer (it reads into the page cache, not into the process).
+    /// nothing (it reads into the page cache, not into the process).
     fn mapped(
         checkpoint: &Checkpoint,
         stages: &[Stage],
@@ -357,33 +365,20 @@ impl Plan {
         mut parts: Parts,
         sizes: Vec<u64>,
     ) -> Result<Plan, PlanError> {
-        let tokens = (request.batch * (request.seq_len + request.new_tokens)) as u64;
         let footprints: Vec<(u64, u64)> = stages
             .iter()
             .enumerate()
-            .map(|(i, stage)| {
-                predict::mapped_footprint(
-                    checkpoint,
-                    stage,
-                    request.dtype,
-                    (i == 0).then_some(tokens),
-                )
-            })
+            .map(|(i, stage)| predict::mapped_footprint(checkpoint, stage, request.dtype, i == 0))
             .collect();
         let resident_sizes: Vec<u64> = footprints.iter().map(|f| f.0).collect();
         let streamed_sizes: Vec<u64> = footprints.iter().map(|f| f.1).collect();
-        let scratch = if request.prefetch_depth > 0 {
-            crate::checkpoint::PREFETCH_SCRATCH as u64
-        } else {
-            0
-        };
         let fixed = parts.total();
         let window = |residency: &[Residency]| {
             streamed_sizes
                 .iter()
                 .zip(residency)
                 .filter(|(_, r)| **r == Residency::Streamed)
-                .map(|(&s, _)| s + scratch)
+                .map(|(&s, _)| s)
                 .max()
                 .unwrap_or(0)
         };
@@ -396,8 +391,12 @@ impl Plan {
             Some(budget) => {
                 let room = budget.saturating_sub(fixed);
                 let need = fixed + window(&all_streamed);
-                if auto && resident_bytes(&resident_sizes, &all_resident) <= room {
+                let whole = resident_bytes(&resident_sizes, &all_resident);
+                if auto && whole <= room {
                     (Placement::AllResident, all_resident)
+                } else if request.placement == Some(Placement::AllResident) {
+                    let need = fixed + whole;
+                    return Err(over_budget(&parts, stages, &resident_sizes, need, budget));
                 } else if need > budget {
                     return Err(over_budget(&parts, stages, &streamed_sizes, need, budget));
                 } else if !auto {
@@ -435,6 +434,7 @@ impl Plan {
             request,
             parts,
             &sizes,
+            &streamed_sizes,
             placement,
             residency,
             window_budget,
@@ -448,6 +448,7 @@ impl Plan {
         request: &Request,
         parts: Parts,
         sizes: &[u64],
+        streamed: &[u64],
         placement: Placement,
         residency: Vec<Residency>,
         window_budget: Option<u64>,
@@ -465,12 +466,16 @@ impl Plan {
                 .iter()
                 .zip(sizes)
                 .zip(residency)
-                .map(|((stage, &weight_bytes), residency)| StagePlan {
-                    name: stage.name().to_owned(),
-                    weight_bytes,
-                    stored_bytes: stored(stage),
-                    residency,
-                })
+                .zip(streamed)
+                .map(
+                    |(((stage, &weight_bytes), residency), &streamed_bytes)| StagePlan {
+                        name: stage.name().to_owned(),
+                        weight_bytes,
+                        stored_bytes: stored(stage),
+                        streamed_bytes,
+                        residency,
+                    },
+                )
                 .collect(),
             devices: vec![DevicePlan {
                 device: "cpu".into(),

@@ -136,14 +136,14 @@ pub(super) fn staging(checkpoint: &Checkpoint, stage: &Stage, dtype: DType) -> u
 
 /// What stage `stage` holds in the process on mapped weights, as (resident, streamed) bytes.
 /// A matrix stored in the compute dtype is mapped: kept, it holds every page its products
-/// touch, or with `lookups` (the embedding stage, looked up that many times) only the rows
-/// read, each straddling at most one more page; streamed, one chunk of rows at a time
+/// touch, or for `lookups` (the embedding stage) nothing (rows
+/// are read with `pread`); streamed, one chunk of rows at a time
 /// (`models::weights::CHUNK_BYTES`). Anything else is copied and holds its bytes.
 pub(super) fn mapped_footprint(
     checkpoint: &Checkpoint,
     stage: &Stage,
     dtype: DType,
-    lookups: Option<u64>,
+    lookups: bool,
 ) -> (u64, u64) {
     let (mut resident, mut copies, mut chunk) = (0u64, 0u64, 0u64);
     for spec in stage.tensors() {
@@ -158,10 +158,10 @@ pub(super) fn mapped_footprint(
             continue;
         }
         let row = spec.shape[1] as u64 * size(dtype);
-        resident += match lookups {
-            Some(rows) => bytes.min(rows * (row + 4096)),
-            None => bytes,
-        };
+        // Rows looked up are read with `pread` into the activations, not mapped.
+        if !lookups {
+            resident += bytes;
+        }
         chunk = chunk.max(bytes.min(crate::models::rows_per_chunk(spec.shape[1]) as u64 * row));
     }
     (resident, copies + chunk)

@@ -245,13 +245,18 @@ impl ModelConverter {
         // The plan, from the config and the index alone: a budget nothing fits is refused
         // here, before any weight is read.
         let mapped_files = maps_weights(self.strategy, &device, &self.hooks);
+        let forced = self.request.placement;
         let request = self
             .request
             .mapped(mapped_files.is_some())
             .dtype(self.dtype)
             .budget(self.budget)
             .prefetch_depth(self.prefetch_depth)
-            .placement(self.clean_weights.then_some(Placement::Streamed));
+            .placement(if self.clean_weights {
+                Some(Placement::Streamed)
+            } else {
+                forced
+            });
         let plan = Plan::for_stages(&checkpoint, &stages, &request)?;
         let layer_bytes = repeated_stage_bytes(&stages, self.dtype);
         let stages_len = stages.len();
@@ -267,10 +272,12 @@ impl ModelConverter {
                     dtype: self.dtype,
                     stored: compute,
                     mapped_files,
+                    read_ahead: self.prefetch_depth > 0,
                     quantization,
                     device,
                 }),
                 keep: (0..stages_len).map(|i| plan.is_resident(i)).collect(),
+                stream_bytes: plan.stages().iter().map(|s| s.streamed_bytes).collect(),
                 prefetch_depth: self.prefetch_depth,
                 budget: plan.window_budget(),
                 hooks: self.hooks,

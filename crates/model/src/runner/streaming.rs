@@ -33,6 +33,9 @@ pub(super) struct StageReader {
     /// The checkpoint's files mapped once, when its f32 matrices are computed on in place
     /// (`ReadStrategy::MmapRelease` on the CPU, no hook to show copies to).
     pub(super) mapped_files: Option<MappedFiles>,
+    /// Whether stages are read ahead of their turn (a prefetch depth above 0): a mapped
+    /// stage then starts its missing pages' reads as it is handed out.
+    pub(super) read_ahead: bool,
 }
 
 impl StageReader {
@@ -41,7 +44,10 @@ impl StageReader {
     fn read(&self, index: usize, transient: bool) -> Result<LayerWeights, RunError> {
         let stage = &self.stages[index];
         let _phase = phase_scope(stage.name(), "read");
-        let mapped = self.map_stage(stage.name(), stage.tensors(), transient)?;
+        // The first stage of every family is its embeddings, which are looked up a row at a
+        // time: reading the whole table ahead would read 250 MiB to use 1.
+        let read_ahead = self.read_ahead && index > 0;
+        let mapped = self.map_stage(stage.name(), stage.tensors(), transient, read_ahead)?;
         if self.layer_bytes != Some(stage.weight_bytes(self.dtype)) {
             // Not a repeated layer (embeddings, head): the cached layer blocks would only
             // sit beside it, so give them back first.
@@ -105,6 +111,7 @@ impl StageReader {
         stage: &str,
         tensors: &[TensorSpec],
         transient: bool,
+        read_ahead: bool,
     ) -> Result<HashMap<String, Arc<MappedTensor>>, RunError> {
         let mut mapped = HashMap::new();
         let Some(files) = &self.mapped_files else {
@@ -117,7 +124,9 @@ impl StageReader {
             // SAFETY: `mapped_files` is only set for `ReadStrategy::MmapRelease`, whose maker
             // promised the checkpoint's files do not change while they are mapped.
             if let Some(tensor) = unsafe { files.tensor(info, self.stored, transient) }? {
-                tensor.prefetch();
+                if read_ahead {
+                    tensor.prefetch();
+                }
                 mapped.insert(spec.name.clone(), Arc::new(tensor));
             }
         }
@@ -155,6 +164,9 @@ pub(super) struct Pipeline {
     pub(super) reader: Arc<StageReader>,
     /// Per stage: kept resident after its first use (true) or freed after every pass.
     pub(super) keep: Vec<bool>,
+    /// Per stage: the bytes it holds in the process while it streams (the plan's figure),
+    /// which the read-ahead's budget counts.
+    pub(super) stream_bytes: Vec<u64>,
     pub(super) prefetch_depth: usize,
     pub(super) budget: Option<u64>,
     pub(super) hooks: Vec<Arc<dyn LayerHook>>,
@@ -230,10 +242,7 @@ impl Pipeline {
             .filter(|&i| resident[i].is_none())
             .collect();
         let budget = self.budget.map(|limit| {
-            let sizes = missing
-                .iter()
-                .map(|&i| reader.stages[i].weight_bytes(reader.dtype))
-                .collect();
+            let sizes = missing.iter().map(|&i| self.stream_bytes[i]).collect();
             (limit, sizes)
         });
         let stream_reader = Arc::clone(reader);
