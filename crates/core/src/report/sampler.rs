@@ -17,9 +17,9 @@ use serde::Serialize;
 use crate::stats::ProcessMemory;
 use crate::{alloc, device, scope};
 
-/// The interval a [`Sampler`] reads at by default.
+/// The interval a [`Sampler`] reads at by default (`memory.tracking.sample_interval_ms`).
 pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(10);
-/// The number of readings a [`SampleRing`] keeps by default.
+/// The number of readings a [`SampleRing`] keeps by default (`memory.tracking.sample_capacity`).
 pub const DEFAULT_CAPACITY: usize = 4096;
 
 /// One reading of the process's memory at a moment.
@@ -163,9 +163,30 @@ struct Shared {
 pub struct Sampler {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
+    interval: Duration,
 }
 
 impl Sampler {
+    /// Starts reading at the configured interval, keeping at most the configured number of
+    /// readings: `memory.tracking.sample_interval_ms` and `memory.tracking.sample_capacity`
+    /// of [`get_config`](crate::get_config).
+    ///
+    /// ```
+    /// memwise::configure(serde_json::json!({
+    ///     "memory.tracking.sample_interval_ms": 5,
+    ///     "memory.tracking.sample_capacity": 100,
+    /// }))
+    /// .unwrap();
+    /// let sampler = memwise::report::Sampler::configured();
+    /// assert_eq!(sampler.interval(), std::time::Duration::from_millis(5));
+    /// assert_eq!(sampler.capacity(), 100);
+    /// ```
+    pub fn configured() -> Sampler {
+        let config = crate::get_config();
+        let tracking = &config.memory.tracking;
+        Sampler::start(tracking.sample_interval(), tracking.sample_capacity)
+    }
+
     /// Starts reading every `interval`, keeping at most `capacity` readings.
     pub fn start(interval: Duration, capacity: usize) -> Sampler {
         scope::epoch();
@@ -179,7 +200,21 @@ impl Sampler {
             .name("memwise-sampler".into())
             .spawn(move || sample_until_stopped(&inner, interval))
             .ok();
-        Sampler { shared, thread }
+        Sampler {
+            shared,
+            thread,
+            interval,
+        }
+    }
+
+    /// How often it reads.
+    pub fn interval(&self) -> Duration {
+        self.interval
+    }
+
+    /// The most readings it keeps.
+    pub fn capacity(&self) -> usize {
+        self.ring().capacity()
     }
 
     /// The readings so far, oldest first.
