@@ -129,6 +129,7 @@ pub mod clear;
 pub mod config;
 pub mod device;
 mod error;
+pub mod kind;
 mod process;
 pub mod report;
 pub mod scope;

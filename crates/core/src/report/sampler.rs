@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::kind::{self, KindBytes};
 use crate::stats::ProcessMemory;
 use crate::{alloc, device, scope};
 
@@ -34,6 +35,9 @@ pub struct Sample {
     pub process: Option<ProcessMemory>,
     /// Bytes in use on each registered device, by device name.
     pub devices: Vec<(String, u64)>,
+    /// Live heap bytes per [`Kind`](crate::kind::Kind) (`None` without the
+    /// [`TrackingAllocator`](crate::TrackingAllocator)).
+    pub kinds: Option<KindBytes>,
 }
 
 impl Sample {
@@ -44,14 +48,22 @@ impl Sample {
             heap,
             process,
             devices: Vec::new(),
+            kinds: None,
         }
+    }
+
+    /// The same reading with live heap bytes per kind.
+    pub fn with_kinds(mut self, kinds: Option<KindBytes>) -> Self {
+        self.kinds = kinds;
+        self
     }
 }
 
 impl Sample {
     /// Reads live heap, resident memory and every registered device now.
     pub fn now() -> Self {
-        let mut sample = Sample::new(Duration::ZERO, heap_now(), ProcessMemory::read());
+        let mut sample =
+            Sample::new(Duration::ZERO, heap_now(), ProcessMemory::read()).with_kinds(kinds_now());
         sample.devices = devices_now();
         sample.at = scope::epoch().elapsed();
         sample
@@ -60,6 +72,10 @@ impl Sample {
 
 fn heap_now() -> Option<u64> {
     alloc::tracking_allocator_installed().then(|| alloc::live_bytes().max(0) as u64)
+}
+
+fn kinds_now() -> Option<KindBytes> {
+    alloc::tracking_allocator_installed().then(kind::held)
 }
 
 fn devices_now() -> Vec<(String, u64)> {
@@ -268,7 +284,8 @@ fn sample_until_stopped(shared: &Shared, interval: Duration) {
     let mut status = StatusReader::new();
     loop {
         if scope::memory_tracking_enabled() {
-            let mut sample = Sample::new(Duration::ZERO, heap_now(), status.read());
+            let mut sample =
+                Sample::new(Duration::ZERO, heap_now(), status.read()).with_kinds(kinds_now());
             sample.devices = devices_now();
             sample.at = scope::epoch().elapsed();
             shared

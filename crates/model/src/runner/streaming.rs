@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use memwise::kind::Kind;
 use memwise::MemoryTracker;
 
 use super::{LayerHook, LayerWeights, RunError};
@@ -32,9 +33,12 @@ pub(super) struct StageReader {
 }
 
 impl StageReader {
-    fn read(&self, index: usize) -> Result<LayerWeights, RunError> {
+    /// Reads stage `index` with its bytes counted as `kind` (read-ahead on the prefetch
+    /// thread, weights when loaded in place); returns them with the bytes the read added to
+    /// the live heap, as the allocator measured them (0 while tracking is off).
+    fn read(&self, index: usize, kind: Kind) -> Result<(LayerWeights, u64), RunError> {
         let stage = &self.stages[index];
-        let _phase = phase_scope(stage.name(), "read");
+        let phase = phase_scope(stage.name(), "read", Some(kind));
         if self.layer_bytes != Some(stage.weight_bytes(self.dtype)) {
             // Not a repeated layer (embeddings, head): the cached layer blocks would only
             // sit beside it, so give them back first.
@@ -76,13 +80,15 @@ impl StageReader {
                 tensors.insert(spec.name.clone(), tensor);
             }
         }
-        Ok(LayerWeights {
+        let weights = LayerWeights {
             name: stage.name().to_owned(),
             index,
             tensors,
             replaced: false,
             persist: false,
-        })
+        };
+        let held = phase.as_ref().and_then(MemoryTracker::kind_bytes_so_far);
+        Ok((weights, held.unwrap_or(0).max(0) as u64))
     }
 
     /// Writes a stage a hook replaced to the workspace, under the stage's own name: a tied
@@ -104,11 +110,18 @@ impl StageReader {
 }
 
 /// A scope for one phase of a stage (`model.layers.3:read`, `:wait`, `:build`, `:compute`,
-/// `:free`), so reports show where each stage's time went and whether read-ahead kept up;
-/// nothing is named or allocated while tracking is off.
-fn phase_scope(stage: &str, phase: &str) -> Option<MemoryTracker> {
-    memwise::scope::memory_tracking_enabled()
-        .then(|| MemoryTracker::new(format!("{stage}:{phase}")))
+/// `:free`), so reports show where each stage's time went and whether read-ahead kept up,
+/// and what the heap holds by kind: reads count as read-ahead or weights, building and
+/// freeing as weights, computing as activations. Nothing is named or allocated while
+/// tracking is off.
+fn phase_scope(stage: &str, phase: &str, kind: Option<Kind>) -> Option<MemoryTracker> {
+    memwise::scope::memory_tracking_enabled().then(|| {
+        let name = format!("{stage}:{phase}");
+        match kind {
+            Some(kind) => MemoryTracker::with_kind(name, kind),
+            None => MemoryTracker::new(name),
+        }
+    })
 }
 
 /// How a [`super::StreamedModel`] gets its stages: the reader, the hooks and the settings.
@@ -169,7 +182,7 @@ impl Pipeline {
     ) -> Result<(), RunError> {
         for (index, slot) in resident.iter_mut().enumerate() {
             if slot.is_none() {
-                let weights = self.reader.read(index)?;
+                let (weights, _) = self.reader.read(index, Kind::Weights)?;
                 *slot = Some(self.materialize(model, index, weights)?);
             }
         }
@@ -200,7 +213,7 @@ impl Pipeline {
         let order = missing.clone();
         let mut stream =
             LayerStream::with_budget(missing.len(), self.prefetch_depth, budget, move |k| {
-                stream_reader.read(order[k])
+                stream_reader.read(order[k], Kind::ReadAhead)
             })
             .map_err(RunError::Prefetch)?;
         for (index, slot) in resident.iter_mut().enumerate() {
@@ -209,22 +222,24 @@ impl Pipeline {
             let (fresh, lease) = match slot {
                 Some(_) => (None, None),
                 None => {
-                    let waited = phase_scope(name, "wait");
-                    let (weights, lease) =
+                    let waited = phase_scope(name, "wait", None);
+                    let ((weights, read_bytes), lease) =
                         stream
                             .next_stage()
                             .ok_or_else(|| RunError::PrefetchStopped {
                                 stage: name.to_owned(),
                             })??;
                     drop(waited);
-                    let _build = phase_scope(name, "build");
+                    // Read ahead until now, these are the running stage's weights.
+                    memwise::kind::hand_over(Kind::ReadAhead, Kind::Weights, read_bytes);
+                    let _build = phase_scope(name, "build", Some(Kind::Weights));
                     (Some(self.materialize(model, index, weights)?), Some(lease))
                 }
             };
             let Some(block) = slot.as_ref().or(fresh.as_ref()) else {
                 unreachable!("a stage is either resident or freshly loaded")
             };
-            let computing = phase_scope(name, "compute");
+            let computing = phase_scope(name, "compute", Some(Kind::Activations));
             pass.run_block(block)?;
             drop(computing);
             for hook in &self.hooks {
@@ -240,7 +255,7 @@ impl Pipeline {
             } else {
                 // The block and its weights go now, inside the stage's scope, so the scope
                 // records the release; then the lease lets the budget admit the next stage.
-                let _free = phase_scope(name, "free");
+                let _free = phase_scope(name, "free", Some(Kind::Weights));
                 drop(fresh);
             }
             drop(lease);
