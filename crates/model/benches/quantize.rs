@@ -112,9 +112,7 @@ fn orchestrate() {
     std::fs::create_dir_all(&work).unwrap();
 
     let exe = std::env::current_exe().unwrap();
-    let binary = std::env::var_os("MEMWISE_BENCH_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| exe.ancestors().nth(3).unwrap().join("release/memwise"));
+    let binary = common::release_binary();
     let ours = work.join("memwise");
     let (label, command) = if binary.is_file() {
         let mut command = Command::new(&binary);
@@ -207,14 +205,7 @@ fn orchestrate() {
 
 /// Runs `command` to completion, timing it and sampling the RSS of its process tree.
 fn measure(mut command: Command) -> Measured {
-    // memwise reads every MEMWISE_* variable as configuration and refuses keys it does not
-    // know: the bench's own are not passed on.
-    for (key, _) in std::env::vars_os() {
-        let key = key.to_string_lossy().into_owned();
-        if key.starts_with("MEMWISE_BENCH_") || key == "MEMWISE_AUTOROUND_PYTHON" {
-            command.env_remove(key);
-        }
-    }
+    common::without_bench_vars(&mut command, &["MEMWISE_AUTOROUND_PYTHON"]);
     let started = Instant::now();
     let child = command.spawn().unwrap();
     let pid = child.id() as i32;
@@ -230,23 +221,14 @@ fn measure(mut command: Command) -> Measured {
             peak
         })
     };
-    let mut status = 0;
-    // SAFETY: an all-zero rusage is a valid value; wait4 fills it for our own child.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: pid is our child, not yet waited for; status and usage are writable.
-    let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let own_peak = common::wait_for_peak(pid, &command);
     let wall_s = started.elapsed().as_secs_f64();
     done.store(true, Ordering::Relaxed);
     let tree_peak = sampler.join().unwrap();
-    assert_eq!(rc, pid, "wait4 failed");
-    assert!(
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "{command:?} failed (status {status})"
-    );
     drop(child);
     Measured {
         wall_s,
-        own_peak: usage.ru_maxrss as f64 * 1024.0 / MIB,
+        own_peak: own_peak as f64 / MIB,
         tree_peak: tree_peak as f64 / MIB,
     }
 }

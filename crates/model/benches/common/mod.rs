@@ -182,3 +182,42 @@ pub fn bench_dir() -> PathBuf {
         PathBuf::from,
     )
 }
+
+/// Waits for our child `pid` and returns its own peak RSS in bytes (`ru_maxrss` from
+/// `wait4`, the kernel's `VmHWM` for it), panicking unless it exited with status 0.
+pub fn wait_for_peak(pid: i32, what: &dyn std::fmt::Debug) -> u64 {
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value; wait4 fills it for our own child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: pid is our child, not yet waited for; status and usage are writable.
+    let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(rc, pid, "wait4 failed");
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "{what:?} failed (status {status})"
+    );
+    usage.ru_maxrss as u64 * 1024
+}
+
+/// Removes the bench's own `MEMWISE_BENCH_*` variables (and any others named) from a child's
+/// environment: memwise reads every `MEMWISE_*` variable as configuration and refuses keys
+/// it does not know.
+pub fn without_bench_vars(command: &mut Command, also: &[&str]) {
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy().into_owned();
+        if key.starts_with("MEMWISE_BENCH_") || also.contains(&key.as_str()) {
+            command.env_remove(key);
+        }
+    }
+}
+
+/// The release `memwise` binary: `$MEMWISE_BENCH_BIN`, or `release/memwise` in the cargo
+/// target folder.
+pub fn release_binary() -> PathBuf {
+    std::env::var_os("MEMWISE_BENCH_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let exe = std::env::current_exe().unwrap();
+            exe.ancestors().nth(3).unwrap().join("release/memwise")
+        })
+}
