@@ -95,6 +95,7 @@ fn orchestrate() {
             let child = command.spawn().unwrap();
             let peak = common::wait_for_peak(child.id() as i32, &command);
             let wall = started.elapsed().as_secs_f64();
+            drop(child); // reaped by wait4 above
             println!(
                 "  run {round}/{repeats}: {:<14} {wall:.3} s, peak RSS {:.1} MiB",
                 if with_report {
