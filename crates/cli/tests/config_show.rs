@@ -149,3 +149,42 @@ fn show_refuses_a_bad_variable_and_check_lists_every_problem_in_a_file() {
     let text = stdout(&output);
     assert!(text.contains("ok (1 key(s) set)"), "{text}");
 }
+
+#[test]
+fn show_lists_the_report_samplers_keys_and_run_refuses_a_bad_one() {
+    let scratch = Scratch::new("config-sampler");
+    scratch.write("memwise.toml", "[memory.tracking]\nsample_capacity = 512\n");
+    let output = memwise(&scratch.0)
+        .args(["config", "show", "--origin"])
+        .env("MEMWISE_CONFIG", "memwise.toml")
+        .env("MEMWISE_MEMORY__TRACKING__SAMPLE_INTERVAL_MS", "25")
+        .output()
+        .unwrap();
+    let text = stdout(&output);
+    let line = line_for(
+        &text,
+        "memory.tracking.sample_interval_ms",
+        "environment variable MEMWISE_MEMORY__TRACKING__SAMPLE_INTERVAL_MS",
+    );
+    assert!(line.contains("= 25 "), "{line}");
+    let file = scratch.0.join("memwise.toml").canonicalize().unwrap();
+    let line = line_for(
+        &text,
+        "memory.tracking.sample_capacity",
+        &format!("file {}", file.display()),
+    );
+    assert!(line.contains("= 512 "), "{line}");
+
+    // `memwise run --report` reads them, so a bad one stops it before any work, by name.
+    let output = memwise(&scratch.0)
+        .args(["run", "no-such-model", "--input-ids", "1", "--report", "r"])
+        .env("MEMWISE_MEMORY__TRACKING__SAMPLE_INTERVAL_MS", "0")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("memory.tracking.sample_interval_ms"),
+        "{stderr}"
+    );
+}

@@ -104,9 +104,10 @@
 //! | [`stats`] | [`MemoryStats`] and the process figures (`/proc`, glibc) it is built from |
 //! | [`clear`] | [`clear_memory`] options, reports and reclaim hooks |
 //! | [`alloc`] | [`TrackingAllocator`], heap counters, [`BlockCache`] |
+//! | [`kind`] | the live heap by kind (weights, activations, KV cache, read-ahead), measured per thread |
 //! | [`batch`] | [`batches`] and [`BatchSizeFinder`] with their meters and reports |
 //! | [`device`] | the [`device::DeviceMemory`] trait and the device registry |
-//! | [`report`] | report folders (stats JSON, a Chrome trace, an SVG timeline), the background sampler, comparing two runs |
+//! | [`report`] | report folders (stats JSON, a Chrome trace, an SVG timeline stacked by kind), the background sampler, comparing two runs |
 //! | [`tracing_layer`] | a `tracing` layer that opens a scope for each span |
 //!
 //! # Accuracy
@@ -129,6 +130,7 @@ pub mod clear;
 pub mod config;
 pub mod device;
 mod error;
+pub mod kind;
 mod process;
 pub mod report;
 pub mod scope;

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::kind::{self, Kind, KindBytes, KindScope};
 use crate::process::ProcessMemory;
 use crate::{alloc, device};
 
@@ -121,6 +122,18 @@ pub struct ScopeRecord {
     pub rss_at_exit: Option<ProcessMemory>,
     /// Registered devices' figures over the scope.
     pub devices: Vec<ScopeDevice>,
+    /// The [`Kind`] this scope's own heap bytes counted for
+    /// ([`MemoryTracker::with_kind`]); `None` for a plain scope.
+    pub kind: Option<Kind>,
+    /// Heap bytes this scope's thread added to its kind while it was open (negative if it
+    /// freed more), measured by the allocator; `None` for a plain scope or while nothing is
+    /// attributed.
+    pub kind_bytes: Option<i64>,
+    /// Live heap bytes per kind, process-wide, when the scope opened (`None` without the
+    /// [`TrackingAllocator`](crate::TrackingAllocator)).
+    pub kinds_at_entry: Option<KindBytes>,
+    /// Live heap bytes per kind when it closed.
+    pub kinds_at_exit: Option<KindBytes>,
 }
 
 impl ScopeRecord {
@@ -161,6 +174,8 @@ struct OpenScope {
     heap_peak: i64,
     rss_at_entry: Option<ProcessMemory>,
     devices: Vec<ScopeDevice>,
+    kind: Option<Kind>,
+    kinds_at_entry: KindBytes,
 }
 
 pub(crate) struct Registry {
@@ -275,7 +290,7 @@ impl Registry {
         self.dropped = 0;
     }
 
-    fn open(&mut self, name: Cow<'static, str>) -> u64 {
+    fn open(&mut self, name: Cow<'static, str>, kind: Option<Kind>) -> u64 {
         // Everything the bookkeeping allocates happens before the boundary, so the scope's
         // entry figure already includes it and a scope that frees what it allocates ends
         // with exit == entry.
@@ -306,6 +321,8 @@ impl Registry {
             heap_at_entry: live,
             heap_peak: live,
             rss_at_entry,
+            kind,
+            kinds_at_entry: kind::held(),
             devices: usages
                 .into_iter()
                 .map(|u| ScopeDevice {
@@ -320,7 +337,7 @@ impl Registry {
         id
     }
 
-    fn close(&mut self, id: u64) {
+    fn close(&mut self, id: u64, kind_bytes: Option<i64>) {
         let rss_at_exit = ProcessMemory::read();
         let (live, usages) = self.boundary();
         THREAD_SCOPES.with(|s| s.borrow_mut().retain(|&open| open != id));
@@ -349,6 +366,10 @@ impl Registry {
             rss_at_entry: scope.rss_at_entry,
             rss_at_exit,
             devices,
+            kind: scope.kind,
+            kind_bytes,
+            kinds_at_entry: heap_known.then_some(scope.kinds_at_entry),
+            kinds_at_exit: heap_known.then(kind::held),
         };
         self.aggregate(&record);
         if self.capacity == 0 {
@@ -402,6 +423,7 @@ impl Registry {
 #[must_use = "the scope ends when this guard is dropped"]
 pub struct MemoryTracker {
     id: Option<u64>,
+    kind: Option<KindScope>,
     _not_send: PhantomData<*const ()>,
 }
 
@@ -409,11 +431,51 @@ impl MemoryTracker {
     /// Opens a scope named `name`. Records nothing while tracking is off.
     #[inline]
     pub fn new(name: impl Into<Cow<'static, str>>) -> Self {
-        let id = memory_tracking_enabled().then(|| registry().open(name.into()));
+        let id = memory_tracking_enabled().then(|| registry().open(name.into(), None));
         MemoryTracker {
             id,
+            kind: None,
             _not_send: PhantomData,
         }
+    }
+
+    /// Opens a scope named `name` whose thread's heap bytes count for `kind` while it is
+    /// open (see [`crate::kind`]): its record says how many, and reports stack the live
+    /// heap by kind. Records and attributes nothing while tracking is off.
+    ///
+    /// ```
+    /// use memwise::kind::Kind;
+    /// use memwise::MemoryTracker;
+    ///
+    /// memwise::enable_memory_tracking(true);
+    /// let weights = {
+    ///     let _read = MemoryTracker::with_kind("layer.0:read", Kind::Weights);
+    ///     vec![0f32; 1 << 18]
+    /// };
+    /// let stats = memwise::get_memory_stats();
+    /// let record = stats.scopes_named("layer.0:read").last().unwrap();
+    /// assert_eq!(record.kind, Some(Kind::Weights));
+    /// # drop(weights);
+    /// ```
+    #[inline]
+    pub fn with_kind(name: impl Into<Cow<'static, str>>, kind: Kind) -> Self {
+        if !memory_tracking_enabled() {
+            return MemoryTracker::new(name);
+        }
+        // The record's bookkeeping is allocated before the kind begins, so it is not counted.
+        let id = registry().open(name.into(), Some(kind));
+        MemoryTracker {
+            id: Some(id),
+            kind: Some(kind::enter(kind)),
+            _not_send: PhantomData,
+        }
+    }
+
+    /// Heap bytes this scope's thread has added to its kind so far (see
+    /// [`KindScope::held_so_far`]), or `None` for a plain scope or while nothing is
+    /// attributed.
+    pub fn kind_bytes_so_far(&self) -> Option<i64> {
+        self.kind.as_ref()?.held_so_far()
     }
 
     /// Whether this scope is being recorded.
@@ -438,8 +500,14 @@ impl MemoryTracker {
 impl Drop for MemoryTracker {
     #[inline]
     fn drop(&mut self) {
+        // The kind ends first, so the record's figures at exit include its bytes.
+        let kind_bytes = self.kind.take().and_then(|k| {
+            let held = k.held_so_far();
+            drop(k);
+            held
+        });
         if let Some(id) = self.id {
-            registry().close(id);
+            registry().close(id, kind_bytes);
         }
     }
 }

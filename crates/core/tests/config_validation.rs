@@ -93,6 +93,16 @@ fn unknown_keys_suggest_the_closest_valid_name() {
         "{err}"
     );
 
+    let err = file_error(
+        "[memory.tracking]\nsample_interval = 5\n",
+        "memory.tracking.sample_interval",
+    );
+    assert!(
+        err.message()
+            .contains("did you mean memory.tracking.sample_interval_ms?"),
+        "{err}"
+    );
+
     let err = code_error(json!({ "something_else": 1 }), "something_else");
     assert!(err.message().contains("memwise config show"), "{err}");
 }
@@ -176,6 +186,23 @@ fn out_of_range_values_are_refused() {
         "quantization.act_group_size",
     );
     assert_eq!(err.kind(), config::ErrorKind::InvalidValue);
+    let err = file_error(
+        "[memory.tracking]\nsample_interval_ms = 0\n",
+        "memory.tracking.sample_interval_ms",
+    );
+    assert_eq!(err.kind(), config::ErrorKind::InvalidValue);
+    assert!(err.message().contains("least allowed is 1"), "{err}");
+    let err = env_error(
+        "MEMWISE_MEMORY__TRACKING__SAMPLE_CAPACITY",
+        "1",
+        "memory.tracking.sample_capacity",
+    );
+    assert!(err.message().contains("least allowed is 2"), "{err}");
+    let err = file_error(
+        "[memory.tracking]\nsample_capacity = \"many\"\n",
+        "memory.tracking.sample_capacity",
+    );
+    assert_eq!(err.kind(), config::ErrorKind::WrongType);
     let per_channel = no_env()
         .values(json!({ "quantization.group_size": -1 }))
         .build()

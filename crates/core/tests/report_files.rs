@@ -142,7 +142,8 @@ fn report_folder_holds_stats_trace_and_timeline() {
         "report.stage_a",
         "report.stage_b",
         "budget",
-        "RSS anonymous",
+        "resident (RSS)",
+        "other heap",
     ] {
         assert!(
             texts.iter().any(|t| t.contains(name)),

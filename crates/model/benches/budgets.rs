@@ -101,10 +101,7 @@ fn orchestrate() {
             std::env::var_os("MEMWISE_BENCH_SMALL").is_some(),
         )),
     };
-    let exe = std::env::current_exe().unwrap();
-    let binary = std::env::var_os("MEMWISE_BENCH_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| exe.ancestors().nth(3).unwrap().join("release/memwise"));
+    let binary = common::release_binary();
     assert!(
         binary.is_file(),
         "{} is missing: run `cargo build --release -p memwise-cli` first",

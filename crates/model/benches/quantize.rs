@@ -107,9 +107,7 @@ fn orchestrate() {
     std::fs::create_dir_all(&work).unwrap();
 
     let exe = std::env::current_exe().unwrap();
-    let binary = std::env::var_os("MEMWISE_BENCH_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| exe.ancestors().nth(3).unwrap().join("release/memwise"));
+    let binary = common::release_binary();
     let ours = work.join("memwise");
     let (label, command) = if binary.is_file() {
         let mut command = Command::new(&binary);

@@ -92,9 +92,13 @@ pub struct Args {
     #[arg(long)]
     json: bool,
     /// With --report: read RSS and the live heap this often, in milliseconds, between stage
-    /// edges (the readings kept are bounded; a long run keeps them at a coarser spacing).
-    #[arg(long, value_name = "MS", default_value_t = 10, requires = "report")]
-    sample_interval: u64,
+    /// edges (default: memory.tracking.sample_interval_ms).
+    #[arg(long, value_name = "MS", requires = "report", value_parser = clap::value_parser!(u64).range(1..))]
+    sample_interval: Option<u64>,
+    /// With --report: keep at most this many readings; a longer run keeps them at a coarser
+    /// spacing (default: memory.tracking.sample_capacity).
+    #[arg(long, value_name = "N", requires = "report", value_parser = clap::value_parser!(u64).range(2..))]
+    sample_capacity: Option<u64>,
 }
 
 /// Loads the model's skeleton, runs it, and prints the result and a per-layer breakdown.
@@ -106,9 +110,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     enable_memory_tracking(true);
     reset_peak_memory();
     let sampler = args.report.as_ref().map(|_| {
+        let config = memwise::get_config();
+        let tracking = &config.memory.tracking;
         Sampler::start(
-            Duration::from_millis(args.sample_interval.max(1)),
-            report::DEFAULT_CAPACITY,
+            args.sample_interval
+                .map_or(tracking.sample_interval(), Duration::from_millis),
+            args.sample_capacity
+                .map_or(tracking.sample_capacity, |n| n as usize),
         )
     });
 

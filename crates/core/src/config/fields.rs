@@ -80,6 +80,8 @@ pub(crate) const FIELDS: &[Field] = &[
     field("memory.prefetch_depth", Kind::Count { min: 0 }),
     field("memory.tracking.enabled", Kind::Bool),
     field("memory.tracking.record_capacity", Kind::Count { min: 0 }),
+    field("memory.tracking.sample_interval_ms", Kind::Count { min: 1 }),
+    field("memory.tracking.sample_capacity", Kind::Count { min: 2 }),
     field("memory.trim_allocator", Kind::Bool),
     field("memory.empty_device_cache", Kind::Bool),
     optional("memory.pool_release_threshold", Kind::ByteSize),

@@ -110,6 +110,20 @@ pub struct TrackingConfig {
     /// How many finished scope records are kept. Default
     /// [`DEFAULT_RECORD_CAPACITY`](crate::scope::DEFAULT_RECORD_CAPACITY).
     pub record_capacity: usize,
+    /// Milliseconds between the readings a report [`Sampler`](crate::report::Sampler)
+    /// takes. Default 10; at least 1.
+    pub sample_interval_ms: u64,
+    /// The most readings a report [`Sampler`](crate::report::Sampler) keeps; a longer run
+    /// keeps them at a coarser spacing. Default
+    /// [`DEFAULT_CAPACITY`](crate::report::DEFAULT_CAPACITY); at least 2.
+    pub sample_capacity: usize,
+}
+
+impl TrackingConfig {
+    /// The interval a report sampler reads at (`sample_interval_ms`).
+    pub fn sample_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.sample_interval_ms)
+    }
 }
 
 /// The `quantization` section.
@@ -291,6 +305,8 @@ impl Default for TrackingConfig {
         TrackingConfig {
             enabled: false,
             record_capacity: crate::scope::DEFAULT_RECORD_CAPACITY,
+            sample_interval_ms: crate::report::DEFAULT_INTERVAL.as_millis() as u64,
+            sample_capacity: crate::report::DEFAULT_CAPACITY,
         }
     }
 }

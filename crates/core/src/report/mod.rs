@@ -17,7 +17,7 @@
 //! | --- | --- |
 //! | `stats.json` | the full [`MemoryStats`]: process figures, every scope record, aggregates |
 //! | `trace.json` | a complete slice per scope on its thread; counters for live heap, RSS anonymous and file-backed, each device, and the budget |
-//! | `timeline.svg` | memory over time (RSS stacked anonymous over file-backed, live heap as a line, the budget as a line), the scopes drawn under it |
+//! | `timeline.svg` | memory over time: the live heap stacked by [`Kind`](crate::kind::Kind) (weights, read-ahead, KV cache, activations, other; see [`kind_series`]), resident memory and its file-backed part as lines, the budget as a line, the scopes drawn under it |
 //!
 //! [`compare`] puts two report folders side by side.
 //!
@@ -26,7 +26,11 @@
 //! [`Sampler`] takes in the background at an interval, in a ring of bounded size.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use serde::Serialize;
+
+use crate::kind::KindBytes;
 use crate::{Error, ErrorKind, MemoryStats, Result};
 
 mod compare;
@@ -100,7 +104,8 @@ pub fn write(
     let trace = trace::trace_events(stats, &readings, options.budget);
     let trace = serde_json::to_vec(&trace).expect("trace events serialize to JSON");
     write_file(&files.trace, &trace)?;
-    let svg = timeline::timeline_svg(stats, &readings, options.budget).map_err(|e| {
+    let kinds = kind_points(&readings);
+    let svg = timeline::timeline_svg(stats, &readings, &kinds, options.budget).map_err(|e| {
         Error::new(
             ErrorKind::Io,
             format!("drawing {}: {e}", files.timeline.display()),
@@ -108,6 +113,55 @@ pub fn write(
     })?;
     write_file(&files.timeline, svg.as_bytes())?;
     Ok(files)
+}
+
+/// The live heap at one moment, split by [`Kind`](crate::kind::Kind): what `timeline.svg` stacks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct KindPoint {
+    /// When, on the scopes' clock.
+    pub at: Duration,
+    /// Live heap bytes attributed to each kind.
+    pub kinds: KindBytes,
+    /// The rest of the live heap: live bytes minus all kinds (zero if the kinds exceed it
+    /// for a moment).
+    pub other: u64,
+}
+
+/// The live heap by kind over time, oldest first, from every reading that has both the
+/// heap and the per-kind figures: each scope's edges and `samples`. Empty without the
+/// [`TrackingAllocator`](crate::TrackingAllocator).
+///
+/// ```
+/// use memwise::kind::Kind;
+/// use memwise::report;
+///
+/// # #[global_allocator]
+/// # static ALLOC: memwise::TrackingAllocator = memwise::TrackingAllocator::system();
+/// memwise::enable_memory_tracking(true);
+/// let kept = memwise::MemoryTracker::with_kind("load", Kind::Weights);
+/// let weights = vec![0u8; 4 << 20];
+/// drop(kept);
+/// let series = report::kind_series(&memwise::get_memory_stats(), &[]);
+/// assert!(series.last().unwrap().kinds.weights >= 4 << 20);
+/// # drop(weights);
+/// ```
+pub fn kind_series(stats: &MemoryStats, samples: &[Sample]) -> Vec<KindPoint> {
+    kind_points(&readings(stats, samples))
+}
+
+fn kind_points(readings: &[Sample]) -> Vec<KindPoint> {
+    readings
+        .iter()
+        .filter_map(|s| {
+            let (heap, kinds) = (s.heap?, s.kinds?);
+            Some(KindPoint {
+                at: s.at,
+                kinds,
+                other: heap.saturating_sub(kinds.total()),
+            })
+        })
+        .collect()
 }
 
 /// Every reading the report knows, oldest first: the samples and each scope's edges.
@@ -132,12 +186,14 @@ fn readings(stats: &MemoryStats, samples: &[Sample]) -> Vec<Sample> {
             heap: r.heap_at_entry,
             process: r.rss_at_entry,
             devices: devices(false),
+            kinds: r.kinds_at_entry,
         });
         out.push(Sample {
             at: r.start + r.duration,
             heap: r.heap_at_exit,
             process: r.rss_at_exit,
             devices: devices(true),
+            kinds: r.kinds_at_exit,
         });
     }
     out.sort_by_key(|s| s.at);

@@ -14,12 +14,13 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::kind::{self, KindBytes};
 use crate::stats::ProcessMemory;
 use crate::{alloc, device, scope};
 
-/// The interval a [`Sampler`] reads at by default.
+/// The interval a [`Sampler`] reads at by default (`memory.tracking.sample_interval_ms`).
 pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(10);
-/// The number of readings a [`SampleRing`] keeps by default.
+/// The number of readings a [`SampleRing`] keeps by default (`memory.tracking.sample_capacity`).
 pub const DEFAULT_CAPACITY: usize = 4096;
 
 /// One reading of the process's memory at a moment.
@@ -34,6 +35,9 @@ pub struct Sample {
     pub process: Option<ProcessMemory>,
     /// Bytes in use on each registered device, by device name.
     pub devices: Vec<(String, u64)>,
+    /// Live heap bytes per [`Kind`](crate::kind::Kind) (`None` without the
+    /// [`TrackingAllocator`](crate::TrackingAllocator)).
+    pub kinds: Option<KindBytes>,
 }
 
 impl Sample {
@@ -44,14 +48,22 @@ impl Sample {
             heap,
             process,
             devices: Vec::new(),
+            kinds: None,
         }
+    }
+
+    /// The same reading with live heap bytes per kind.
+    pub fn with_kinds(mut self, kinds: Option<KindBytes>) -> Self {
+        self.kinds = kinds;
+        self
     }
 }
 
 impl Sample {
     /// Reads live heap, resident memory and every registered device now.
     pub fn now() -> Self {
-        let mut sample = Sample::new(Duration::ZERO, heap_now(), ProcessMemory::read());
+        let mut sample =
+            Sample::new(Duration::ZERO, heap_now(), ProcessMemory::read()).with_kinds(kinds_now());
         sample.devices = devices_now();
         sample.at = scope::epoch().elapsed();
         sample
@@ -60,6 +72,10 @@ impl Sample {
 
 fn heap_now() -> Option<u64> {
     alloc::tracking_allocator_installed().then(|| alloc::live_bytes().max(0) as u64)
+}
+
+fn kinds_now() -> Option<KindBytes> {
+    alloc::tracking_allocator_installed().then(kind::held)
 }
 
 fn devices_now() -> Vec<(String, u64)> {
@@ -163,9 +179,30 @@ struct Shared {
 pub struct Sampler {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
+    interval: Duration,
 }
 
 impl Sampler {
+    /// Starts reading at the configured interval, keeping at most the configured number of
+    /// readings: `memory.tracking.sample_interval_ms` and `memory.tracking.sample_capacity`
+    /// of [`get_config`](crate::get_config).
+    ///
+    /// ```
+    /// memwise::configure(serde_json::json!({
+    ///     "memory.tracking.sample_interval_ms": 5,
+    ///     "memory.tracking.sample_capacity": 100,
+    /// }))
+    /// .unwrap();
+    /// let sampler = memwise::report::Sampler::configured();
+    /// assert_eq!(sampler.interval(), std::time::Duration::from_millis(5));
+    /// assert_eq!(sampler.capacity(), 100);
+    /// ```
+    pub fn configured() -> Sampler {
+        let config = crate::get_config();
+        let tracking = &config.memory.tracking;
+        Sampler::start(tracking.sample_interval(), tracking.sample_capacity)
+    }
+
     /// Starts reading every `interval`, keeping at most `capacity` readings.
     pub fn start(interval: Duration, capacity: usize) -> Sampler {
         scope::epoch();
@@ -179,7 +216,21 @@ impl Sampler {
             .name("memwise-sampler".into())
             .spawn(move || sample_until_stopped(&inner, interval))
             .ok();
-        Sampler { shared, thread }
+        Sampler {
+            shared,
+            thread,
+            interval,
+        }
+    }
+
+    /// How often it reads.
+    pub fn interval(&self) -> Duration {
+        self.interval
+    }
+
+    /// The most readings it keeps.
+    pub fn capacity(&self) -> usize {
+        self.ring().capacity()
     }
 
     /// The readings so far, oldest first.
@@ -233,7 +284,8 @@ fn sample_until_stopped(shared: &Shared, interval: Duration) {
     let mut status = StatusReader::new();
     loop {
         if scope::memory_tracking_enabled() {
-            let mut sample = Sample::new(Duration::ZERO, heap_now(), status.read());
+            let mut sample =
+                Sample::new(Duration::ZERO, heap_now(), status.read()).with_kinds(kinds_now());
             sample.devices = devices_now();
             sample.at = scope::epoch().elapsed();
             shared

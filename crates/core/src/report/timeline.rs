@@ -6,7 +6,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use plotters::prelude::*;
 
-use super::Sample;
+use super::{KindPoint, Sample};
+use crate::kind::Kind;
 use crate::scope::ScopeRecord;
 use crate::MemoryStats;
 
@@ -23,6 +24,7 @@ const MIB: f64 = 1024.0 * 1024.0;
 pub(super) fn timeline_svg(
     stats: &MemoryStats,
     readings: &[Sample],
+    kinds: &[KindPoint],
     budget: Option<u64>,
 ) -> Result<String, String> {
     let depths = depths(&stats.scopes);
@@ -45,17 +47,18 @@ pub(super) fn timeline_svg(
         .iter()
         .filter_map(|s| {
             let p = s.process?;
-            Some((s.at.as_secs_f64(), mib(p.rss_anon), mib(p.rss_file)))
+            Some((
+                s.at.as_secs_f64(),
+                mib(p.rss_anon + p.rss_file),
+                mib(p.rss_file),
+            ))
         })
         .collect();
-    let heap: Vec<(f64, f64)> = readings
-        .iter()
-        .filter_map(|s| Some((s.at.as_secs_f64(), mib(s.heap?))))
-        .collect();
+    let layers = stacked_layers(kinds);
     let top = rss
         .iter()
-        .map(|p| p.1 + p.2)
-        .chain(heap.iter().map(|p| p.1))
+        .map(|p| p.1)
+        .chain(kinds.iter().map(|p| mib(p.kinds.total() + p.other)))
         .chain(budget.map(mib))
         .fold(1.0, f64::max)
         * 1.1;
@@ -81,38 +84,35 @@ pub(super) fn timeline_svg(
             .draw()
             .map_err(|e| err(&e))?;
 
-        let anon_color = RGBColor(66, 133, 244);
-        let file_color = RGBColor(251, 188, 5);
-        if !rss.is_empty() {
+        // The live heap by kind: each layer's area reaches the sum of it and those under
+        // it, drawn from the top down so each covers the rest of the ones above.
+        for (i, layer) in layers.iter().enumerate().rev() {
+            let color = layer.color;
+            let tops = kinds.iter().map(|p| {
+                let below: u64 = layers[..=i].iter().map(|l| l.bytes(p)).sum();
+                (p.at.as_secs_f64(), mib(below))
+            });
             chart
-                .draw_series(AreaSeries::new(
-                    rss.iter().map(|p| (p.0, p.1 + p.2)),
-                    0.0,
-                    anon_color.mix(0.35),
-                ))
+                .draw_series(AreaSeries::new(tops, 0.0, color.filled()))
                 .map_err(|e| err(&e))?
-                .label("RSS anonymous")
+                .label(layer.label)
                 .legend(move |(x, y)| {
-                    Rectangle::new([(x, y - 5), (x + 12, y + 5)], anon_color.filled())
-                });
-            chart
-                .draw_series(AreaSeries::new(
-                    rss.iter().map(|p| (p.0, p.2)),
-                    0.0,
-                    file_color.mix(0.5),
-                ))
-                .map_err(|e| err(&e))?
-                .label("RSS file-backed")
-                .legend(move |(x, y)| {
-                    Rectangle::new([(x, y - 5), (x + 12, y + 5)], file_color.filled())
+                    Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled())
                 });
         }
-        if !heap.is_empty() {
+        if !rss.is_empty() {
+            let rss_style = BLACK.stroke_width(2);
             chart
-                .draw_series(LineSeries::new(heap.iter().copied(), BLACK.stroke_width(2)))
+                .draw_series(LineSeries::new(rss.iter().map(|p| (p.0, p.1)), rss_style))
                 .map_err(|e| err(&e))?
-                .label("live heap")
-                .legend(|(x, y)| PathElement::new([(x, y), (x + 12, y)], BLACK.stroke_width(2)));
+                .label("resident (RSS)")
+                .legend(move |(x, y)| PathElement::new([(x, y), (x + 12, y)], rss_style));
+            let file_style = RGBColor(120, 120, 120).stroke_width(1);
+            chart
+                .draw_series(LineSeries::new(rss.iter().map(|p| (p.0, p.2)), file_style))
+                .map_err(|e| err(&e))?
+                .label("RSS file-backed")
+                .legend(move |(x, y)| PathElement::new([(x, y), (x + 12, y)], file_style));
         }
         if let Some(budget) = budget {
             let b = mib(budget);
@@ -166,6 +166,49 @@ pub(super) fn timeline_svg(
         root.present().map_err(|e| err(&e))?;
     }
     Ok(svg)
+}
+
+/// One stacked layer of the live heap: a kind, or the rest ("other").
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct Layer {
+    pub(super) kind: Option<Kind>,
+    pub(super) label: &'static str,
+    color: RGBColor,
+}
+
+impl Layer {
+    fn bytes(&self, point: &KindPoint) -> u64 {
+        self.kind.map_or(point.other, |k| point.kinds.get(k))
+    }
+}
+
+/// The layers stacked, bottom first: every kind that held bytes at some reading, then
+/// "other" if anything was left over.
+pub(super) fn stacked_layers(points: &[KindPoint]) -> Vec<Layer> {
+    let kind_layer = |kind: Kind| {
+        let (label, color) = match kind {
+            Kind::Weights => ("weights", RGBColor(138, 180, 248)),
+            Kind::ReadAhead => ("read-ahead", RGBColor(253, 214, 99)),
+            Kind::KvCache => ("KV cache", RGBColor(197, 138, 217)),
+            Kind::Activations => ("activations", RGBColor(129, 201, 149)),
+        };
+        Layer {
+            kind: Some(kind),
+            label,
+            color,
+        }
+    };
+    let other = Layer {
+        kind: None,
+        label: "other heap",
+        color: RGBColor(211, 211, 211),
+    };
+    Kind::ALL
+        .into_iter()
+        .map(kind_layer)
+        .chain([other])
+        .filter(|l| points.iter().any(|p| l.bytes(p) > 0))
+        .collect()
 }
 
 /// Each scope's nesting depth among the records (a parent that was dropped counts as none).

@@ -192,7 +192,7 @@ pub fn bench_dir() -> PathBuf {
 pub struct Measured {
     pub wall_s: f64,
     /// Bytes it read through system calls (`rchar` of `/proc/PID/io`, read as it exits):
-    /// from the page cache or the disk alike.
+    /// from the page cache or the disk alike; pages of a mapped file are not counted.
     pub read_bytes: u64,
     /// The process's own peak (`ru_maxrss`).
     pub own_peak: f64,
@@ -212,14 +212,7 @@ impl Measured {
 /// Runs `command` to completion, timing it from spawn to exit, sampling the RSS of its
 /// process tree and keeping its stdout.
 pub fn measure(mut command: Command) -> Measured {
-    // memwise reads every MEMWISE_* variable as configuration and refuses keys it does not
-    // know: the bench's own are not passed on.
-    for (key, _) in std::env::vars_os() {
-        let key = key.to_string_lossy().into_owned();
-        if key.starts_with("MEMWISE_BENCH_") || key == "MEMWISE_AUTOROUND_PYTHON" {
-            command.env_remove(key);
-        }
-    }
+    without_bench_vars(&mut command, &["MEMWISE_AUTOROUND_PYTHON"]);
     command.stdout(std::process::Stdio::piped());
     let started = Instant::now();
     let mut child = command.spawn().unwrap();
@@ -262,24 +255,15 @@ pub fn measure(mut command: Command) -> Measured {
                 .find_map(|l| l.strip_prefix("rchar: ")?.trim().parse::<u64>().ok())
         })
         .unwrap_or(0);
-    let mut status = 0;
-    // SAFETY: an all-zero rusage is a valid value; wait4 fills it for our own child.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: pid is our child, not yet waited for; status and usage are writable.
-    let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let own_peak = wait_for_peak(pid, &command);
     let wall_s = started.elapsed().as_secs_f64();
     done.store(true, Ordering::Relaxed);
     let tree_peak = sampler.join().unwrap();
-    assert_eq!(rc, pid, "wait4 failed");
-    assert!(
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "{command:?} failed (status {status})"
-    );
     drop(child);
     Measured {
         wall_s,
         read_bytes,
-        own_peak: usage.ru_maxrss as f64 * 1024.0 / MIB,
+        own_peak: own_peak as f64 / MIB,
         tree_peak: tree_peak as f64 / MIB,
         stdout: stdout.join().unwrap(),
     }
@@ -322,4 +306,43 @@ fn tree_rss(root: i32) -> u64 {
         .filter_map(|statm| statm.split_whitespace().nth(1)?.parse::<u64>().ok())
         .map(|pages| pages * page)
         .sum()
+}
+
+/// Waits for our child `pid` and returns its own peak RSS in bytes (`ru_maxrss` from
+/// `wait4`, the kernel's `VmHWM` for it), panicking unless it exited with status 0.
+pub fn wait_for_peak(pid: i32, what: &dyn std::fmt::Debug) -> u64 {
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value; wait4 fills it for our own child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: pid is our child, not yet waited for; status and usage are writable.
+    let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(rc, pid, "wait4 failed");
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "{what:?} failed (status {status})"
+    );
+    usage.ru_maxrss as u64 * 1024
+}
+
+/// Removes the bench's own `MEMWISE_BENCH_*` variables (and any others named) from a child's
+/// environment: memwise reads every `MEMWISE_*` variable as configuration and refuses keys
+/// it does not know.
+pub fn without_bench_vars(command: &mut Command, also: &[&str]) {
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy().into_owned();
+        if key.starts_with("MEMWISE_BENCH_") || also.contains(&key.as_str()) {
+            command.env_remove(key);
+        }
+    }
+}
+
+/// The release `memwise` binary: `$MEMWISE_BENCH_BIN`, or `release/memwise` in the cargo
+/// target folder.
+pub fn release_binary() -> PathBuf {
+    std::env::var_os("MEMWISE_BENCH_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let exe = std::env::current_exe().unwrap();
+            exe.ancestors().nth(3).unwrap().join("release/memwise")
+        })
 }

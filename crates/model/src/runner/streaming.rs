@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use memwise::kind::Kind;
 use memwise::MemoryTracker;
 
 use super::{LayerHook, LayerWeights, RunError};
@@ -39,11 +40,19 @@ pub(super) struct StageReader {
 }
 
 impl StageReader {
-    /// Reads stage `index`; `transient` when it is freed after this pass (its mapped pages
-    /// are then released after each use).
-    fn read(&self, index: usize, transient: bool) -> Result<LayerWeights, RunError> {
+    /// Reads stage `index` with its bytes counted as `kind` (read-ahead on the prefetch
+    /// thread, weights when loaded in place); `transient` when it is freed after this pass
+    /// (its mapped pages are then released after each use). Returns the weights with the
+    /// bytes the read added to the live heap, as the allocator measured them (0 while
+    /// tracking is off).
+    fn read(
+        &self,
+        index: usize,
+        transient: bool,
+        kind: Kind,
+    ) -> Result<(LayerWeights, u64), RunError> {
         let stage = &self.stages[index];
-        let _phase = phase_scope(stage.name(), "read");
+        let phase = phase_scope(stage.name(), "read", Some(kind));
         // The first stage of every family is its embeddings, which are looked up a row at a
         // time: reading the whole table ahead would read 250 MiB to use 1.
         let read_ahead = self.read_ahead && index > 0;
@@ -92,14 +101,16 @@ impl StageReader {
                 tensors.insert(spec.name.clone(), tensor);
             }
         }
-        Ok(LayerWeights {
+        let weights = LayerWeights {
             name: stage.name().to_owned(),
             index,
             tensors,
             mapped,
             replaced: false,
             persist: false,
-        })
+        };
+        let held = phase.as_ref().and_then(MemoryTracker::kind_bytes_so_far);
+        Ok((weights, held.unwrap_or(0).max(0) as u64))
     }
 
     /// The stage's matrices that are computed on in their mapped files (empty unless the
@@ -152,11 +163,18 @@ impl StageReader {
 }
 
 /// A scope for one phase of a stage (`model.layers.3:read`, `:wait`, `:build`, `:compute`,
-/// `:free`), so reports show where each stage's time went and whether read-ahead kept up;
-/// nothing is named or allocated while tracking is off.
-fn phase_scope(stage: &str, phase: &str) -> Option<MemoryTracker> {
-    memwise::scope::memory_tracking_enabled()
-        .then(|| MemoryTracker::new(format!("{stage}:{phase}")))
+/// `:free`), so reports show where each stage's time went and whether read-ahead kept up,
+/// and what the heap holds by kind: reads count as read-ahead or weights, building and
+/// freeing as weights, computing as activations. Nothing is named or allocated while
+/// tracking is off.
+fn phase_scope(stage: &str, phase: &str, kind: Option<Kind>) -> Option<MemoryTracker> {
+    memwise::scope::memory_tracking_enabled().then(|| {
+        let name = format!("{stage}:{phase}");
+        match kind {
+            Some(kind) => MemoryTracker::with_kind(name, kind),
+            None => MemoryTracker::new(name),
+        }
+    })
 }
 
 /// How a [`super::StreamedModel`] gets its stages: the reader, the hooks and the settings.
@@ -221,7 +239,7 @@ impl Pipeline {
     ) -> Result<(), RunError> {
         for (index, slot) in resident.iter_mut().enumerate() {
             if slot.is_none() {
-                let weights = self.reader.read(index, false)?;
+                let (weights, _) = self.reader.read(index, false, Kind::Weights)?;
                 *slot = Some(self.materialize(model, index, weights)?);
             }
         }
@@ -250,7 +268,7 @@ impl Pipeline {
         let mut stream =
             LayerStream::with_budget(missing.len(), self.prefetch_depth, budget, move |k| {
                 let (index, transient) = order[k];
-                stream_reader.read(index, transient)
+                stream_reader.read(index, transient, Kind::ReadAhead)
             })
             .map_err(RunError::Prefetch)?;
         for (index, slot) in resident.iter_mut().enumerate() {
@@ -259,22 +277,24 @@ impl Pipeline {
             let (fresh, lease) = match slot {
                 Some(_) => (None, None),
                 None => {
-                    let waited = phase_scope(name, "wait");
-                    let (weights, lease) =
+                    let waited = phase_scope(name, "wait", None);
+                    let ((weights, read_bytes), lease) =
                         stream
                             .next_stage()
                             .ok_or_else(|| RunError::PrefetchStopped {
                                 stage: name.to_owned(),
                             })??;
                     drop(waited);
-                    let _build = phase_scope(name, "build");
+                    // Read ahead until now, these are the running stage's weights.
+                    memwise::kind::hand_over(Kind::ReadAhead, Kind::Weights, read_bytes);
+                    let _build = phase_scope(name, "build", Some(Kind::Weights));
                     (Some(self.materialize(model, index, weights)?), Some(lease))
                 }
             };
             let Some(block) = slot.as_ref().or(fresh.as_ref()) else {
                 unreachable!("a stage is either resident or freshly loaded")
             };
-            let computing = phase_scope(name, "compute");
+            let computing = phase_scope(name, "compute", Some(Kind::Activations));
             pass.run_block(block)?;
             drop(computing);
             for hook in &self.hooks {
@@ -290,7 +310,7 @@ impl Pipeline {
             } else {
                 // The block and its weights go now, inside the stage's scope, so the scope
                 // records the release; then the lease lets the budget admit the next stage.
-                let _free = phase_scope(name, "free");
+                let _free = phase_scope(name, "free", Some(Kind::Weights));
                 drop(fresh);
             }
             drop(lease);

@@ -3,6 +3,7 @@
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::RmsNorm;
+use memwise::kind::Kind;
 
 use super::config::DecoderConfig;
 use crate::models::weights::{Linear, Matrix, Weights};
@@ -253,11 +254,22 @@ impl Attention {
             None => (k, v),
             Some(slot) => {
                 let (k, v) = match slot.take() {
-                    None => (k, v),
-                    Some((past_k, past_v)) => (
-                        Tensor::cat(&[&past_k, &k], 2)?,
-                        Tensor::cat(&[&past_v, &v], 2)?,
-                    ),
+                    None => {
+                        // This pass's keys and values, made as activations, stay as the cache.
+                        let bytes = (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes();
+                        memwise::kind::adopt(Kind::KvCache, bytes as u64);
+                        (k, v)
+                    }
+                    Some((past_k, past_v)) => {
+                        // The grown cache is allocated, and the old one freed, as the cache.
+                        let _cache = memwise::kind::enter(Kind::KvCache);
+                        let grown = (
+                            Tensor::cat(&[&past_k, &k], 2)?,
+                            Tensor::cat(&[&past_v, &v], 2)?,
+                        );
+                        drop((past_k, past_v));
+                        grown
+                    }
                 };
                 *slot = Some((k.clone(), v.clone()));
                 (k, v)

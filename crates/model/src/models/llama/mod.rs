@@ -386,8 +386,16 @@ impl KvCache {
 
     /// Forgets every cached token.
     pub fn clear(&mut self) {
+        let _cache = memwise::kind::enter(memwise::kind::Kind::KvCache);
         self.layers.iter_mut().for_each(|layer| *layer = None);
         self.seq_len = 0;
+    }
+}
+
+impl Drop for KvCache {
+    /// The cached keys and values leave the heap's KV cache share (see [`memwise::kind`]).
+    fn drop(&mut self) {
+        self.clear();
     }
 }
 
