@@ -209,17 +209,12 @@ fn run_once(
         command.args(["--max-new-tokens", &NEW_TOKENS.to_string()]);
     }
     let measured = measure(command);
-    let figures = measured
-        .stdout
-        .lines()
-        .rev()
-        .find_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .and_then(|json| {
-            Some((
-                json["predicted_peak"].as_f64()? / MIB,
-                json["measured_peak"].as_f64()? / MIB,
-            ))
-        });
+    let figures = common::run_summary(&measured.stdout).and_then(|json| {
+        Some((
+            json["predicted_peak"].as_f64()? / MIB,
+            json["measured_peak"].as_f64()? / MIB,
+        ))
+    });
     (measured, figures)
 }
 

@@ -20,11 +20,12 @@
 //!
 //! # Measured
 //!
-//! On the 2.11 GB fp32 Llama, 2-core VM shared with other builds (load 1.3-3.5): peak RSS
-//! 373.2 MiB without, 373.3 MiB with (+0.1 MiB, 3 runs each) and 372.9 / 373.3 MiB (+0.5,
-//! 5 each): met. Wall time 1.998 / 2.590 s (1.30×, 3 each) and 3.176 / 2.892 s (0.91×, 5
-//! each): single runs spread from 1.5 s to 3.6 s either way, so this machine cannot
-//! resolve 3%; rerun on a quiet one.
+//! On the 2.11 GB fp32 Llama (mapped weights, `memwise run`'s default), quiet 2-core VM,
+//! 7 runs each, alternating (`MEMWISE_REPORT_BENCH_MODEL=/work/models/llama-2g
+//! MEMWISE_BENCH_REPEATS=7 cargo bench -p memwise-model --bench report_cost`): without
+//! `--report` 1.047 s and 53.3 MiB peak RSS, with it 1.048 s and 53.3 MiB (medians):
+//! 1.001× the time and +0.0 MiB, inside both targets. (Earlier, under other builds' load,
+//! single runs spread from 1.5 s to 3.6 s either way and could not resolve 3%.)
 
 mod common;
 

@@ -194,7 +194,9 @@ pub struct Measured {
     /// Bytes it read through system calls (`rchar` of `/proc/PID/io`, read as it exits):
     /// from the page cache or the disk alike; pages of a mapped file are not counted.
     pub read_bytes: u64,
-    /// The process's own peak (`ru_maxrss`).
+    /// The process's own peak (`ru_maxrss`). Linux carries the spawning process's peak
+    /// into it across the exec (the child starts as a vfork sharing the parent's memory),
+    /// so a bench that grew large itself should use the peak the child reports.
     pub own_peak: f64,
     /// The sampled peak of the sum over the process and its descendants.
     pub tree_peak: f64,
@@ -345,4 +347,12 @@ pub fn release_binary() -> PathBuf {
             let exe = std::env::current_exe().unwrap();
             exe.ancestors().nth(3).unwrap().join("release/memwise")
         })
+}
+
+/// The one-line JSON summary `memwise run --json` ends with, from its stdout.
+pub fn run_summary(stdout: &str) -> Option<serde_json::Value> {
+    stdout
+        .lines()
+        .rev()
+        .find_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
 }
