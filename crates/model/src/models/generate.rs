@@ -230,6 +230,12 @@ pub(crate) fn generate<E: From<ModelError>>(
             .and_then(|l| l.to_vec1())
             .map_err(failed)?;
         let next = chooser.choose(&values);
+        if last_logits.is_none() && cache.is_some() {
+            // The prompt's pass allocated activations many times a step's, which the C
+            // allocator keeps once freed (it raises its thresholds after large blocks):
+            // give them back before the steps, as the spec's cleanup between batches does.
+            memwise::clear_memory(());
+        }
         last_logits = Some(logits);
         sequence.push(next);
         on_token(next);

@@ -423,8 +423,40 @@ impl Plan {
                 }
             }
         };
-        parts.resident_weights = resident_bytes(&resident_sizes, &residency);
-        parts.streaming_window = window(&residency);
+        // The placement was chosen on every part at once (safe); the prediction is the
+        // moment of the peak: each stage of the first pass holds the resident pages
+        // touched so far, its own chunk if streamed, and the activations (the last stage
+        // the output instead: the layers' chunks are released by then); a generation step
+        // holds every resident stage and the largest chunk.
+        let (activations, output) = (parts.activations, parts.logits);
+        let mut peak = (0, 0, 0, 0); // (resident, window, activations, output)
+        let mut touched = 0;
+        for i in 0..stages.len() {
+            let mut moment = (touched, 0, activations, 0);
+            match residency[i] {
+                Residency::Resident => moment.0 += resident_sizes[i],
+                Residency::Streamed => moment.1 = streamed_sizes[i],
+            }
+            if i + 1 == stages.len() {
+                (moment.2, moment.3) = (0, output);
+            }
+            if moment.0 + moment.1 + moment.2 + moment.3 > peak.0 + peak.1 + peak.2 + peak.3 {
+                peak = moment;
+            }
+            touched = moment.0;
+        }
+        let all_kept = resident_bytes(&resident_sizes, &residency);
+        if request.new_tokens > 0
+            && all_kept + window(&residency) > peak.0 + peak.1 + peak.2 + peak.3
+        {
+            peak = (all_kept, window(&residency), 0, 0);
+        }
+        (
+            parts.resident_weights,
+            parts.streaming_window,
+            parts.activations,
+            parts.logits,
+        ) = peak;
         let window_budget = request
             .budget
             .map(|budget| budget.saturating_sub(parts.total()) + parts.streaming_window);
