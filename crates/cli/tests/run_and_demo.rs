@@ -798,3 +798,45 @@ fn generation_flags_that_would_be_ignored_are_refused() {
         assert!(text(&output).contains(says), "{extra:?}: {}", text(&output));
     }
 }
+
+#[test]
+fn plan_predicts_the_weights_run_holds_mapped_or_copied() {
+    let model = fixture("tiny-llama").to_string_lossy().into_owned();
+    let parts = |args: &[&str]| -> serde_json::Value {
+        let output = memwise(
+            &[
+                &["plan", &model, "--seq", "5", "--streamed", "--json"],
+                args,
+            ]
+            .concat(),
+        );
+        assert!(output.status.success(), "{}", text(&output));
+        let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        json["devices"][0]["parts"].clone()
+    };
+    let run_parts = |args: &[&str]| -> serde_json::Value {
+        let output =
+            memwise(&[&["run", &model, "--input-ids", "1,5,9,3,7", "--json"], args].concat());
+        assert!(output.status.success(), "{}", text(&output));
+        let summary = String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .rev()
+            .find_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .unwrap();
+        summary["plan"]["devices"][0]["parts"].clone()
+    };
+    let (mapped, copied) = (parts(&[]), parts(&["--no-mmap"]));
+    // Mapped, a streamed stage holds a chunk of its matrices; copied, all its weights.
+    assert!(
+        mapped["streaming_window"].as_u64() < copied["streaming_window"].as_u64(),
+        "mapped {mapped} vs copied {copied}"
+    );
+    assert_eq!(
+        run_parts(&[])["streaming_window"],
+        mapped["streaming_window"]
+    );
+    assert_eq!(
+        run_parts(&["--no-mmap"])["streaming_window"],
+        copied["streaming_window"]
+    );
+}

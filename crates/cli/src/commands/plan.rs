@@ -34,6 +34,10 @@ pub struct Args {
     /// Stream every stage instead of the cheapest placement that fits.
     #[arg(long)]
     streamed: bool,
+    /// Plan for weights copied into memory (`memwise run --no-mmap`) instead of computed on
+    /// the mapped files (what `memwise run` does by default).
+    #[arg(long)]
+    no_mmap: bool,
     /// Print the plan as JSON.
     #[arg(long)]
     json: bool,
@@ -53,7 +57,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 .map(|b| b.bytes()),
         )
         .prefetch_depth(args.prefetch.unwrap_or(config.memory.prefetch_depth))
-        .placement(args.streamed.then_some(Placement::Streamed));
+        .placement(args.streamed.then_some(Placement::Streamed))
+        .mapped(!args.no_mmap);
     let plan = Plan::new(&checkpoint, &request)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&plan_json(&plan))?);
