@@ -24,6 +24,10 @@ pub struct ClearOptions {
     pub trim_allocator: bool,
     /// Return cached device blocks to the driver (`torch.cuda.empty_cache()`). Default: false.
     pub empty_device_cache: bool,
+    /// Keep the blocks a [`BlockCache`](crate::BlockCache) holds for the next stage while
+    /// trimming (a cleanup between steps of a loop that streams the same stages again).
+    /// Default: false, they are given back too.
+    pub keep_block_cache: bool,
 }
 
 impl Default for ClearOptions {
@@ -32,11 +36,21 @@ impl Default for ClearOptions {
             run_reclaim_hooks: true,
             trim_allocator: true,
             empty_device_cache: false,
+            keep_block_cache: false,
         }
     }
 }
 
 impl ClearOptions {
+    /// The defaults, but keeping the block cache: the cleanup between steps of a loop that
+    /// streams the same stages again (generation).
+    pub fn between_steps() -> Self {
+        ClearOptions {
+            keep_block_cache: true,
+            ..ClearOptions::default()
+        }
+    }
+
     /// The defaults plus emptying device caches (the spec's `force_cuda_empty_cache=True`).
     pub fn with_device_cache() -> Self {
         ClearOptions {
@@ -171,7 +185,7 @@ pub fn clear_memory_with<T>(value: T, options: ClearOptions) -> ClearReport {
             hooks.push((name, hook()));
         }
     }
-    if options.trim_allocator {
+    if options.trim_allocator && !options.keep_block_cache {
         // Blocks kept for reuse are memory no one holds: give them back before trimming.
         crate::block_cache::release_block_cache();
     }

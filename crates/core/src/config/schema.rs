@@ -95,6 +95,7 @@ impl MemoryConfig {
             run_reclaim_hooks: true,
             trim_allocator: self.trim_allocator,
             empty_device_cache: self.empty_device_cache,
+            keep_block_cache: false,
         }
     }
 }

@@ -260,7 +260,11 @@ impl ModelConverter {
         let plan = Plan::for_stages(&checkpoint, &stages, &request)?;
         let layer_bytes = repeated_stage_bytes(&stages, self.dtype);
         let stages_len = stages.len();
-        reserve_block_cache(layer_bytes);
+        if mapped_files.is_none() {
+            // Mapped weights are not allocated: a cache the size of a layer would only keep
+            // freed activations resident.
+            reserve_block_cache(layer_bytes);
+        }
         Ok(StreamedModel {
             pipeline: Pipeline {
                 reader: Arc::new(StageReader {
