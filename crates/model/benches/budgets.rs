@@ -20,11 +20,11 @@
 //! # Measured
 //!
 //! The table in the README (2.11 GB Llama, quiet 2-core VM, 3 runs per cell). Targets of
-//! issue 10: met for the 200 MiB forward (54 MiB peak), the 400 MiB forward (1.04× the
-//! full load) and read-ahead when evicted (0.65× of none); missed for generation with the
-//! warm cache filled by `read()` (1.98× at 400 MiB, 1.60× at 1 GiB: each step faults the
-//! streamed pages in again, 4 KiB folios at a time), and the prediction at 400 MiB
-//! generation (+24 MiB).
+//! issue 10: met for the 200 MiB forward (51 MiB peak), the 400 MiB forward (0.99× the
+//! full load), read-ahead when evicted (0.71× of none) and the prediction (every cell
+//! within 5% or 16 MiB); missed for generation with the warm cache filled by `read()`
+//! (1.89× at 400 MiB, 1.45× at 1 GiB: each step faults the streamed pages in again, 4 KiB
+//! folios 64 KiB at a time).
 
 mod common;
 

@@ -51,8 +51,8 @@
 //! as soon as it is multiplied; an [`models::Embedding`] copies out only the rows looked up.
 //! So a streamed stage holds one chunk at a time, a generation step faults cached pages in
 //! instead of copying 2 GB, and the full load maps instead of copying. Read-ahead reads the
-//! next stage's missing pages into the page cache (`posix_fadvise(WILLNEED)`), not into
-//! the process. The [`plan::Plan`] predicts these footprints. Hand-written because candle's
+//! next stage's missing pages into the page cache through a 4 MiB buffer (as large
+//! folios, which later passes map cheaply), not into the process. The [`plan::Plan`] predicts these footprints. Hand-written because candle's
 //! CPU tensors own their storage: there is no tensor over borrowed, mapped memory.
 //!
 //! # Untrusted input

@@ -12,7 +12,6 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -25,9 +24,12 @@ use crate::error::{Error, Result};
 /// Read-ahead checks one page in this many bytes to tell whether a tensor is cached.
 const CACHE_PROBE_STRIDE: usize = 1 << 20;
 
-/// Bytes one read-ahead request asks for: at most what kernels take in one request
-/// (`read_ahead_kb` is 128 KiB by default, larger on most disks).
-const PREFETCH_STEP: usize = 128 << 10;
+/// Bytes of the buffer read-ahead reads through, per thread.
+pub(crate) const PREFETCH_SCRATCH: usize = 4 << 20;
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 /// One read-only mapping per file, made when a tensor of that file is first asked for and
 /// shared by every tensor mapped from it. Reused across stages and passes.
@@ -201,26 +203,31 @@ impl MappedTensor {
         }
     }
 
-    /// Starts reading the tensor's bytes into the page cache if some are not there yet,
-    /// so a stage streamed ahead of its turn is not read a page fault at a time while it
-    /// computes: `posix_fadvise(WILLNEED)` over the range, in steps the kernel takes whole
-    /// (it caps one request at its read-ahead size), queues the reads and returns. The
-    /// pages go to the page cache, not into the process: read-ahead costs no RSS.
+    /// Reads the tensor's bytes into the page cache if some are not there yet, with large
+    /// reads into a small reused buffer, so a stage streamed ahead of its turn is not read a
+    /// page fault at a time while it computes. Reading (not mapping) keeps the pages out of
+    /// the process: read-ahead costs a 4 MiB buffer, not a stage. `read` rather than
+    /// `posix_fadvise(WILLNEED)`: the kernel caches what `read` brings in as large folios,
+    /// which later passes map 2 MiB at a time, but what WILLNEED brings in as 4 KiB pages,
+    /// mapped 64 KiB per fault — measured on the 2 GB Llama, 16 tokens at 400 MiB faulted
+    /// 97,000 times after these reads and 450,000 times after WILLNEED or reads of one page
+    /// per MiB (2.2 s against 5.1 s).
     pub fn prefetch(&self) {
         if self.is_cached() {
             return;
         }
-        let fd = self.file.file.as_raw_fd();
-        let mut offset = self.range.start;
-        while offset < self.range.end {
-            let len = (self.range.end - offset).min(PREFETCH_STEP);
-            // SAFETY: an open descriptor of the mapped file and a range inside it; the call
-            // only hints.
-            unsafe {
-                libc::posix_fadvise(fd, offset as i64, len as i64, libc::POSIX_FADV_WILLNEED)
-            };
-            offset += len;
-        }
+        SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            scratch.resize(PREFETCH_SCRATCH, 0);
+            let mut offset = self.range.start;
+            while offset < self.range.end {
+                let len = (self.range.end - offset).min(PREFETCH_SCRATCH);
+                match self.file.file.read_at(&mut scratch[..len], offset as u64) {
+                    Ok(0) | Err(_) => break, // the compute's own faults will report it
+                    Ok(read) => offset += read,
+                }
+            }
+        });
     }
 
     /// Whether the tensor's pages are in the page cache, judged by one page in every

@@ -357,7 +357,7 @@ impl Plan {
     /// Plans a run on mapped weights: a resident stage holds the pages its computation
     /// touches (all of a matrix, the looked-up rows of an embedding table), a streamed one
     /// a chunk of rows at a time plus the copies of what is not mapped, and read-ahead
-    /// nothing (it reads into the page cache, not into the process).
+    /// its 4 MiB buffer at most (it reads into the page cache, not into the process).
     fn mapped(
         checkpoint: &Checkpoint,
         stages: &[Stage],
