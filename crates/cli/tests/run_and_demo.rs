@@ -565,8 +565,16 @@ fn a_report_breaks_each_stage_down_by_phase() {
     let dir = tempfile::tempdir().unwrap();
     let streamed = dir.path().join("streamed");
     run_with_report(&streamed, &["--prefetch", "1"]);
-    let rows: Vec<serde_json::Value> =
+    let breakdown: serde_json::Value =
         serde_json::from_slice(&std::fs::read(streamed.join("breakdown.json")).unwrap()).unwrap();
+    let rows = breakdown["stages"].as_array().unwrap();
+    // Peaks per kind: the layers computed (activations), the sampler read mapped pages.
+    let kinds = &breakdown["kinds"];
+    assert!(kinds["activations"].as_u64().unwrap() > 0, "{kinds}");
+    assert!(kinds["file_backed"].as_u64().unwrap() > 0, "{kinds}");
+    for kind in ["weights", "read_ahead", "kv_cache", "other_heap"] {
+        assert!(kinds[kind].is_u64(), "{kind} missing from {kinds}");
+    }
     let stages: Vec<&str> = rows.iter().map(|r| r["stage"].as_str().unwrap()).collect();
     assert_eq!(
         stages,
@@ -578,7 +586,7 @@ fn a_report_breaks_each_stage_down_by_phase() {
             "lm_head"
         ]
     );
-    for row in &rows {
+    for row in rows {
         // Every streamed stage was read, built and computed once.
         for phase in ["read_ms", "build_ms", "compute_ms"] {
             assert!(row[phase].as_f64().unwrap() > 0.0, "{row}");
@@ -587,6 +595,7 @@ fn a_report_breaks_each_stage_down_by_phase() {
     }
     let table = std::fs::read_to_string(streamed.join("breakdown.txt")).unwrap();
     assert!(table.contains("of reading overlapped compute"), "{table}");
+    assert!(table.contains("peak by kind: weights"), "{table}");
 
     // Loaded whole first, nothing is read while the forward runs.
     let full = dir.path().join("full");

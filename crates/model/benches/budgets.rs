@@ -81,24 +81,18 @@ impl Cell {
         self.runs.iter().map(|(m, _)| m.peak()).fold(0.0, f64::max)
     }
 
-    /// The largest gap between a run's prediction and its measured peak, and whether every
-    /// run is within 5% or 16 MiB of its prediction (`None`: no prediction printed).
+    /// The largest gap between a run's prediction and its measured peak, with that run's
+    /// prediction, and whether every run is within 5% or 16 MiB of its own (`None`: no
+    /// prediction printed).
     fn prediction(&self) -> Option<(f64, f64, bool)> {
-        let mut worst: Option<(f64, f64, bool)> = None;
-        for (_, figures) in &self.runs {
-            let (predicted, measured) = (*figures)?;
-            let error = measured - predicted;
-            let ok = error.abs() <= (predicted * 0.05).max(16.0);
-            if worst.is_none_or(|(_, e, _)| error.abs() > e.abs()) {
-                worst = Some((predicted, error, ok));
-            }
-        }
-        let all_ok = self
-            .runs
+        let figures: Vec<(f64, f64)> = self.runs.iter().filter_map(|(_, f)| *f).collect();
+        let within = |&(predicted, measured): &(f64, f64)| {
+            (measured - predicted).abs() <= (predicted * 0.05).max(16.0)
+        };
+        let worst = figures
             .iter()
-            .filter_map(|(_, f)| *f)
-            .all(|(p, m)| (m - p).abs() <= (p * 0.05).max(16.0));
-        worst.map(|(p, e, _)| (p, e, all_ok))
+            .max_by(|a, b| (a.1 - a.0).abs().total_cmp(&(b.1 - b.0).abs()))?;
+        Some((worst.0, worst.1 - worst.0, figures.iter().all(within)))
     }
 }
 

@@ -360,7 +360,8 @@ fn rss_peaks(trace: &Path) -> anyhow::Result<(Option<u64>, Option<u64>)> {
 fn stage_peaks(breakdown: &Path) -> anyhow::Result<Vec<(String, u64)>> {
     let text =
         std::fs::read(breakdown).with_context(|| format!("reading {}", breakdown.display()))?;
-    let rows: Vec<serde_json::Value> = serde_json::from_slice(&text)?;
+    let breakdown: serde_json::Value = serde_json::from_slice(&text)?;
+    let rows = breakdown["stages"].as_array().cloned().unwrap_or_default();
     let mut peaks: Vec<(String, u64)> = rows
         .iter()
         .filter_map(|r| {

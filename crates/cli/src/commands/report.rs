@@ -106,6 +106,50 @@ pub struct StageBreakdown {
     pub compute_ms: f64,
     /// Milliseconds freeing its weights.
     pub free_ms: f64,
+    /// Milliseconds of its reading that overlapped compute (read-ahead that kept up).
+    pub overlap_ms: f64,
+}
+
+/// A run's breakdown as `breakdown.json` holds it: every stage, and the peaks per kind.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Breakdown {
+    /// Per stage, in execution order.
+    pub stages: Vec<StageBreakdown>,
+    /// The largest live heap bytes each kind held, and the mapped file pages.
+    pub kinds: KindPeaks,
+}
+
+/// The most each kind of memory held during the run, in bytes: the heap by kind as the
+/// allocator measured it ([`memwise::report::kind_series`]: a kind's bytes are read at the
+/// edges of its scopes and at samples, so a buffer allocated and freed inside one compute
+/// does not show) and, where the sampler read it, file-backed resident memory (weights
+/// computed on in their mapped files).
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct KindPeaks {
+    pub weights: u64,
+    pub read_ahead: u64,
+    pub kv_cache: u64,
+    pub activations: u64,
+    pub other_heap: u64,
+    pub file_backed: Option<u64>,
+}
+
+/// The peaks per kind over the scopes' edges and the sampler's readings.
+pub fn kind_peaks(stats: &MemoryStats, samples: &[memwise::report::Sample]) -> KindPeaks {
+    let mut peaks = KindPeaks::default();
+    for point in memwise::report::kind_series(stats, samples) {
+        let k = point.kinds;
+        peaks.weights = peaks.weights.max(k.weights);
+        peaks.read_ahead = peaks.read_ahead.max(k.read_ahead);
+        peaks.kv_cache = peaks.kv_cache.max(k.kv_cache);
+        peaks.activations = peaks.activations.max(k.activations);
+        peaks.other_heap = peaks.other_heap.max(point.other);
+    }
+    peaks.file_backed = samples
+        .iter()
+        .filter_map(|s| s.process.as_ref().map(|p| p.rss_file))
+        .max();
+    peaks
 }
 
 /// The breakdown of `stages` (name, weight bytes) from the phase scopes the runner records
@@ -127,12 +171,15 @@ pub fn stage_breakdown(stats: &MemoryStats, stages: &[(&str, u64)]) -> Vec<Stage
             build_ms: ms(stage, "build"),
             compute_ms: ms(stage, "compute"),
             free_ms: ms(stage, "free"),
+            overlap_ms: (ms(stage, "read") - ms(stage, "wait")).max(0.0),
         })
         .collect()
 }
 
-/// The breakdown as a table, with totals and the share of reading that overlapped compute.
-pub fn breakdown_table(rows: &[StageBreakdown]) -> String {
+/// The breakdown as a table, with totals, the share of reading that overlapped compute and
+/// the peaks per kind.
+pub fn breakdown_table(breakdown: &Breakdown) -> String {
+    let rows = &breakdown.stages;
     let mut out = String::new();
     let width = rows.iter().map(|r| r.stage.len()).fold(5, usize::max);
     let _ = writeln!(
@@ -170,5 +217,19 @@ pub fn breakdown_table(rows: &[StageBreakdown]) -> String {
             0.0
         }
     );
+    let k = &breakdown.kinds;
+    let _ = write!(
+        out,
+        "peak by kind: weights {}, read-ahead {}, KV cache {}, activations {}, other heap {}",
+        mib(Some(k.weights)),
+        mib(Some(k.read_ahead)),
+        mib(Some(k.kv_cache)),
+        mib(Some(k.activations)),
+        mib(Some(k.other_heap))
+    );
+    if let Some(file) = k.file_backed {
+        let _ = write!(out, "; mapped file pages {}", mib(Some(file)));
+    }
+    out.push('\n');
     out
 }

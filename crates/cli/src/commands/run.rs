@@ -14,7 +14,7 @@ use memwise_model::plan::{Placement, Request, RUNTIME_FLOOR};
 use memwise_model::{Inputs, ModelConverter, ReadStrategy, StreamedModel};
 
 use super::report::{
-    breakdown_table, memory_summary, mib, signed_mib, stage_breakdown, StageBreakdown,
+    breakdown_table, kind_peaks, memory_summary, mib, signed_mib, stage_breakdown, Breakdown,
 };
 
 /// Options for `memwise run`.
@@ -158,7 +158,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .iter()
         .map(|s| (s.name(), s.weight_bytes(dtype)))
         .collect();
-    let breakdown = stage_breakdown(&stats, &stages);
+    let samples = sampler.map(Sampler::stop);
+    let breakdown = Breakdown {
+        stages: stage_breakdown(&stats, &stages),
+        kinds: kind_peaks(&stats, samples.as_deref().unwrap_or_default()),
+    };
     let table = breakdown_table(&breakdown);
     println!("\n{table}");
     print!("{}", memory_summary(&stats));
@@ -168,12 +172,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         write_tensor(out, &result)?;
         println!("wrote {}", out.display());
     }
-    if let (Some(dir), Some(sampler)) = (&args.report, sampler) {
+    if let (Some(dir), Some(samples)) = (&args.report, samples) {
         let budget = args
             .budget
             .or_else(|| memwise::get_config().memory.budget("cpu"))
             .map(|b| b.bytes());
-        let options = ReportOptions::new().samples(sampler.stop()).budget(budget);
+        let options = ReportOptions::new().samples(samples).budget(budget);
         let files = report::write(dir, &stats, &options)
             .with_context(|| format!("writing the report to {}", dir.display()))?;
         write_breakdown(dir, &table, &breakdown)?;
@@ -528,8 +532,8 @@ enum OutputFormat {
 }
 
 /// Saves the breakdown beside the report: `breakdown.txt` as printed, `breakdown.json`.
-fn write_breakdown(dir: &Path, table: &str, rows: &[StageBreakdown]) -> anyhow::Result<()> {
-    let json = serde_json::to_string_pretty(rows)?;
+fn write_breakdown(dir: &Path, table: &str, breakdown: &Breakdown) -> anyhow::Result<()> {
+    let json = serde_json::to_string_pretty(breakdown)?;
     for (name, text) in [("breakdown.txt", table), ("breakdown.json", json.as_str())] {
         let path = dir.join(name);
         std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;

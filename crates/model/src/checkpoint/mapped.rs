@@ -15,7 +15,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use memmap2::{Advice, Mmap, UncheckedAdvice};
+use memmap2::{Mmap, UncheckedAdvice};
 
 use crate::checkpoint::dtype::StoredDType;
 use crate::checkpoint::index::TensorInfo;
@@ -25,7 +25,7 @@ use crate::error::{Error, Result};
 const CACHE_PROBE_STRIDE: usize = 1 << 20;
 
 /// Bytes of the buffer read-ahead reads through, per thread.
-pub(crate) const PREFETCH_SCRATCH: usize = 4 << 20;
+const PREFETCH_SCRATCH: usize = 4 << 20;
 
 thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -142,16 +142,6 @@ impl MappedTensor {
         &self.shape
     }
 
-    /// Bytes it covers in its file.
-    pub fn byte_len(&self) -> usize {
-        self.range.len()
-    }
-
-    /// Whether its pages are released after each use (a stage that is not kept).
-    pub fn is_transient(&self) -> bool {
-        self.transient
-    }
-
     /// The elements, read in place: touching them faults the pages in from the page cache.
     pub fn as_f32(&self) -> &[f32] {
         let bytes = &self.file.map[self.range.clone()];
@@ -191,16 +181,6 @@ impl MappedTensor {
     /// Elements per row of the `(shape[0], rest)` matrix.
     pub fn row_len(&self) -> usize {
         self.shape.iter().skip(1).product()
-    }
-
-    /// Faults the pages of `rows` in with one call (large reads instead of one fault at a
-    /// time); a read-ahead hint on kernels before 5.14.
-    pub fn populate(&self, rows: Range<usize>) {
-        let (start, len) = self.byte_span(rows);
-        let map = &self.file.map;
-        if map.advise_range(Advice::PopulateRead, start, len).is_err() {
-            let _ = map.advise_range(Advice::WillNeed, start, len);
-        }
     }
 
     /// Reads the tensor's bytes into the page cache if some are not there yet, with large
