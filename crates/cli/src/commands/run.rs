@@ -73,7 +73,9 @@ pub struct Args {
     /// do not rewrite or truncate the model's files while memwise runs.
     #[arg(long)]
     no_mmap: bool,
-    /// Layers read ahead on a background thread (default: memory.prefetch_depth).
+    /// Layers read ahead on a background thread (default: memory.prefetch_depth); 0 turns
+    /// read-ahead off. Mapped weights are read into the page cache further ahead, within
+    /// half the memory available.
     #[arg(long, value_name = "N")]
     prefetch: Option<usize>,
     /// Bytes the weights in memory at once may take, e.g. 400MiB (default:

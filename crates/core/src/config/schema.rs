@@ -68,7 +68,10 @@ pub struct MemoryConfig {
     /// Memory budget per device (`cpu`, `cuda:0`, ...). Empty by default: no budget.
     #[serde(default)]
     pub max_memory: BTreeMap<String, ByteSize>,
-    /// Layers read ahead of the one running. Default 1; 0 turns prefetching off.
+    /// Layers read ahead of the one running. Default 1; 0 turns prefetching off. Weights
+    /// computed on in their mapped files are read into the page cache further ahead while
+    /// they fit in half the memory the kernel reports available (they are not the
+    /// process's memory).
     pub prefetch_depth: usize,
     /// Scope tracking, applied by [`optimize_memory_usage`](crate::optimize_memory_usage).
     pub tracking: TrackingConfig,

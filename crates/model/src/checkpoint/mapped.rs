@@ -178,6 +178,11 @@ impl MappedTensor {
         Ok(values)
     }
 
+    /// The tensor's bytes in its file.
+    pub(crate) fn byte_len(&self) -> usize {
+        self.range.len()
+    }
+
     /// Elements per row of the `(shape[0], rest)` matrix.
     pub fn row_len(&self) -> usize {
         self.shape.iter().skip(1).product()
@@ -215,7 +220,7 @@ impl MappedTensor {
     /// every generated token cost a tenth of the run. A file is cached or evicted in runs
     /// of pages, and a tensor judged cached whose gap was missed is faulted in by its
     /// compute as it would have been without read-ahead.
-    fn is_cached(&self) -> bool {
+    pub(crate) fn is_cached(&self) -> bool {
         let page = page_size();
         let first = self.range.start / page * page;
         let mut resident = [0u8; 1];

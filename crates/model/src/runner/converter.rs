@@ -276,7 +276,6 @@ impl ModelConverter {
                     dtype: self.dtype,
                     stored: compute,
                     mapped_files,
-                    read_ahead: self.prefetch_depth > 0,
                     quantization,
                     device,
                 }),

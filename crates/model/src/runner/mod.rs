@@ -6,6 +6,8 @@
 //!
 //! 1. takes the stage's tensors from a [`crate::LayerStream`], which reads the next stage on
 //!    a background thread while this one runs (`memory.prefetch_depth` stages ahead);
+//!    weights computed on in their mapped files are read into the page cache by a thread
+//!    of their own, as far ahead as half the available memory allows ([`read_ahead`]);
 //! 2. lets every [`LayerHook`] see and replace them, and persists replaced stages to the
 //!    workspace when a hook asks;
 //! 3. builds the block and runs it inside a [`memwise::MemoryTracker`] scope named after
@@ -20,6 +22,7 @@ mod converter;
 mod error;
 mod hooks;
 mod packed;
+mod read_ahead;
 mod streaming;
 
 use candle_core::Tensor;

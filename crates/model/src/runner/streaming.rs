@@ -9,6 +9,7 @@ use candle_nn::VarBuilder;
 use memwise::kind::Kind;
 use memwise::MemoryTracker;
 
+use super::read_ahead::{page_cache_window, PageCacheReadAhead};
 use super::{LayerHook, LayerWeights, RunError};
 use crate::checkpoint::{tensor_bytes, Checkpoint, MappedFiles, MappedTensor, ReadStrategy};
 use crate::models::{Family, Inputs, Stage, TensorSpec, Weights};
@@ -34,9 +35,6 @@ pub(super) struct StageReader {
     /// The checkpoint's files mapped once, when its f32 matrices are computed on in place
     /// (`ReadStrategy::MmapRelease` on the CPU, no hook to show copies to).
     pub(super) mapped_files: Option<MappedFiles>,
-    /// Whether stages are read ahead of their turn (a prefetch depth above 0): a mapped
-    /// stage then starts its missing pages' reads as it is handed out.
-    pub(super) read_ahead: bool,
 }
 
 impl StageReader {
@@ -53,10 +51,11 @@ impl StageReader {
     ) -> Result<(LayerWeights, u64), RunError> {
         let stage = &self.stages[index];
         let phase = phase_scope(stage.name(), "read", Some(kind));
-        // The first stage of every family is its embeddings, which are looked up a row at a
-        // time: reading the whole table ahead would read 250 MiB to use 1.
-        let read_ahead = self.read_ahead && index > 0;
-        let mapped = self.map_stage(stage.name(), stage.tensors(), transient, read_ahead)?;
+        let mapped: HashMap<String, Arc<MappedTensor>> = self
+            .map_stage(index, transient)?
+            .into_iter()
+            .map(|tensor| (tensor.name().to_owned(), Arc::new(tensor)))
+            .collect();
         if self.layer_bytes != Some(stage.weight_bytes(self.dtype)) {
             // Not a repeated layer (embeddings, head): the cached layer blocks would only
             // sit beside it, so give them back first.
@@ -113,35 +112,43 @@ impl StageReader {
         Ok((weights, held.unwrap_or(0).max(0) as u64))
     }
 
-    /// The stage's matrices that are computed on in their mapped files (empty unless the
-    /// reader maps): each 2-D tensor stored in the compute dtype. When the stage streams in
-    /// ahead of its turn, the pages not yet in the page cache are read now, on the
-    /// read-ahead thread, so a cold read overlaps the previous stage's compute.
-    fn map_stage(
-        &self,
-        stage: &str,
-        tensors: &[TensorSpec],
-        transient: bool,
-        read_ahead: bool,
-    ) -> Result<HashMap<String, Arc<MappedTensor>>, RunError> {
-        let mut mapped = HashMap::new();
+    /// The stage's matrices that are computed on in their mapped files (none unless the
+    /// reader maps): each 2-D tensor stored in the compute dtype.
+    fn map_stage(&self, index: usize, transient: bool) -> Result<Vec<MappedTensor>, RunError> {
         let Some(files) = &self.mapped_files else {
-            return Ok(mapped);
+            return Ok(Vec::new());
         };
-        for spec in tensors.iter().filter(|t| t.shape.len() == 2) {
-            let Some(info) = self.checkpoint.tensor_for(Some(stage), &spec.name) else {
+        let stage = &self.stages[index];
+        let mut mapped = Vec::new();
+        for spec in stage.tensors().iter().filter(|t| t.shape.len() == 2) {
+            let Some(info) = self.checkpoint.tensor_for(Some(stage.name()), &spec.name) else {
                 continue;
             };
             // SAFETY: `mapped_files` is only set for `ReadStrategy::MmapRelease`, whose maker
             // promised the checkpoint's files do not change while they are mapped.
             if let Some(tensor) = unsafe { files.tensor(info, self.stored, transient) }? {
-                if read_ahead {
-                    tensor.prefetch();
-                }
-                mapped.insert(spec.name.clone(), Arc::new(tensor));
+                mapped.push(tensor);
             }
         }
         Ok(mapped)
+    }
+
+    /// Starts reading the mapped matrices of `stages` (a pass's streamed stages, in order)
+    /// into the page cache on a thread of its own, when the reader maps and reads ahead.
+    /// The first stage of every family is its embeddings, which are looked up a row at a
+    /// time: reading the whole table ahead would read 250 MiB to use 1.
+    fn read_ahead(&self, stages: &[usize], depth: usize) -> Option<PageCacheReadAhead> {
+        if self.mapped_files.is_none() || depth == 0 {
+            return None;
+        }
+        let stages = stages
+            .iter()
+            .filter(|&&index| index > 0)
+            // A stage that cannot be mapped now reports why when the pass reads it.
+            .filter_map(|&index| Some((index, self.map_stage(index, false).ok()?)))
+            .collect();
+        // Without a thread the pass still runs: its own faults read the pages.
+        PageCacheReadAhead::start(stages, depth, page_cache_window()).ok()
     }
 
     /// Writes a stage a hook replaced to the workspace, under the stage's own name: a tied
@@ -263,6 +270,7 @@ impl Pipeline {
             let sizes = missing.iter().map(|&i| self.stream_bytes[i]).collect();
             (limit, sizes)
         });
+        let read_ahead = reader.read_ahead(&missing, self.prefetch_depth);
         let stream_reader = Arc::clone(reader);
         let order: Vec<(usize, bool)> = missing.iter().map(|&i| (i, !self.keep[i])).collect();
         let mut stream =
@@ -274,6 +282,9 @@ impl Pipeline {
         for (index, slot) in resident.iter_mut().enumerate() {
             let name = reader.stages[index].name();
             let _scope = MemoryTracker::new(name.to_owned());
+            if let Some(read_ahead) = &read_ahead {
+                read_ahead.computing(index);
+            }
             let (fresh, lease) = match slot {
                 Some(_) => (None, None),
                 None => {
