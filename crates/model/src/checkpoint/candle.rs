@@ -109,13 +109,19 @@ impl TensorView<'_> {
             from: target.to_string(),
             to: "a dtype candle has".into(),
         })?;
+        let candle_error = |source| Error::Candle {
+            tensor: self.name().to_owned(),
+            source: Box::new(source),
+        };
+        if target == StoredDType::F32 && self.dtype() != StoredDType::F32 {
+            // Widened straight into the storage candle takes over, not through bytes.
+            let values = self.to_f32_vec()?;
+            return candle_core::Tensor::from_vec(values, self.shape(), device)
+                .map_err(candle_error);
+        }
         let bytes = self.to_dtype(target)?;
-        candle_core::Tensor::from_raw_buffer(&bytes, candle, self.shape(), device).map_err(
-            |source| Error::Candle {
-                tensor: self.name().to_owned(),
-                source: Box::new(source),
-            },
-        )
+        candle_core::Tensor::from_raw_buffer(&bytes, candle, self.shape(), device)
+            .map_err(candle_error)
     }
 }
 
