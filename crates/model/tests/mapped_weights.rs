@@ -1,6 +1,7 @@
 //! Computing on the mapped checkpoint (`ReadStrategy::mmap_release`): the logits and
 //! generated tokens are those of weights read into memory, for every placement, and the
-//! weights never pass through the heap. One test per file: the heap counters are
+//! weights never pass through the heap, stored as f32 (multiplied in place) or as bf16
+//! (each chunk widened into one reused buffer). One test per file: the heap counters are
 //! process-wide.
 
 use candle_core::{DType, Device, Tensor};
@@ -51,8 +52,15 @@ fn bits(tensor: &Tensor) -> Vec<u32> {
 
 #[test]
 fn mapped_weights_give_the_logits_and_tokens_of_copies_without_touching_the_heap() {
+    for dtype in [DType::F32, DType::BF16] {
+        check(dtype);
+    }
+}
+
+fn check(dtype: DType) {
     let dir = tempfile::tempdir().unwrap();
     let spec = SynthSpec {
+        dtype,
         hidden_size: 256,
         intermediate_size: 1024,
         num_layers: 4,
@@ -78,18 +86,18 @@ fn mapped_weights_give_the_logits_and_tokens_of_copies_without_touching_the_heap
         assert_eq!(
             bits(&logits),
             expected,
-            "{placement:?}: logits differ from a copy's"
+            "{dtype:?} {placement:?}: logits differ from a copy's"
         );
         // Generation multiplies one token at a time, where the chunked head may round
         // differently from the copy (see `models::weights`): placements agree to the bit.
         let tokens = model.generate(&prompt, 6, &[]).unwrap().tokens;
         match &full_mapped_tokens {
             None => full_mapped_tokens = Some(tokens.clone()),
-            Some(full) => assert_eq!(&tokens, full, "{placement:?}: tokens differ"),
+            Some(full) => assert_eq!(&tokens, full, "{dtype:?} {placement:?}: tokens differ"),
         }
         assert_eq!(
             tokens, expected_tokens,
-            "{placement:?}: greedy tokens differ"
+            "{dtype:?} {placement:?}: greedy tokens differ"
         );
     }
 
@@ -118,13 +126,13 @@ fn mapped_weights_give_the_logits_and_tokens_of_copies_without_touching_the_heap
     for (weights, peak) in layer_peaks(false) {
         assert!(
             peak >= weights,
-            "a copied layer peaked at {peak} < {weights}"
+            "{dtype:?}: a copied layer peaked at {peak} < {weights}"
         );
     }
     for (weights, peak) in layer_peaks(true) {
         assert!(
             peak < weights / 4,
-            "a mapped layer allocated {peak} of {weights}"
+            "{dtype:?}: a mapped layer allocated {peak} of {weights}"
         );
     }
 }

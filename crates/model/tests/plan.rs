@@ -280,3 +280,47 @@ fn a_mixed_plan_keeps_its_resident_stages_and_reads_only_the_rest_again() {
         plan.stages().len() + streamed
     );
 }
+
+#[test]
+fn mapped_half_precision_streams_widened_chunks_and_keeps_copies() {
+    use memwise_model::{write_synthetic_checkpoint, Architecture, SynthSpec};
+    let dir = tempfile::tempdir().unwrap();
+    let spec = SynthSpec {
+        dtype: candle_core::DType::BF16,
+        ..SynthSpec::tiny(Architecture::Llama)
+    };
+    let folder = write_synthetic_checkpoint(&spec, &dir.path().join("bf16"))
+        .unwrap()
+        .folder;
+    let checkpoint = Checkpoint::open(&folder).unwrap();
+    let request = Request::new(4).runtime_floor(FLOOR);
+    let streamed = |mapped: bool| {
+        let request = request
+            .clone()
+            .mapped(mapped)
+            .placement(Some(Placement::Streamed));
+        Plan::new(&checkpoint, &request).unwrap().cpu().parts
+    };
+    let (mapped, copied) = (streamed(true), streamed(false));
+    // Streamed and mapped, a layer holds the stored pages of one chunk and the f32 buffer
+    // it is widened into (its largest matrix here: up_proj, 128 × 64), not its copies.
+    let widened = 128 * 64 * 4;
+    assert!(
+        mapped.streaming_window >= widened + widened / 2,
+        "{mapped:?}"
+    );
+    assert!(
+        mapped.streaming_window < copied.streaming_window,
+        "mapped {mapped:?} vs copied {copied:?}"
+    );
+    // Kept, half-precision matrices are widened once into copies; the embedding table is
+    // looked up in place.
+    let kept = Plan::new(&checkpoint, &request.clone().mapped(true)).unwrap();
+    let all = Plan::new(&checkpoint, &request).unwrap();
+    let embedding = spec.vocab_size as u64 * spec.hidden_size as u64 * 4;
+    assert_eq!(kept.placement(), Placement::AllResident);
+    assert_eq!(
+        kept.cpu().parts.resident_weights,
+        all.cpu().parts.resident_weights - embedding
+    );
+}

@@ -185,26 +185,37 @@ pub fn to_f32_vec(tensor: &str, bytes: &[u8], dtype: StoredDType) -> Result<Vec<
             to: StoredDType::F32.to_string(),
         });
     }
-    // Straight into the vector (no zeroed buffer, no second copy): a stage of a bf16 model
-    // is widened this way every time it streams in.
-    Ok(match dtype {
-        StoredDType::BF16 => bytes
-            .chunks_exact(2)
-            .map(|s| f32::from_bits(u32::from(u16::from_le_bytes([s[0], s[1]])) << 16))
-            .collect(),
-        StoredDType::F16 => bytes
-            .chunks_exact(2)
-            .map(|s| f16::from_le_bytes([s[0], s[1]]).to_f32())
-            .collect(),
-        StoredDType::F32 => bytes
-            .chunks_exact(4)
-            .map(|s| f32::from_le_bytes([s[0], s[1], s[2], s[3]]))
-            .collect(),
-        _ => bytes
-            .chunks_exact(dtype.size_in_bytes())
-            .map(|element| read_float(element, dtype) as f32)
-            .collect(),
-    })
+    let mut values = Vec::with_capacity(bytes.len() / dtype.size_in_bytes());
+    extend_f32(bytes, dtype, &mut values);
+    Ok(values)
+}
+
+/// Appends little-endian float elements to `out` as `f32`, straight into the vector (no
+/// zeroed buffer, no second copy): a stage of a bf16 model is widened this way every time
+/// it streams in. Exact for bf16 and f16 (a bf16 is the top half of an f32).
+pub(crate) fn extend_f32(bytes: &[u8], dtype: StoredDType, out: &mut Vec<f32>) {
+    match dtype {
+        StoredDType::BF16 => out.extend(
+            bytes
+                .chunks_exact(2)
+                .map(|s| f32::from_bits(u32::from(u16::from_le_bytes([s[0], s[1]])) << 16)),
+        ),
+        StoredDType::F16 => out.extend(
+            bytes
+                .chunks_exact(2)
+                .map(|s| f16::from_le_bytes([s[0], s[1]]).to_f32()),
+        ),
+        StoredDType::F32 => out.extend(
+            bytes
+                .chunks_exact(4)
+                .map(|s| f32::from_le_bytes([s[0], s[1], s[2], s[3]])),
+        ),
+        _ => out.extend(
+            bytes
+                .chunks_exact(dtype.size_in_bytes())
+                .map(|element| read_float(element, dtype) as f32),
+        ),
+    }
 }
 
 fn read_float(element: &[u8], dtype: StoredDType) -> f64 {

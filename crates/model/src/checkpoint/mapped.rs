@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use memmap2::{Mmap, UncheckedAdvice};
 
-use crate::checkpoint::dtype::StoredDType;
+use crate::checkpoint::dtype::{extend_f32, StoredDType};
 use crate::checkpoint::index::TensorInfo;
 use crate::error::{Error, Result};
 
@@ -46,9 +46,12 @@ struct MappedFile {
 }
 
 impl MappedFiles {
-    /// `info`'s bytes as a mapped tensor when they can be computed on in place: stored as
-    /// `compute` (f32 only: it is the one dtype candle's CPU matmul and memwise's mapped
-    /// matmul share) and aligned for it. `None` means "read a copy instead".
+    /// `info`'s bytes as a mapped tensor when they can be computed on in place: the compute
+    /// dtype is f32 (the one dtype candle's CPU matmul and memwise's mapped matmul share),
+    /// stored as f32, or as bf16 or f16 where `widen` says so (each chunk of rows is then
+    /// widened into a reused buffer as it is multiplied: worth it for a stage streamed
+    /// anyway, not for one kept, whose copy is widened once), and aligned for its element.
+    /// `None` means "read a copy instead".
     ///
     /// # Safety
     ///
@@ -59,8 +62,15 @@ impl MappedFiles {
         info: &TensorInfo,
         compute: StoredDType,
         transient: bool,
+        widen: bool,
     ) -> Result<Option<MappedTensor>> {
-        if info.dtype != compute || compute != StoredDType::F32 || info.data.start % 4 != 0 {
+        let mappable = match info.dtype {
+            StoredDType::F32 => true,
+            StoredDType::BF16 | StoredDType::F16 => widen,
+            _ => false,
+        };
+        let aligned = info.data.start % info.dtype.size_in_bytes() as u64 == 0;
+        if compute != StoredDType::F32 || !mappable || !aligned {
             return Ok(None);
         }
         let file = {
@@ -96,6 +106,7 @@ impl MappedFiles {
             range: info.data.start as usize..info.data.end as usize,
             shape: info.shape.clone(),
             name: info.name.clone(),
+            dtype: info.dtype,
             transient,
         }))
     }
@@ -118,7 +129,8 @@ impl MappedFile {
     }
 }
 
-/// An f32 tensor that stays in its file: a slice of a shared read-only mapping.
+/// A tensor computed on as f32 that stays in its file: a slice of a shared read-only
+/// mapping, stored as f32 (used in place) or as bf16 or f16 (widened a chunk at a time).
 ///
 /// `transient` tensors belong to a stage that is not kept: [`MappedTensor::release`] drops
 /// their pages from the process after each use, and dropping the tensor does too.
@@ -128,6 +140,7 @@ pub struct MappedTensor {
     range: Range<usize>,
     shape: Vec<usize>,
     name: String,
+    dtype: StoredDType,
     transient: bool,
 }
 
@@ -142,19 +155,47 @@ impl MappedTensor {
         &self.shape
     }
 
-    /// The elements, read in place: touching them faults the pages in from the page cache.
-    pub fn as_f32(&self) -> &[f32] {
+    /// The dtype it is stored in.
+    pub fn dtype(&self) -> StoredDType {
+        self.dtype
+    }
+
+    /// The elements read in place, for a tensor stored as f32 (`None` otherwise): touching
+    /// them faults the pages in from the page cache.
+    pub fn as_f32(&self) -> Option<&[f32]> {
+        if self.dtype != StoredDType::F32 {
+            return None;
+        }
         let bytes = &self.file.map[self.range.clone()];
         // SAFETY: the range starts 4-byte aligned in a page-aligned mapping (checked when
         // the tensor was made) and holds `len / 4` initialised f32 values; every bit
         // pattern is a valid f32.
-        unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<f32>(), bytes.len() / 4) }
+        Some(unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<f32>(), bytes.len() / 4) })
     }
 
-    /// Rows `rows` of the tensor seen as a `(shape[0], rest)` matrix.
-    pub fn rows(&self, rows: Range<usize>) -> &[f32] {
+    /// Rows `rows` of the tensor seen as a `(shape[0], rest)` matrix, as f32: in place when
+    /// stored as f32, else widened into `scratch` (reused, so a pass faults no fresh pages).
+    pub fn rows<'a>(&'a self, rows: Range<usize>, scratch: &'a mut Vec<f32>) -> &'a [f32] {
         let width = self.row_len();
-        &self.as_f32()[rows.start * width..rows.end * width]
+        if let Some(values) = self.as_f32() {
+            return &values[rows.start * width..rows.end * width];
+        }
+        let (start, len) = self.byte_span(rows);
+        scratch.clear();
+        extend_f32(&self.file.map[start..start + len], self.dtype, scratch);
+        scratch
+    }
+
+    /// Every element as f32, in a new vector.
+    pub fn to_f32_vec(&self) -> Vec<f32> {
+        match self.as_f32() {
+            Some(values) => values.to_vec(),
+            None => {
+                let mut values = Vec::new();
+                extend_f32(&self.file.map[self.range.clone()], self.dtype, &mut values);
+                values
+            }
+        }
     }
 
     /// Rows `rows` read with `pread` into a new vector: a lookup of a few rows reads them
@@ -162,6 +203,13 @@ impl MappedTensor {
     /// whole large folio the kernel's read-around made, up to 2 MiB per row looked up.)
     pub fn read_rows(&self, rows: Range<usize>) -> std::io::Result<Vec<f32>> {
         let (start, len) = self.byte_span(rows);
+        if self.dtype != StoredDType::F32 {
+            let mut bytes = vec![0u8; len];
+            self.file.file.read_exact_at(&mut bytes, start as u64)?;
+            let mut values = Vec::with_capacity(len / self.dtype.size_in_bytes());
+            extend_f32(&bytes, self.dtype, &mut values);
+            return Ok(values);
+        }
         let mut values = vec![0f32; len / 4];
         // SAFETY: the f32 buffer viewed as its bytes; any bytes are a valid f32.
         let bytes = unsafe {
@@ -267,7 +315,7 @@ impl MappedTensor {
 
     /// The byte offset in the mapping and length of `rows`.
     fn byte_span(&self, rows: Range<usize>) -> (usize, usize) {
-        let row_bytes = self.row_len() * 4;
+        let row_bytes = self.row_len() * self.dtype.size_in_bytes();
         (
             self.range.start + rows.start * row_bytes,
             rows.len() * row_bytes,

@@ -2,10 +2,11 @@
 //! still in its file.
 //!
 //! A block is built from [`Weights`]: a [`VarBuilder`] of the tensors read into memory and,
-//! when the runner maps the checkpoint, the stage's f32 matrices as [`MappedTensor`]s.
-//! [`Linear`] multiplies by a mapped matrix in place with the same `gemm` call candle makes
-//! for a weight in memory (so the logits are bitwise those of a copy), and [`Embedding`]
-//! copies out only the rows the input uses. Anything else asked of a mapped tensor gets a
+//! when the runner maps the checkpoint, the stage's matrices as [`MappedTensor`]s (stored as
+//! f32, or as bf16 or f16 when the stage streams). [`Linear`] multiplies by a mapped matrix
+//! with the same `gemm` call candle makes for a weight in memory, in place or on each chunk
+//! of rows widened exactly into one reused f32 buffer (so the logits are bitwise those of a
+//! copy), and [`Embedding`] copies out only the rows the input uses. Anything else asked of a mapped tensor gets a
 //! copy of it (norm weights, biases, a fused weight split by rows).
 
 use std::collections::HashMap;
@@ -94,7 +95,10 @@ impl<'a> Weights<'a> {
         let shape = shape.into();
         match self.mapped(name, &shape)? {
             Some(mapped) => {
-                let copy = Tensor::from_slice(mapped.as_f32(), shape, self.device())?;
+                let copy = match mapped.as_f32() {
+                    Some(values) => Tensor::from_slice(values, shape, self.device())?,
+                    None => Tensor::from_vec(mapped.to_f32_vec(), shape, self.device())?,
+                };
                 mapped.release(mapped.all_rows());
                 Ok(copy)
             }
@@ -129,7 +133,7 @@ impl<'a> Weights<'a> {
 pub enum Matrix {
     /// A tensor in memory.
     InMemory(Tensor),
-    /// An f32 matrix in a mapped file.
+    /// A matrix in a mapped file, computed on as f32.
     Mapped(Arc<MappedTensor>),
 }
 
@@ -174,8 +178,9 @@ impl Module for Linear {
 
 /// `xs · Wᵀ` for a mapped `W` `(n, k)`: `xs` flattened to `(m, k)` and multiplied by
 /// `gemm` with exactly the arguments candle's CPU matmul passes for `xs.matmul(&w.t())`
-/// (so the result is the same to the bit), `W` a slice of the mapping; in chunks of rows,
-/// each released after use when the tensor is transient.
+/// (so the result is the same to the bit), `W` a slice of the mapping (or, stored in half
+/// precision, that slice widened into [`WIDENED`]); in chunks of rows, each released after
+/// use when the tensor is transient.
 fn mapped_matmul(xs: &Tensor, weight: &MappedTensor) -> candle_core::Result<Tensor> {
     let (n, k) = match weight.shape() {
         &[n, k] => (n, k),
@@ -211,15 +216,26 @@ fn mapped_matmul(xs: &Tensor, weight: &MappedTensor) -> candle_core::Result<Tens
         };
         let lhs = &cpu.as_slice::<f32>()?[layout.start_offset()..][..m * k];
         let chunk = rows_per_chunk(k);
-        let mut start = 0;
-        while start < n {
-            let rows = start..(start + chunk).min(n);
-            gemm_rows(lhs, m, k, weight.rows(rows.clone()), &rows, n, &mut dst);
-            weight.release(rows.clone());
-            start = rows.end;
-        }
+        WIDENED.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            let mut start = 0;
+            while start < n {
+                let rows = start..(start + chunk).min(n);
+                let rhs = weight.rows(rows.clone(), &mut scratch);
+                gemm_rows(lhs, m, k, rhs, &rows, n, &mut dst);
+                weight.release(rows.clone());
+                start = rows.end;
+            }
+        });
     }
     Tensor::from_vec(dst, out_dims, &Device::Cpu)
+}
+
+thread_local! {
+    /// The chunk of a half-precision mapped matrix widened to f32 for its product: one
+    /// chunk's bytes per computing thread, reused by every product so that streaming a
+    /// stage again faults in no fresh pages.
+    static WIDENED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// `dst[:, rows] = lhs · rhsᵀ` for `lhs` `(m, k)` row-major, `rhs` the `(rows.len(), k)`
@@ -354,7 +370,7 @@ mod tests {
         let info = TensorInfo::new("w", &path, StoredDType::F32, vec![rows, cols], 8..end);
         let files = MappedFiles::default();
         // SAFETY: the test's own file, not written again.
-        let mapped = unsafe { files.tensor(&info, StoredDType::F32, transient) }
+        let mapped = unsafe { files.tensor(&info, StoredDType::F32, transient, false) }
             .unwrap()
             .expect("an aligned f32 tensor maps");
         let tensor = Tensor::from_vec(values, (rows, cols), &Device::Cpu).unwrap();

@@ -356,8 +356,9 @@ impl Plan {
 
     /// Plans a run on mapped weights: a resident stage holds the pages its computation
     /// touches (all of a matrix, the looked-up rows of an embedding table), a streamed one
-    /// a chunk of rows at a time plus the copies of what is not mapped, and read-ahead
-    /// its 4 MiB buffer at most (it reads into the page cache, not into the process).
+    /// a chunk of rows at a time plus the copies of what is not mapped (and, stored in half
+    /// precision, the f32 buffer its chunks are widened into), and read-ahead its 4 MiB
+    /// buffer at most (it reads into the page cache, not into the process).
     fn mapped(
         checkpoint: &Checkpoint,
         stages: &[Stage],
@@ -365,23 +366,30 @@ impl Plan {
         mut parts: Parts,
         sizes: Vec<u64>,
     ) -> Result<Plan, PlanError> {
-        let footprints: Vec<(u64, u64)> = stages
+        let footprints: Vec<predict::MappedFootprint> = stages
             .iter()
             .enumerate()
             .map(|(i, stage)| predict::mapped_footprint(checkpoint, stage, request.dtype, i == 0))
             .collect();
-        let resident_sizes: Vec<u64> = footprints.iter().map(|f| f.0).collect();
-        let streamed_sizes: Vec<u64> = footprints.iter().map(|f| f.1).collect();
+        let resident_sizes: Vec<u64> = footprints.iter().map(|f| f.resident).collect();
+        let streamed_sizes: Vec<u64> = footprints.iter().map(|f| f.streamed).collect();
+        // Conversion staging is counted stage by stage below, not as one fixed part.
+        parts.staging = 0;
         let fixed = parts.total();
+        // What streaming holds at most: a stage's chunk and staging, and the widening
+        // buffer, which stays once made.
         let window = |residency: &[Residency]| {
-            streamed_sizes
-                .iter()
-                .zip(residency)
-                .filter(|(_, r)| **r == Residency::Streamed)
-                .map(|(&s, _)| s)
-                .max()
-                .unwrap_or(0)
+            let streamed = || {
+                footprints
+                    .iter()
+                    .zip(residency)
+                    .filter(|(_, r)| **r == Residency::Streamed)
+                    .map(|(f, _)| f)
+            };
+            let stage = streamed().map(|f| f.streamed + f.staging_streamed).max();
+            stage.unwrap_or(0) + streamed().map(|f| f.widening).max().unwrap_or(0)
         };
+        let staging_kept = footprints.iter().map(|f| f.staging_resident).max();
         let all_resident = vec![Residency::Resident; stages.len()];
         let all_streamed = vec![Residency::Streamed; stages.len()];
         let auto = request.placement != Some(Placement::Streamed);
@@ -392,10 +400,10 @@ impl Plan {
                 let room = budget.saturating_sub(fixed);
                 let need = fixed + window(&all_streamed);
                 let whole = resident_bytes(&resident_sizes, &all_resident);
-                if auto && whole <= room {
+                if auto && whole + staging_kept.unwrap_or(0) <= room {
                     (Placement::AllResident, all_resident)
                 } else if request.placement == Some(Placement::AllResident) {
-                    let need = fixed + whole;
+                    let need = fixed + whole + staging_kept.unwrap_or(0);
                     return Err(over_budget(&parts, stages, &resident_sizes, need, budget));
                 } else if need > budget {
                     return Err(over_budget(&parts, stages, &streamed_sizes, need, budget));
@@ -410,7 +418,8 @@ impl Plan {
                     order.sort_by_key(|&i| std::cmp::Reverse(resident_sizes[i]));
                     let mut kept = 0;
                     for i in order {
-                        if kept + resident_sizes[i] <= cap {
+                        let reading = footprints[i].staging_resident;
+                        if kept + resident_sizes[i] + reading <= cap {
                             kept += resident_sizes[i];
                             residency[i] = Residency::Resident;
                         }
@@ -425,37 +434,50 @@ impl Plan {
         };
         // The placement was chosen on every part at once (safe); the prediction is the
         // moment of the peak: each stage of the first pass holds the resident pages
-        // touched so far, its own chunk if streamed, and the activations (the last stage
-        // the output instead: the layers' chunks are released by then); a generation step
-        // holds every resident stage and the largest chunk.
+        // touched so far, its own chunk if streamed (with the widening buffer made so
+        // far), the staging of its read, and the activations (the last stage the output
+        // instead: the layers' chunks are released by then); a generation step holds
+        // every resident stage and the largest chunk.
         let (activations, output) = (parts.activations, parts.logits);
-        let mut peak = (0, 0, 0, 0); // (resident, window, activations, output)
-        let mut touched = 0;
-        for i in 0..stages.len() {
-            let mut moment = (touched, 0, activations, 0);
+        let total = |m: &(u64, u64, u64, u64, u64)| m.0 + m.1 + m.2 + m.3 + m.4;
+        // (resident, window, activations, output, staging)
+        let mut peak = (0, 0, 0, 0, 0);
+        let (mut touched, mut widening) = (0, 0);
+        for (i, footprint) in footprints.iter().enumerate() {
+            let mut moment = (touched, 0, activations, 0, 0);
             match residency[i] {
-                Residency::Resident => moment.0 += resident_sizes[i],
-                Residency::Streamed => moment.1 = streamed_sizes[i],
+                Residency::Resident => {
+                    moment.0 += footprint.resident;
+                    moment.4 = footprint.staging_resident;
+                }
+                Residency::Streamed => {
+                    widening = widening.max(footprint.widening);
+                    moment.4 = footprint.staging_streamed;
+                }
             }
+            moment.1 = widening
+                + match residency[i] {
+                    Residency::Resident => 0,
+                    Residency::Streamed => footprint.streamed,
+                };
             if i + 1 == stages.len() {
                 (moment.2, moment.3) = (0, output);
             }
-            if moment.0 + moment.1 + moment.2 + moment.3 > peak.0 + peak.1 + peak.2 + peak.3 {
+            if total(&moment) > total(&peak) {
                 peak = moment;
             }
             touched = moment.0;
         }
         let all_kept = resident_bytes(&resident_sizes, &residency);
-        if request.new_tokens > 0
-            && all_kept + window(&residency) > peak.0 + peak.1 + peak.2 + peak.3
-        {
-            peak = (all_kept, window(&residency), 0, 0);
+        if request.new_tokens > 0 && all_kept + window(&residency) > total(&peak) {
+            peak = (all_kept, window(&residency), 0, 0, 0);
         }
         (
             parts.resident_weights,
             parts.streaming_window,
             parts.activations,
             parts.logits,
+            parts.staging,
         ) = peak;
         let window_budget = request
             .budget

@@ -134,35 +134,76 @@ pub(super) fn staging(checkpoint: &Checkpoint, stage: &Stage, dtype: DType) -> u
         .unwrap_or(0)
 }
 
-/// What stage `stage` holds in the process on mapped weights, as (resident, streamed) bytes.
-/// A matrix stored in the compute dtype is mapped: kept, it holds every page its products
-/// touch, or for `lookups` (the embedding stage) nothing (rows
-/// are read with `pread`); streamed, one chunk of rows at a time
-/// (`models::weights::CHUNK_BYTES`). Anything else is copied and holds its bytes.
+/// What a stage holds in the process on mapped weights, kept or streamed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct MappedFootprint {
+    /// Kept: the pages its products touch, and its copies.
+    pub resident: u64,
+    /// Streamed: one chunk of a mapped matrix's pages, and its copies.
+    pub streamed: u64,
+    /// While it is read kept: the stored bytes of its largest converted copy.
+    pub staging_resident: u64,
+    /// While it is read streamed: the same, for what is still copied.
+    pub staging_streamed: u64,
+    /// Streamed: the buffer its half-precision chunks are widened into, which the
+    /// computing thread keeps for the rest of the run.
+    pub widening: u64,
+}
+
+/// What stage `stage` holds on mapped weights. A matrix stored as f32 is mapped: kept, it
+/// holds every page its products touch, or for `lookups` (the embedding stage) nothing
+/// (rows are read with `pread`); streamed, one chunk of rows at a time
+/// (`models::weights::CHUNK_BYTES`). A matrix stored as bf16 or f16 is mapped when
+/// streamed (its chunk's pages and an f32 chunk it is widened into) or looked up, and
+/// copied when kept. Anything else is copied and holds its bytes in the compute dtype.
 pub(super) fn mapped_footprint(
     checkpoint: &Checkpoint,
     stage: &Stage,
     dtype: DType,
     lookups: bool,
-) -> (u64, u64) {
-    let (mut resident, mut copies, mut chunk) = (0u64, 0u64, 0u64);
+) -> MappedFootprint {
+    use crate::checkpoint::StoredDType;
+    let mut footprint = MappedFootprint::default();
+    let (mut copies, mut chunk) = (0u64, 0u64);
     for spec in stage.tensors() {
         let bytes = spec.element_count() as u64 * size(dtype);
-        let stored = checkpoint.index().get(&spec.name).map(|info| info.dtype);
-        let mapped = spec.shape.len() == 2
-            && dtype == DType::F32
-            && stored == Some(crate::checkpoint::StoredDType::F32);
-        if !mapped {
+        let info = checkpoint.index().get(&spec.name);
+        let stored = info.map(|info| info.dtype);
+        let stored_bytes = info.map_or(bytes, |info| info.byte_len());
+        let converted = crate::checkpoint::stored_dtype(dtype) != stored;
+        let half = matches!(stored, Some(StoredDType::BF16 | StoredDType::F16));
+        let matrix = spec.shape.len() == 2 && dtype == DType::F32;
+        let copy = |footprint: &mut MappedFootprint, streamed: bool| {
+            footprint.resident += bytes;
+            if converted {
+                footprint.staging_resident = footprint.staging_resident.max(stored_bytes);
+                if streamed {
+                    footprint.staging_streamed = footprint.staging_streamed.max(stored_bytes);
+                }
+            }
+        };
+        if !matrix || !(stored == Some(StoredDType::F32) || half) {
             copies += bytes;
-            resident += bytes;
+            copy(&mut footprint, true);
             continue;
         }
         let row = spec.shape[1] as u64 * size(dtype);
-        // Rows looked up are read with `pread` into the activations, not mapped.
-        if !lookups {
-            resident += bytes;
+        let rows = bytes.min(crate::models::rows_per_chunk(spec.shape[1]) as u64 * row);
+        if lookups {
+            // Rows looked up are read with `pread` into the activations, not mapped.
+        } else if half {
+            copy(&mut footprint, false);
+        } else {
+            footprint.resident += bytes;
         }
-        chunk = chunk.max(bytes.min(crate::models::rows_per_chunk(spec.shape[1]) as u64 * row));
+        if half && !lookups {
+            // The chunk's stored pages, widened into a buffer of its f32 size.
+            chunk = chunk.max(rows / 2);
+            footprint.widening = footprint.widening.max(rows);
+        } else {
+            chunk = chunk.max(rows);
+        }
     }
-    (resident, copies + chunk)
+    footprint.streamed = copies + chunk;
+    footprint
 }

@@ -170,7 +170,7 @@ mod tests {
                 tied_to: None,
             };
             // SAFETY: the file is not changed while mapped.
-            unsafe { files.tensor(&info, StoredDType::F32, false) }
+            unsafe { files.tensor(&info, StoredDType::F32, false, false) }
                 .unwrap()
                 .unwrap()
         };

@@ -51,8 +51,11 @@ impl StageReader {
     ) -> Result<(LayerWeights, u64), RunError> {
         let stage = &self.stages[index];
         let phase = phase_scope(stage.name(), "read", Some(kind));
+        // Half-precision matrices are widened in place only where that costs no more than
+        // a copy: a stage streamed anyway, or lookups (which widen only the rows used).
+        let widen = transient || index == 0;
         let mapped: HashMap<String, Arc<MappedTensor>> = self
-            .map_stage(index, transient)?
+            .map_stage(index, transient, widen)?
             .into_iter()
             .map(|tensor| (tensor.name().to_owned(), Arc::new(tensor)))
             .collect();
@@ -72,18 +75,19 @@ impl StageReader {
             });
         let names: Vec<&str> = names.iter().map(|t| t.name.as_str()).collect();
         let compute = Some(self.stored);
-        let mut tensors = match (self.strategy, &self.device) {
-            // pread straight into each tensor's storage: the stage costs its weights once.
-            (ReadStrategy::Pread, Device::Cpu) => {
-                self.checkpoint
-                    .load_candle_tensors(Some(stage.name()), &names, compute)?
-            }
-            _ => {
-                let mut reader = self.checkpoint.reader(self.strategy);
-                let data = reader.read_tensors(Some(stage.name()), &names)?;
-                data.to_candle_tensors(compute, &self.device)?
-                // `data` drops here: mapped pages are released before the stage runs.
-            }
+        // pread straight into each tensor's storage: the stage costs its weights once. Beside
+        // mapped weights too: copies converted from a mapping would keep every stored page
+        // of the stage mapped until the last of them is converted.
+        let pread = self.device.is_cpu()
+            && (self.strategy == ReadStrategy::Pread || self.mapped_files.is_some());
+        let mut tensors = if pread {
+            self.checkpoint
+                .load_candle_tensors(Some(stage.name()), &names, compute)?
+        } else {
+            let mut reader = self.checkpoint.reader(self.strategy);
+            let data = reader.read_tensors(Some(stage.name()), &names)?;
+            data.to_candle_tensors(compute, &self.device)?
+            // `data` drops here: mapped pages are released before the stage runs.
         };
         if let Some(scheme) = &self.quantization {
             let mut reader = self.checkpoint.reader(self.strategy);
@@ -113,8 +117,14 @@ impl StageReader {
     }
 
     /// The stage's matrices that are computed on in their mapped files (none unless the
-    /// reader maps): each 2-D tensor stored in the compute dtype.
-    fn map_stage(&self, index: usize, transient: bool) -> Result<Vec<MappedTensor>, RunError> {
+    /// reader maps): each 2-D tensor stored in the compute dtype, or in half precision when
+    /// `widen` (see [`MappedFiles::tensor`]).
+    fn map_stage(
+        &self,
+        index: usize,
+        transient: bool,
+        widen: bool,
+    ) -> Result<Vec<MappedTensor>, RunError> {
         let Some(files) = &self.mapped_files else {
             return Ok(Vec::new());
         };
@@ -126,26 +136,30 @@ impl StageReader {
             };
             // SAFETY: `mapped_files` is only set for `ReadStrategy::MmapRelease`, whose maker
             // promised the checkpoint's files do not change while they are mapped.
-            if let Some(tensor) = unsafe { files.tensor(info, self.stored, transient) }? {
+            if let Some(tensor) = unsafe { files.tensor(info, self.stored, transient, widen) }? {
                 mapped.push(tensor);
             }
         }
         Ok(mapped)
     }
 
-    /// Starts reading the mapped matrices of `stages` (a pass's streamed stages, in order)
-    /// into the page cache on a thread of its own, when the reader maps and reads ahead.
-    /// The first stage of every family is its embeddings, which are looked up a row at a
-    /// time: reading the whole table ahead would read 250 MiB to use 1.
-    fn read_ahead(&self, stages: &[usize], depth: usize) -> Option<PageCacheReadAhead> {
+    /// Starts reading the mapped matrices of `stages` (a pass's stages to read, in order,
+    /// each with whether it is freed after the pass) into the page cache on a thread of its
+    /// own, when the reader maps and reads ahead. The first stage of every family is its
+    /// embeddings, which are looked up a row at a time: reading the whole table ahead would
+    /// read 250 MiB to use 1.
+    fn read_ahead(&self, stages: &[(usize, bool)], depth: usize) -> Option<PageCacheReadAhead> {
         if self.mapped_files.is_none() || depth == 0 {
             return None;
         }
         let stages = stages
             .iter()
-            .filter(|&&index| index > 0)
-            // A stage that cannot be mapped now reports why when the pass reads it.
-            .filter_map(|&index| Some((index, self.map_stage(index, false).ok()?)))
+            .filter(|(index, _)| *index > 0)
+            // The read-ahead's own handles never release pages the pass is using; a stage
+            // that cannot be mapped now reports why when the pass reads it.
+            .filter_map(|&(index, transient)| {
+                Some((index, self.map_stage(index, false, transient).ok()?))
+            })
             .collect();
         // Without a thread the pass still runs: its own faults read the pages.
         PageCacheReadAhead::start(stages, depth, page_cache_window()).ok()
@@ -270,9 +284,9 @@ impl Pipeline {
             let sizes = missing.iter().map(|&i| self.stream_bytes[i]).collect();
             (limit, sizes)
         });
-        let read_ahead = reader.read_ahead(&missing, self.prefetch_depth);
-        let stream_reader = Arc::clone(reader);
         let order: Vec<(usize, bool)> = missing.iter().map(|&i| (i, !self.keep[i])).collect();
+        let read_ahead = reader.read_ahead(&order, self.prefetch_depth);
+        let stream_reader = Arc::clone(reader);
         let mut stream =
             LayerStream::with_budget(missing.len(), self.prefetch_depth, budget, move |k| {
                 let (index, transient) = order[k];
