@@ -184,19 +184,51 @@ fn every_packed_tensor_equals_auto_round_bit_for_bit() {
                     "f32"
                 })
                 .or_default() += 1;
-            if let GroupSize::Size(g) = scheme.group_size() {
-                if layer.in_features % g.get() != 0 {
-                    *covered.entry("padded").or_default() += 1;
+            match scheme.group_size() {
+                GroupSize::Size(g) => {
+                    if layer.in_features % g.get() != 0 {
+                        *covered.entry("padded").or_default() += 1;
+                    }
+                    *covered
+                        .entry(if g.get() == 32 { "g32" } else { "g128" })
+                        .or_default() += 1;
                 }
-                *covered
-                    .entry(if g.get() == 32 { "g32" } else { "g128" })
-                    .or_default() += 1;
+                GroupSize::PerChannel => {
+                    *covered
+                        .entry(if scheme.sym() { "g-1 sym" } else { "g-1 asym" })
+                        .or_default() += 1;
+                }
+            }
+            if scheme.bits() == 3 {
+                let key = match (scheme.sym(), layer.dtype) {
+                    (true, _) => "3-bit sym",
+                    (false, Dtype::BF16) => "3-bit asym bf16",
+                    (false, _) => "3-bit asym f32",
+                };
+                *covered.entry(key).or_default() += 1;
+                if layer.in_features % 32 != 0 {
+                    *covered.entry("3-bit padded").or_default() += 1;
+                }
             }
         }
     }
     // The fixtures hold what the issue asks for; a missing folder fails here, not silently.
-    assert!(folders.len() >= 10, "{folders:?}");
-    for needed in ["sym", "asym", "bf16", "f32", "padded", "g32", "g128"] {
+    assert!(folders.len() >= 15, "{folders:?}");
+    for needed in [
+        "sym",
+        "asym",
+        "bf16",
+        "f32",
+        "padded",
+        "g32",
+        "g128",
+        "g-1 sym",
+        "g-1 asym",
+        "3-bit sym",
+        "3-bit asym f32",
+        "3-bit asym bf16",
+        "3-bit padded",
+    ] {
         assert!(
             covered.get(needed).copied().unwrap_or(0) > 0,
             "no {needed} layer: {covered:?}"
