@@ -1,6 +1,7 @@
 //! auto-round's packed layout: int32 `qweight` and `qzeros`, fp16 `scales`.
 
 use std::fmt;
+use std::ops::{BitOr, Shl, Shr};
 
 use half::f16;
 
@@ -73,35 +74,69 @@ pub struct PackedWeight {
     groups: usize,
 }
 
+/// A packing unit's bit stream, its first word the lowest: `u32` where a unit is one
+/// word (2, 4 and 8 bits), `u128` for 3 bits' three.
+trait Stream:
+    Copy
+    + Default
+    + From<u32>
+    + BitOr<Output = Self>
+    + Shl<u32, Output = Self>
+    + Shr<u32, Output = Self>
+{
+    /// The lowest 32 bits.
+    fn low(self) -> u32;
+}
+
+impl Stream for u32 {
+    fn low(self) -> u32 {
+        self
+    }
+}
+
+impl Stream for u128 {
+    fn low(self) -> u32 {
+        self as u32
+    }
+}
+
 /// One packing unit's codes as a little-endian bit stream: code `j` at bit `bits * j`.
-fn pack_unit(codes: impl Iterator<Item = u32>, bits: u32) -> u128 {
-    codes.enumerate().fold(0u128, |acc, (j, c)| {
-        acc | u128::from(c) << (bits * j as u32)
+fn pack_unit<S: Stream>(codes: impl Iterator<Item = u32>, bits: u32) -> S {
+    codes.enumerate().fold(S::default(), |acc, (j, c)| {
+        acc | S::from(c) << (bits * j as u32)
     })
 }
 
 /// Code `j` of a packing unit's bit stream.
-fn unpack_code(stream: u128, bits: u32, j: usize) -> u32 {
-    (stream >> (bits * j as u32)) as u32 & ((1u32 << bits) - 1)
+fn unpack_code<S: Stream>(stream: S, bits: u32, j: usize) -> u32 {
+    (stream >> (bits * j as u32)).low() & ((1u32 << bits) - 1)
 }
 
 /// A packing unit's bit stream from its `words`, the first the lowest.
-fn unit_stream(words: impl Iterator<Item = i32>) -> u128 {
-    words
-        .enumerate()
-        .fold(0u128, |acc, (k, w)| acc | u128::from(w as u32) << (32 * k))
+fn unit_stream<S: Stream>(words: impl Iterator<Item = i32>) -> S {
+    words.enumerate().fold(S::default(), |acc, (k, w)| {
+        acc | S::from(w as u32) << (32 * k as u32)
+    })
 }
 
 /// Word `k` of a packing unit's bit stream (the int64 sum auto-round casts to int32 wraps
 /// the same way).
-fn stream_word(stream: u128, k: usize) -> i32 {
-    (stream >> (32 * k)) as u32 as i32
+fn stream_word<S: Stream>(stream: S, k: usize) -> i32 {
+    (stream >> (32 * k as u32)).low() as i32
 }
 
 impl QuantizedWeight {
     /// Packs the weight in the layout auto-round writes for its scheme
     /// ([`QuantScheme::packing_format`]).
     pub fn pack(&self) -> PackedWeight {
+        if self.scheme().unit().1 == 1 {
+            self.pack_as::<u32>()
+        } else {
+            self.pack_as::<u128>()
+        }
+    }
+
+    fn pack_as<S: Stream>(&self) -> PackedWeight {
         let scheme = *self.scheme();
         let bits = u32::from(scheme.bits());
         let (unit_codes, unit_words) = scheme.unit();
@@ -126,7 +161,7 @@ impl QuantizedWeight {
                 for (o, row) in codes.chunks_exact(padded_in).enumerate() {
                     let row = &row[first..first + inputs];
                     for (u, chunk) in row.chunks_exact(unit_codes).enumerate() {
-                        let stream = pack_unit(chunk.iter().map(|&c| u32::from(c)), bits);
+                        let stream: S = pack_unit(chunk.iter().map(|&c| u32::from(c)), bits);
                         for k in 0..unit_words {
                             words[(u * unit_words + k) * out + o] = stream_word(stream, k);
                         }
@@ -155,7 +190,7 @@ impl QuantizedWeight {
                     };
                     format.store_zero(zero, max_code)
                 });
-                let stream = pack_unit(zeros, bits);
+                let stream: S = pack_unit(zeros, bits);
                 for (k, word) in words.iter_mut().enumerate() {
                     *word = stream_word(stream, k);
                 }
@@ -273,6 +308,14 @@ impl PackedWeight {
     /// Unpacks the codes, scales and zero points of a weight with `in_features` inputs
     /// (the packed form keeps only the padded count).
     pub fn unpack(&self, in_features: usize) -> Result<QuantizedWeight, Error> {
+        if self.scheme.unit().1 == 1 {
+            self.unpack_as::<u32>(in_features)
+        } else {
+            self.unpack_as::<u128>(in_features)
+        }
+    }
+
+    fn unpack_as<S: Stream>(&self, in_features: usize) -> Result<QuantizedWeight, Error> {
         let scheme = self.scheme;
         let bits = u32::from(scheme.bits());
         let (unit_codes, unit_words) = scheme.unit();
@@ -298,7 +341,7 @@ impl PackedWeight {
                 let outputs = first..first + codes.len() / padded_in;
                 for (u, unit) in qweight.chunks_exact(unit_words * out).enumerate() {
                     for (row, o) in codes.chunks_exact_mut(padded_in).zip(outputs.clone()) {
-                        let stream = unit_stream((0..unit_words).map(|k| unit[k * out + o]));
+                        let stream: S = unit_stream((0..unit_words).map(|k| unit[k * out + o]));
                         let row = &mut row[u * unit_codes..(u + 1) * unit_codes];
                         for (j, code) in row.iter_mut().enumerate() {
                             *code = unpack_code(stream, bits, j) as u8;
@@ -314,7 +357,7 @@ impl PackedWeight {
         for g in 0..groups {
             let row = &self.qzeros[g * words_out..(g + 1) * words_out];
             for (u, words) in row.chunks_exact(unit_words).enumerate() {
-                let stream = unit_stream(words.iter().copied());
+                let stream: S = unit_stream(words.iter().copied());
                 for j in 0..unit_codes.min(out.saturating_sub(u * unit_codes)) {
                     let o = u * unit_codes + j;
                     zeros[o * groups + g] = format.load_zero(unpack_code(stream, bits, j));
