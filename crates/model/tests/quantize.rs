@@ -184,19 +184,51 @@ fn every_packed_tensor_equals_auto_round_bit_for_bit() {
                     "f32"
                 })
                 .or_default() += 1;
-            if let GroupSize::Size(g) = scheme.group_size() {
-                if layer.in_features % g.get() != 0 {
-                    *covered.entry("padded").or_default() += 1;
+            match scheme.group_size() {
+                GroupSize::Size(g) => {
+                    if layer.in_features % g.get() != 0 {
+                        *covered.entry("padded").or_default() += 1;
+                    }
+                    *covered
+                        .entry(if g.get() == 32 { "g32" } else { "g128" })
+                        .or_default() += 1;
                 }
-                *covered
-                    .entry(if g.get() == 32 { "g32" } else { "g128" })
-                    .or_default() += 1;
+                GroupSize::PerChannel => {
+                    *covered
+                        .entry(if scheme.sym() { "g-1 sym" } else { "g-1 asym" })
+                        .or_default() += 1;
+                }
+            }
+            if scheme.bits() == 3 {
+                let key = match (scheme.sym(), layer.dtype) {
+                    (true, _) => "3-bit sym",
+                    (false, Dtype::BF16) => "3-bit asym bf16",
+                    (false, _) => "3-bit asym f32",
+                };
+                *covered.entry(key).or_default() += 1;
+                if layer.in_features % 32 != 0 {
+                    *covered.entry("3-bit padded").or_default() += 1;
+                }
             }
         }
     }
     // The fixtures hold what the issue asks for; a missing folder fails here, not silently.
-    assert!(folders.len() >= 10, "{folders:?}");
-    for needed in ["sym", "asym", "bf16", "f32", "padded", "g32", "g128"] {
+    assert!(folders.len() >= 15, "{folders:?}");
+    for needed in [
+        "sym",
+        "asym",
+        "bf16",
+        "f32",
+        "padded",
+        "g32",
+        "g128",
+        "g-1 sym",
+        "g-1 asym",
+        "3-bit sym",
+        "3-bit asym f32",
+        "3-bit asym bf16",
+        "3-bit padded",
+    ] {
         assert!(
             covered.get(needed).copied().unwrap_or(0) > 0,
             "no {needed} layer: {covered:?}"
@@ -232,8 +264,8 @@ fn auto_round_quantizes_the_decoder_linears_and_keeps_the_rest() {
 
 #[test]
 fn bad_schemes_are_refused_naming_the_value() {
-    let err = QuantScheme::new(3, GroupSize::PerChannel, true).unwrap_err();
-    assert!(err.to_string().contains("bits 3"), "{err}");
+    let err = QuantScheme::new(5, GroupSize::PerChannel, true).unwrap_err();
+    assert!(err.to_string().contains("bits 5"), "{err}");
     let err = QuantScheme::new(16, GroupSize::PerChannel, true).unwrap_err();
     assert!(err.to_string().contains("bits 16"), "{err}");
     let err = GroupSize::from_auto_round(0).unwrap_err();
@@ -261,9 +293,19 @@ fn packing_round_trips_for_every_scheme() {
                 let scheme = QuantScheme::new(bits, group, sym).unwrap();
                 let quantized = match quantize_rtn(&weight, out_features, in_features, &scheme) {
                     Ok(q) => q,
-                    // 72 inputs per channel do not fill 16 two-bit codes per word.
+                    // 72 inputs per channel do not fill 16 two-bit codes per word, nor 72
+                    // or 80 (groups of 16) whole units of 32 three-bit codes.
                     Err(e) => {
-                        assert!(bits == 2 && group == GroupSize::PerChannel, "{e}");
+                        let expected = match (bits, group) {
+                            (2, GroupSize::PerChannel) => Some(72),
+                            (3, GroupSize::PerChannel) => Some(72),
+                            (3, GroupSize::Size(g)) if g.get() == 16 => Some(80),
+                            _ => None,
+                        };
+                        assert!(
+                            matches!(e, Error::Unpackable { padded_in, .. } if Some(padded_in) == expected),
+                            "{scheme:?}: {e}"
+                        );
                         continue;
                     }
                 };
@@ -282,6 +324,46 @@ fn packing_round_trips_for_every_scheme() {
             }
         }
     }
+}
+
+/// 3 bits pack 32 codes into 3 int32 words as one bit stream, code `i` at bit `3 i`: the
+/// codes at 10 and 21 cross from one word into the next. The expected words are what
+/// auto-round's own packer (`QuantLinear.pack_3bits`, 0.16.1) makes of the same codes.
+#[test]
+fn three_bit_codes_cross_word_boundaries_as_auto_round_packs_them() {
+    // Output 0: codes i % 8; output 1: 7 at inputs 10 and 21, 0 elsewhere. Each row spans
+    // 0..=7, so its asymmetric scale is 1 and its zero point 0: the codes are the values.
+    let mut weight: Vec<f32> = (0..32).map(|i| (i % 8) as f32).collect();
+    weight.resize(2 * 32, 0.0);
+    weight[32 + 10] = 7.0;
+    weight[32 + 21] = 7.0;
+    let group = GroupSize::from_auto_round(32).unwrap();
+    let scheme = QuantScheme::new(3, group, false).unwrap();
+    let quantized = quantize_rtn(&weight, 2, 32, &scheme).unwrap();
+    let packed = quantized.pack();
+    assert_eq!(packed.qweight_shape(), [3, 2]);
+    let words: Vec<u32> = packed.qweight().iter().map(|&w| w as u32).collect();
+    // qweight is [3, 2]: word k of output o at k * 2 + o.
+    assert_eq!(
+        [words[0], words[2], words[4]],
+        [0x88fa_c688, 0xc688_fac6, 0xfac6_88fa]
+    );
+    assert_eq!(
+        [words[1], words[3], words[5]],
+        [0xc000_0000, 0x8000_0001, 0x3]
+    );
+    // Two outputs, padded to a unit of 32 zero points in 3 words, all zero here.
+    assert_eq!(packed.qzeros_shape(), [1, 3]);
+    assert_eq!(packed.qzeros(), [0, 0, 0]);
+    assert_eq!(packed.unpack(32).unwrap(), quantized);
+    assert_eq!(packed.dequantize(32).unwrap(), weight);
+
+    // Symmetric: zero point 4 stored as 3 in every one of the 32 slots, padding included.
+    let scheme = QuantScheme::new(3, group, true).unwrap();
+    let packed = quantize_rtn(&weight, 2, 32, &scheme).unwrap().pack();
+    let threes = (0..32).fold(0u128, |acc, j| acc | 3u128 << (3 * j));
+    let expected: Vec<i32> = (0..3).map(|k| (threes >> (32 * k)) as u32 as i32).collect();
+    assert_eq!(packed.qzeros(), expected.as_slice());
 }
 
 fn options_of(config: &Value) -> QuantizeOptions {
@@ -443,9 +525,7 @@ fn dequantized_copy(folder: &Path, into: &Path) {
             )
             .unwrap();
             // The block's weight is (out, in); its in is the config's width of this input.
-            let source = st.tensor(&name).unwrap();
-            let padded_in = source.shape()[0] * (32 / usize::from(scheme.bits()));
-            let in_features = in_features_of(&config, module).min(padded_in);
+            let in_features = in_features_of(&config, module).min(packed.padded_in());
             let values = packed.dequantize(in_features).unwrap();
             let weight = candle_core::Tensor::from_vec(values, (outs, in_features), &device);
             out.insert(format!("{module}.weight"), weight.unwrap());
@@ -557,12 +637,21 @@ fn quantized_fixtures_run_streamed_and_full_within_1e_4_of_transformers() {
                 .fold(0f32, f32::max);
             assert!(worst <= 1e-4, "{name} {how}: off by {worst}");
         };
-        let mut model = memwise_model::ModelConverter::new(&folder)
-            .load_model_with_hooks(true)
-            .unwrap();
-        check(model.forward(&ids).unwrap(), "streamed");
-        model.load_all().unwrap();
-        check(model.forward(&ids).unwrap(), "full");
+        // Copied (pread) and mapped: the packed tensors are read either way.
+        // SAFETY: the committed fixtures do not change while the test maps them.
+        let mapped = unsafe { memwise_model::ReadStrategy::mmap_release() };
+        for (strategy, read) in [
+            (memwise_model::ReadStrategy::Pread, "copied"),
+            (mapped, "mapped"),
+        ] {
+            let mut model = memwise_model::ModelConverter::new(&folder)
+                .read_strategy(strategy)
+                .load_model_with_hooks(true)
+                .unwrap();
+            check(model.forward(&ids).unwrap(), &format!("{read}, streamed"));
+            model.load_all().unwrap();
+            check(model.forward(&ids).unwrap(), &format!("{read}, full"));
+        }
     }
 }
 

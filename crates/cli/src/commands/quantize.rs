@@ -17,7 +17,7 @@ use super::inspect::human_bytes;
 pub struct Args {
     /// A Hugging Face model folder.
     model: PathBuf,
-    /// Bits per weight: 2, 4 or 8 (default: quantization.bits).
+    /// Bits per weight: 2, 3, 4 or 8 (default: quantization.bits).
     #[arg(long)]
     bits: Option<u8>,
     /// Weights sharing one scale and zero point, or -1 for one group per output channel

@@ -47,20 +47,34 @@
 //! # Which auto-round this matches
 //!
 //! auto-round (0.16.1) has two round-to-nearest paths (iters 0, optimized RTN off), and
-//! they disagree on a small fraction of codes, by one step:
+//! they disagree on a small fraction of codes, by one step, and on scales:
 //!
 //! - the **model-free** path (`auto_round.utils.model_free_utils.quantize_weight_rtn`) reads
 //!   each weight from its safetensors shard, casts it to `f32` (exact for bf16, fp16 and
 //!   f32), computes scales and zero points and rounds the codes once, in `f32`;
-//! - the **model** path loads the model into torch, quantizes in the weight's own dtype
-//!   into a dequantized weight, and its exporter then recomputes the codes from that
-//!   dequantized weight and the scale, which can land one step away.
+//! - the **model** path loads the model into torch and, on the CPU, casts it to bf16 first
+//!   (`ModelContext._set_amp_dtype`: amp is on and the CPU prefers bf16, so even an f32
+//!   model is quantized as bf16). Its quantizer then runs in bf16: the weights are rounded
+//!   to bf16, and for asymmetric schemes `(hi - lo) / maxq` is rounded to bf16 before the
+//!   fp16 cast. It keeps a dequantized weight (again bf16), and its exporter recomputes the
+//!   codes from that weight and the scale, which can land one step away. On the f32
+//!   fixture at group size -1, 4 bits, auto-round's own `quant_tensor_sym` /
+//!   `quant_tensor_asym` on the bf16-cast weight reproduce every one of the model path's
+//!   384 scales, where the model-free `f32` arithmetic differs on 340 (sym) and 343 (asym);
+//!   for sym, recomputing the codes from the bf16 dequantized weight reproduces all its
+//!   24 576 codes. (That path also leaves every linear whose dimensions are not multiples of
+//!   32 unquantized, and writes asymmetric weights in `auto_round:auto_awq` packing.)
 //!
 //! memwise matches the model-free path exactly. It is the path that works the way memwise
 //! does (tensor by tensor from the checkpoint's own bytes, never holding a model), it is
 //! auto-round's low-memory path, and its codes depend only on the stored weight, not on
 //! which dtype a model was loaded in. The fixtures in `tests/fixtures/quant/` were made by
-//! it (`make_fixtures.py` there pins the versions).
+//! it (`make_fixtures.py` there pins the versions). For what that path refuses or fails
+//! on, 3 bits and group size -1, the fixtures come from the same compressor run with its
+//! own functions (`make_fixtures.py`'s `extended_model_free`): group size -1 is
+//! `quantize_weight_rtn` with one group as wide as the row (what auto-round's quantizer
+//! makes of -1), and 3 bits are that arithmetic packed by auto-round's own 3-bit packer,
+//! `QuantLinear.pack_3bits` of `auto_round_extension`.
 //!
 //! # The arithmetic, as auto-round does it
 //!
@@ -78,21 +92,27 @@
 //! Every division is in `f32` (the fp16 scale widened), every rounding is to nearest with
 //! ties to even (`torch.round`), and the fp16 conversion rounds to nearest even.
 //! [`GroupSize::PerChannel`] (auto-round's `-1`) makes each row one group, unpadded, as
-//! auto-round's quantizer functions do; its model-free path itself fails on `-1` (it asks
-//! for `in / -1` groups) and keeps such weights unquantized, so no fixture covers it. A
-//! group holding NaN is not reproduced (torch's min and max propagate NaN; these skip it).
+//! auto-round's quantizer functions do (its model-free compressor itself asks for
+//! `in / -1` groups and keeps such weights unquantized). A group holding NaN is not
+//! reproduced (torch's min and max propagate NaN; these skip it).
 //!
 //! # Packing
 //!
-//! `qweight` is `[padded_in / (32 / bits), out]`: input `i` of output `o` sits in word
-//! `i / (32 / bits)` at bit `bits * (i % (32 / bits))`. `qzeros` is
-//! `[groups, padded_out / (32 / bits)]` with the outputs packed the same way (the output
-//! dimension padded to whole words with the zero point of an all-zero group), and `scales`
-//! is `[groups, out]` fp16. Symmetric weights use auto-round's `auto_round:auto_gptq`
-//! packing, which stores each zero point minus one (its kernels add the one back);
-//! asymmetric weights use `auto_round`, which stores the zero point as it is. Three bits are
-//! refused: auto-round's model-free packing puts ten 3-bit codes in a word only when the
-//! padded input is a multiple of ten, and excludes 3-bit schemes for that reason.
+//! Codes are packed in units: the fewest codes that fill whole int32 words, `32 / bits`
+//! codes in one word for 2, 4 and 8 bits, 32 codes in 3 words for 3 bits (GPTQ's layout,
+//! as auto-round's `pack_3bits` writes it). A unit is one little-endian bit stream, code `j`
+//! at bit `bits * j`, so a 3-bit code can start in one word and end in the next (codes 10
+//! and 21 of each unit do).
+//!
+//! `qweight` is `[padded_in * bits / 32, out]`: the inputs of output `o` are a stream down
+//! column `o`, input `i` at bit `bits * i`. `qzeros` is `[groups, units_out * words]`, the
+//! zero points of each group packed the same way along the outputs, the output dimension
+//! padded to whole units with the zero point of an all-zero group (as the model-free path
+//! pads outputs to whole words), and `scales` is `[groups, out]` fp16. The padded input
+//! dimension must fill whole units (a multiple of 32 for 3 bits); one that does not is
+//! refused ([`Error::Unpackable`]). Symmetric weights use auto-round's
+//! `auto_round:auto_gptq` packing, which stores each zero point minus one (its kernels add
+//! the one back); asymmetric weights use `auto_round`, which stores the zero point as it is.
 
 mod layout;
 mod pack;
@@ -170,9 +190,9 @@ pub struct QuantScheme {
 
 impl QuantScheme {
     /// The bit widths memwise writes.
-    pub const SUPPORTED_BITS: [u8; 3] = [2, 4, 8];
+    pub const SUPPORTED_BITS: [u8; 4] = [2, 3, 4, 8];
 
-    /// A scheme of `bits` (2, 4 or 8) per weight; anything else is refused with an error
+    /// A scheme of `bits` (2, 3, 4 or 8) per weight; anything else is refused with an error
     /// naming the value.
     ///
     /// ```
@@ -216,9 +236,56 @@ impl QuantScheme {
         }
     }
 
-    /// Codes per int32 word.
-    fn pack_factor(&self) -> usize {
-        32 / usize::from(self.bits)
+    /// A packing unit: the fewest codes that fill whole int32 words, and those words
+    /// (`32 / bits` codes in one word for 2, 4 and 8 bits; 32 codes in 3 words for 3 bits).
+    fn unit(&self) -> (usize, usize) {
+        let bits = usize::from(self.bits);
+        let common = gcd(bits, 32);
+        (32 / common, bits / common)
+    }
+
+    /// The input dimension padded to whole groups, as [`quantize_rtn`] pads it.
+    fn padded_in(&self, in_features: usize) -> usize {
+        let group = self.group_size.len_for(in_features);
+        in_features.div_ceil(group) * group
+    }
+
+    /// Refuses a padded input dimension that does not fill whole packing units.
+    fn check_packable(&self, padded_in: usize) -> Result<(), Error> {
+        let (codes, _) = self.unit();
+        if padded_in % codes != 0 {
+            return Err(Error::Unpackable {
+                padded_in,
+                pack_factor: codes,
+            });
+        }
+        Ok(())
+    }
+
+    /// The shapes of `qweight`, `qzeros` and `scales` of an `out_features × in_features`
+    /// weight packed with this scheme (see [Packing](self#packing)).
+    fn packed_shapes(
+        &self,
+        out_features: usize,
+        in_features: usize,
+    ) -> Result<[[usize; 2]; 3], Error> {
+        let padded_in = self.padded_in(in_features);
+        self.check_packable(padded_in)?;
+        let (codes, words) = self.unit();
+        let groups = padded_in / self.group_size.len_for(in_features);
+        Ok([
+            [padded_in / codes * words, out_features],
+            [groups, out_features.div_ceil(codes) * words],
+            [groups, out_features],
+        ])
+    }
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
     }
 }
 
@@ -228,7 +295,7 @@ impl QuantScheme {
 #[non_exhaustive]
 pub enum Error {
     /// A bit width memwise does not write.
-    #[error("bits {0} is not supported: memwise quantizes to 2, 4 or 8 bits (auto-round's model-free packing has no 3-bit layout)")]
+    #[error("bits {0} is not supported: memwise quantizes to 2, 3, 4 or 8 bits")]
     Bits(u8),
     /// A group size that is neither -1 nor positive.
     #[error("group size {0} is not valid: use -1 (per channel) or a positive number")]
@@ -246,12 +313,13 @@ pub enum Error {
         /// The input dimension given.
         in_features: usize,
     },
-    /// The padded input dimension does not fill whole int32 words.
-    #[error("{padded_in} inputs (after padding to whole groups) do not fill whole words of {pack_factor} codes")]
+    /// The padded input dimension does not fill whole packing units of int32 words.
+    #[error("{padded_in} inputs (after padding to whole groups) do not fill whole packing units of {pack_factor} codes")]
     Unpackable {
         /// The input dimension after padding to whole groups.
         padded_in: usize,
-        /// Codes per int32 word.
+        /// Codes per packing unit: `32 / bits` in one int32 word, or 32 three-bit codes in
+        /// three words.
         pack_factor: usize,
     },
     /// A packed weight's tensors disagree with each other or with the scheme.

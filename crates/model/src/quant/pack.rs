@@ -1,6 +1,7 @@
 //! auto-round's packed layout: int32 `qweight` and `qzeros`, fp16 `scales`.
 
 use std::fmt;
+use std::ops::{BitOr, Shl, Shr};
 
 use half::f16;
 
@@ -73,64 +74,126 @@ pub struct PackedWeight {
     groups: usize,
 }
 
+/// A packing unit's bit stream, its first word the lowest: `u32` where a unit is one
+/// word (2, 4 and 8 bits), `u128` for 3 bits' three.
+trait Stream:
+    Copy
+    + Default
+    + From<u32>
+    + BitOr<Output = Self>
+    + Shl<u32, Output = Self>
+    + Shr<u32, Output = Self>
+{
+    /// The lowest 32 bits.
+    fn low(self) -> u32;
+}
+
+impl Stream for u32 {
+    fn low(self) -> u32 {
+        self
+    }
+}
+
+impl Stream for u128 {
+    fn low(self) -> u32 {
+        self as u32
+    }
+}
+
+/// One packing unit's codes as a little-endian bit stream: code `j` at bit `bits * j`.
+fn pack_unit<S: Stream>(codes: impl Iterator<Item = u32>, bits: u32) -> S {
+    codes.enumerate().fold(S::default(), |acc, (j, c)| {
+        acc | S::from(c) << (bits * j as u32)
+    })
+}
+
+/// Code `j` of a packing unit's bit stream.
+fn unpack_code<S: Stream>(stream: S, bits: u32, j: usize) -> u32 {
+    (stream >> (bits * j as u32)).low() & ((1u32 << bits) - 1)
+}
+
+/// A packing unit's bit stream from its `words`, the first the lowest.
+fn unit_stream<S: Stream>(words: impl Iterator<Item = i32>) -> S {
+    words.enumerate().fold(S::default(), |acc, (k, w)| {
+        acc | S::from(w as u32) << (32 * k as u32)
+    })
+}
+
+/// Word `k` of a packing unit's bit stream (the int64 sum auto-round casts to int32 wraps
+/// the same way).
+fn stream_word<S: Stream>(stream: S, k: usize) -> i32 {
+    (stream >> (32 * k as u32)).low() as i32
+}
+
 impl QuantizedWeight {
     /// Packs the weight in the layout auto-round writes for its scheme
     /// ([`QuantScheme::packing_format`]).
     pub fn pack(&self) -> PackedWeight {
+        if self.scheme().unit().1 == 1 {
+            self.pack_as::<u32>()
+        } else {
+            self.pack_as::<u128>()
+        }
+    }
+
+    fn pack_as<S: Stream>(&self) -> PackedWeight {
         let scheme = *self.scheme();
         let bits = u32::from(scheme.bits());
-        let pack = scheme.pack_factor();
+        let (unit_codes, unit_words) = scheme.unit();
         let max_code = (1u32 << bits) - 1;
         let (out, padded_in, groups) = (self.out_features(), self.padded_in(), self.groups());
         let format = scheme.packing_format();
 
-        // qweight[w][o]: codes of inputs w*pack .. w*pack+pack of output o, low bits first.
-        let words_in = padded_in / pack;
-        let mut qweight = vec![0i32; words_in * out];
-        // Each worker packs a block of word rows (`qweight[w]`, every output).
-        let word_rows = words_in.div_ceil(super::rtn::workers(self.codes().len()));
+        // qweight[w][o]: the codes of output o's inputs as one bit stream down column o,
+        // a unit of `unit_codes` inputs to every `unit_words` rows.
+        let units_in = padded_in / unit_codes;
+        let mut qweight = vec![0i32; units_in * unit_words * out];
+        // Each worker packs a block of units (`unit_words` rows of `qweight`, every output).
+        let block_units = units_in.div_ceil(super::rtn::workers(self.codes().len()));
         let codes = self.codes();
         super::rtn::parallel_chunks(
-            qweight.chunks_mut(word_rows * out).enumerate(),
+            qweight
+                .chunks_mut(block_units * unit_words * out)
+                .enumerate(),
             |(block, words)| {
-                let first = block * word_rows * pack;
-                let inputs = words.len() / out * pack;
+                let first = block * block_units * unit_codes;
+                let inputs = words.len() / (unit_words * out) * unit_codes;
                 for (o, row) in codes.chunks_exact(padded_in).enumerate() {
                     let row = &row[first..first + inputs];
-                    for (w, chunk) in row.chunks_exact(pack).enumerate() {
-                        let word = chunk
-                            .iter()
-                            .enumerate()
-                            .fold(0u32, |acc, (j, &c)| acc | u32::from(c) << (bits * j as u32));
-                        // The int64 sum auto-round casts to int32 wraps the same way.
-                        words[w * out + o] = word as i32;
+                    for (u, chunk) in row.chunks_exact(unit_codes).enumerate() {
+                        let stream: S = pack_unit(chunk.iter().map(|&c| u32::from(c)), bits);
+                        for k in 0..unit_words {
+                            words[(u * unit_words + k) * out + o] = stream_word(stream, k);
+                        }
                     }
                 }
             },
         );
 
-        // Outputs past `out` (padding to whole words) hold the zero of an all-zero group.
+        // Outputs past `out` (padding to whole units) hold the zero of an all-zero group.
         let padding_zero = {
             let mut codes = vec![0u8; self.group_len()];
             let zeros = vec![0f32; self.group_len()];
             super::rtn::group_zero(&zeros, &mut codes, &scheme)
         };
-        let words_out = out.div_ceil(pack);
+        let words_out = out.div_ceil(unit_codes) * unit_words;
         let mut qzeros = vec![0i32; groups * words_out];
         let mut scales = vec![f16::ZERO; groups * out];
         for g in 0..groups {
-            for w in 0..words_out {
-                let mut word = 0u32;
-                for j in 0..pack {
-                    let o = w * pack + j;
+            let row = &mut qzeros[g * words_out..(g + 1) * words_out];
+            for (u, words) in row.chunks_exact_mut(unit_words).enumerate() {
+                let zeros = (u * unit_codes..(u + 1) * unit_codes).map(|o| {
                     let zero = if o < out {
                         self.zeros()[o * groups + g]
                     } else {
                         padding_zero
                     };
-                    word |= format.store_zero(zero, max_code) << (bits * j as u32);
+                    format.store_zero(zero, max_code)
+                });
+                let stream: S = pack_unit(zeros, bits);
+                for (k, word) in words.iter_mut().enumerate() {
+                    *word = stream_word(stream, k);
                 }
-                qzeros[g * words_out + w] = word as i32;
             }
             for o in 0..out {
                 scales[g * out + o] = self.scales()[o * groups + g];
@@ -149,8 +212,9 @@ impl QuantizedWeight {
 
 impl PackedWeight {
     /// Takes a packed weight as a checkpoint stores it, checking every shape against the
-    /// scheme. `qweight` is `[padded_in / (32 / bits), out]`, `qzeros`
-    /// `[groups, ceil(out / (32 / bits))]`, `scales` `[groups, out]`, all row-major.
+    /// scheme. `qweight` is `[padded_in * bits / 32, out]`, `qzeros`
+    /// `[groups, ceil(out / unit) * unit * bits / 32]` (a unit is `32 / bits` outputs, or 32
+    /// for 3 bits), `scales` `[groups, out]`, all row-major.
     pub fn new(
         scheme: QuantScheme,
         qweight: Vec<i32>,
@@ -159,7 +223,7 @@ impl PackedWeight {
         scales_shape: [usize; 2],
     ) -> Result<PackedWeight, Error> {
         let [groups, out] = scales_shape;
-        let pack = scheme.pack_factor();
+        let (unit_codes, unit_words) = scheme.unit();
         let bad = |what: String| Err(Error::Packed(what));
         if groups == 0 || out == 0 || scales.len() != groups * out {
             return bad(format!(
@@ -167,18 +231,13 @@ impl PackedWeight {
                 scales.len()
             ));
         }
-        if qweight.is_empty() || qweight.len() % out != 0 {
+        if qweight.is_empty() || qweight.len() % (out * unit_words) != 0 {
             return bad(format!(
-                "{} qweight words are not rows of {out} outputs",
+                "{} qweight words are not rows of {out} outputs in whole units of {unit_words}",
                 qweight.len()
             ));
         }
-        let padded_in = qweight.len() / out * pack;
-        if scheme.group_size() != GroupSize::PerChannel && padded_in % groups != 0 {
-            return bad(format!(
-                "{padded_in} packed inputs do not split into {groups} groups"
-            ));
-        }
+        let padded_in = qweight.len() / out / unit_words * unit_codes;
         if let GroupSize::Size(n) = scheme.group_size() {
             if padded_in != groups * n.get() {
                 return bad(format!(
@@ -188,11 +247,11 @@ impl PackedWeight {
         } else if groups != 1 {
             return bad(format!("a per-channel weight with {groups} groups"));
         }
-        if qzeros.len() != groups * out.div_ceil(pack) {
+        let words_out = out.div_ceil(unit_codes) * unit_words;
+        if qzeros.len() != groups * words_out {
             return bad(format!(
-                "{} qzeros words are not {groups} × {}",
-                qzeros.len(),
-                out.div_ceil(pack)
+                "{} qzeros words are not {groups} × {words_out}",
+                qzeros.len()
             ));
         }
         Ok(PackedWeight {
@@ -210,9 +269,15 @@ impl PackedWeight {
         &self.scheme
     }
 
-    /// The int32 codes, `[padded_in / (32 / bits), out]` row-major.
+    /// The int32 codes, `[padded_in * bits / 32, out]` row-major.
     pub fn qweight(&self) -> &[i32] {
         &self.qweight
+    }
+
+    /// The input dimension the codes cover: the weight's, padded to whole groups.
+    pub fn padded_in(&self) -> usize {
+        let (unit_codes, unit_words) = self.scheme.unit();
+        self.qweight.len() / self.out_features / unit_words * unit_codes
     }
 
     /// The shape of [`qweight`](Self::qweight).
@@ -220,7 +285,7 @@ impl PackedWeight {
         [self.qweight.len() / self.out_features, self.out_features]
     }
 
-    /// The int32 zero points, `[groups, ceil(out / (32 / bits))]` row-major.
+    /// The int32 zero points, `[groups, ceil(out / unit) * unit * bits / 32]` row-major.
     pub fn qzeros(&self) -> &[i32] {
         &self.qzeros
     }
@@ -243,13 +308,20 @@ impl PackedWeight {
     /// Unpacks the codes, scales and zero points of a weight with `in_features` inputs
     /// (the packed form keeps only the padded count).
     pub fn unpack(&self, in_features: usize) -> Result<QuantizedWeight, Error> {
+        if self.scheme.unit().1 == 1 {
+            self.unpack_as::<u32>(in_features)
+        } else {
+            self.unpack_as::<u128>(in_features)
+        }
+    }
+
+    fn unpack_as<S: Stream>(&self, in_features: usize) -> Result<QuantizedWeight, Error> {
         let scheme = self.scheme;
         let bits = u32::from(scheme.bits());
-        let pack = scheme.pack_factor();
-        let mask = (1u32 << bits) - 1;
+        let (unit_codes, unit_words) = scheme.unit();
         let out = self.out_features;
         let groups = self.groups;
-        let padded_in = self.qweight.len() / out * pack;
+        let padded_in = self.padded_in();
         if in_features == 0
             || in_features > padded_in
             || in_features.div_ceil(groups) > padded_in / groups
@@ -266,25 +338,32 @@ impl PackedWeight {
             codes.chunks_mut(rows * padded_in).enumerate(),
             |(block, codes)| {
                 let first = block * rows;
-                for (w, words) in qweight.chunks_exact(out).enumerate() {
-                    let words = &words[first..first + codes.len() / padded_in];
-                    for (row, &word) in codes.chunks_exact_mut(padded_in).zip(words) {
-                        for (j, code) in row[w * pack..(w + 1) * pack].iter_mut().enumerate() {
-                            *code = ((word as u32 >> (bits * j as u32)) & mask) as u8;
+                let outputs = first..first + codes.len() / padded_in;
+                for (u, unit) in qweight.chunks_exact(unit_words * out).enumerate() {
+                    for (row, o) in codes.chunks_exact_mut(padded_in).zip(outputs.clone()) {
+                        let stream: S = unit_stream((0..unit_words).map(|k| unit[k * out + o]));
+                        let row = &mut row[u * unit_codes..(u + 1) * unit_codes];
+                        for (j, code) in row.iter_mut().enumerate() {
+                            *code = unpack_code(stream, bits, j) as u8;
                         }
                     }
                 }
             },
         );
         let format = scheme.packing_format();
-        let words_out = out.div_ceil(pack);
+        let words_out = out.div_ceil(unit_codes) * unit_words;
         let mut zeros = vec![0u16; out * groups];
         let mut scales = vec![f16::ZERO; out * groups];
         for g in 0..groups {
+            let row = &self.qzeros[g * words_out..(g + 1) * words_out];
+            for (u, words) in row.chunks_exact(unit_words).enumerate() {
+                let stream: S = unit_stream(words.iter().copied());
+                for j in 0..unit_codes.min(out.saturating_sub(u * unit_codes)) {
+                    let o = u * unit_codes + j;
+                    zeros[o * groups + g] = format.load_zero(unpack_code(stream, bits, j));
+                }
+            }
             for o in 0..out {
-                let word = self.qzeros[g * words_out + o / pack] as u32;
-                let stored = (word >> (bits * (o % pack) as u32)) & mask;
-                zeros[o * groups + g] = format.load_zero(stored);
                 scales[o * groups + g] = self.scales[g * out + o];
             }
         }

@@ -43,12 +43,7 @@ pub fn quantize_rtn(
     let group_len = scheme.group_size.len_for(in_features);
     let groups = in_features.div_ceil(group_len);
     let padded_in = groups * group_len;
-    if padded_in % scheme.pack_factor() != 0 {
-        return Err(Error::Unpackable {
-            padded_in,
-            pack_factor: scheme.pack_factor(),
-        });
-    }
+    scheme.check_packable(padded_in)?;
     let mut codes = vec![0u8; out_features * padded_in];
     let mut scales = vec![f16::ZERO; out_features * groups];
     let mut zeros = vec![0u16; out_features * groups];

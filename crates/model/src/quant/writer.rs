@@ -438,20 +438,13 @@ fn planned_tensors(group: &Group<'_>, scheme: &QuantScheme) -> Result<Vec<Writte
             });
             continue;
         };
-        let padded_in = padded_inputs(scheme, in_features);
-        let pack = scheme.pack_factor();
-        if padded_in % pack != 0 {
-            let source = Error::Unpackable {
-                padded_in,
-                pack_factor: pack,
-            };
-            return Err(Error::in_tensor(&info.name, source));
-        }
-        let groups = padded_in / scheme.group_size().len_for(in_features);
+        let [qweight, qzeros, scales] = scheme
+            .packed_shapes(out_features, in_features)
+            .map_err(|source| Error::in_tensor(&info.name, source))?;
         for (suffix, dtype, shape) in [
-            ("qweight", DType::I32, [padded_in / pack, out_features]),
-            ("qzeros", DType::I32, [groups, out_features.div_ceil(pack)]),
-            ("scales", DType::F16, [groups, out_features]),
+            ("qweight", DType::I32, qweight),
+            ("qzeros", DType::I32, qzeros),
+            ("scales", DType::F16, scales),
         ] {
             planned.push(WrittenTensor {
                 name: format!("{module}.{suffix}"),
@@ -622,8 +615,9 @@ pub fn plan_quantization(
         let (mut output, mut working) = (0u64, 0u64);
         for info in group.tensors.iter().filter(|t| t.tied_to.is_none()) {
             if let Some((_, out_features, in_features)) = linear_dims(group.in_block, info) {
-                let packed = packed_bytes(&scheme, out_features, in_features);
-                let padded_in = padded_inputs(&scheme, in_features) as u64;
+                let packed = packed_bytes(&scheme, out_features, in_features)
+                    .map_err(|source| Error::in_tensor(&info.name, source))?;
+                let padded_in = scheme.padded_in(in_features) as u64;
                 let values = 4 * out_features as u64 * in_features as u64;
                 let codes = out_features as u64 * padded_in;
                 output += packed;
@@ -652,22 +646,15 @@ pub fn plan_quantization(
     }))
 }
 
-/// The input dimension padded to whole groups, as [`quantize_rtn`] pads it.
-fn padded_inputs(scheme: &QuantScheme, in_features: usize) -> usize {
-    let group = scheme.group_size().len_for(in_features);
-    in_features.div_ceil(group) * group
-}
-
 /// Bytes of a packed `out_features × in_features` weight: `qweight`, `qzeros` and `scales`.
-fn packed_bytes(scheme: &QuantScheme, out_features: usize, in_features: usize) -> u64 {
-    let pack = scheme.pack_factor() as u64;
-    let padded_in = padded_inputs(scheme, in_features) as u64;
-    let groups = padded_in / scheme.group_size().len_for(in_features) as u64;
-    let out = out_features as u64;
-    let qweight = padded_in / pack * out * 4;
-    let qzeros = groups * out.div_ceil(pack) * 4;
-    let scales = groups * out * 2;
-    qweight + qzeros + scales
+fn packed_bytes(
+    scheme: &QuantScheme,
+    out_features: usize,
+    in_features: usize,
+) -> Result<u64, Error> {
+    let [qweight, qzeros, scales] = scheme.packed_shapes(out_features, in_features)?;
+    let elements = |[rows, cols]: [usize; 2]| rows as u64 * cols as u64;
+    Ok(4 * elements(qweight) + 4 * elements(qzeros) + 2 * elements(scales))
 }
 
 /// The sibling folder a run builds `out` in.
