@@ -131,13 +131,26 @@ fn convert_writes_and_then_resumes() {
 #[test]
 fn quantize_writes_what_auto_round_writes() {
     let dir = tempfile::tempdir().unwrap();
-    for (flags, expected) in [
-        (["--group-size", "32", "--asym"], "llama-bf16.w4g32-asym"),
-        (["--group-size", "128", "--sym"], "llama-bf16.w4g128-sym"),
+    for (bits, flags, expected) in [
+        (
+            "4",
+            ["--group-size", "32", "--asym"],
+            "llama-bf16.w4g32-asym",
+        ),
+        (
+            "4",
+            ["--group-size", "128", "--sym"],
+            "llama-bf16.w4g128-sym",
+        ),
+        (
+            "3",
+            ["--group-size", "32", "--asym"],
+            "llama-bf16.w3g32-asym",
+        ),
     ] {
         let out = dir.path().join(expected);
         let model = fixture("quant/llama-bf16");
-        let mut args = vec!["quantize", model.to_str().unwrap(), "--bits", "4"];
+        let mut args = vec!["quantize", model.to_str().unwrap(), "--bits", bits];
         args.extend(flags);
         args.extend(["--out", out.to_str().unwrap()]);
         let (ok, stdout, stderr) = memwise(&args);
