@@ -285,7 +285,10 @@ impl Pipeline {
             (limit, sizes)
         });
         let order: Vec<(usize, bool)> = missing.iter().map(|&i| (i, !self.keep[i])).collect();
-        let read_ahead = reader.read_ahead(&order, self.prefetch_depth);
+        // Every stage's pages, kept ones too: after `load_all` a kept mapped stage holds no
+        // page yet, and on later passes its pages are found cached at once.
+        let all: Vec<(usize, bool)> = (0..resident.len()).map(|i| (i, !self.keep[i])).collect();
+        let read_ahead = reader.read_ahead(&all, self.prefetch_depth);
         let stream_reader = Arc::clone(reader);
         let mut stream =
             LayerStream::with_budget(missing.len(), self.prefetch_depth, budget, move |k| {
