@@ -247,8 +247,8 @@ fn read_direct(
         from: info.dtype.to_string(),
         to: "a size this platform can address".into(),
     })?;
-    let fill = |bytes: &mut [u8]| {
-        file.read_exact_at(bytes, info.data.start)
+    let fill_at = |bytes: &mut [u8], offset: usize| {
+        file.read_exact_at(bytes, info.data.start + offset as u64)
             .map_err(|e| match e.kind() {
                 std::io::ErrorKind::UnexpectedEof => Error::Truncated {
                     file: info.file.clone(),
@@ -285,10 +285,37 @@ fn read_direct(
             _ => {}
         }
     }
+    if target == StoredDType::F32 && info.dtype.is_float() {
+        // Widened a piece at a time through a small reused buffer into the storage candle
+        // takes over: a stage stages 4 MiB, not its largest stored tensor.
+        let mut values: Vec<f32> = Vec::with_capacity(len / info.dtype.size_in_bytes());
+        STAGING.with(|staging| {
+            let mut staging = staging.borrow_mut();
+            staging.resize(STAGING_BYTES, 0);
+            let mut offset = 0;
+            while offset < len {
+                let piece = (len - offset).min(STAGING_BYTES);
+                fill_at(&mut staging[..piece], offset)?;
+                super::dtype::extend_f32(&staging[..piece], info.dtype, &mut values);
+                offset += piece;
+            }
+            Ok::<(), Error>(())
+        })?;
+        return candle_core::Tensor::from_vec(values, info.shape.as_slice(), &cpu)
+            .map_err(candle_error);
+    }
     let mut stored = vec![0u8; len];
-    fill(&mut stored)?;
+    fill_at(&mut stored, 0)?;
     let view = TensorView::detached(info, &stored);
     view.to_candle_tensor(compute, &cpu)
+}
+
+/// Bytes of the buffer a converted tensor is read through, per thread: a multiple of every
+/// element size.
+pub(crate) const STAGING_BYTES: usize = 4 << 20;
+
+thread_local! {
+    static STAGING: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ use std::path::{Component, Path, PathBuf};
 use serde::Serialize;
 use serde_json::Value;
 
-pub(crate) use self::candle::{stored_dtype, tensor_bytes};
+pub(crate) use self::candle::{stored_dtype, tensor_bytes, STAGING_BYTES};
 pub use self::dtype::{convert_into, to_f32_vec, StoredDType};
 pub use self::index::{TensorIndex, TensorInfo, TiedWeight};
 pub(crate) use self::mapped::MappedFiles;

@@ -442,19 +442,21 @@ impl Plan {
         let total = |m: &(u64, u64, u64, u64, u64)| m.0 + m.1 + m.2 + m.3 + m.4;
         // (resident, window, activations, output, staging)
         let mut peak = (0, 0, 0, 0, 0);
-        let (mut touched, mut widening) = (0, 0);
+        // The widening and staging buffers stay once made (per thread, for the run or pass).
+        let (mut touched, mut widening, mut staging) = (0, 0, 0);
         for (i, footprint) in footprints.iter().enumerate() {
             let mut moment = (touched, 0, activations, 0, 0);
             match residency[i] {
                 Residency::Resident => {
                     moment.0 += footprint.resident;
-                    moment.4 = footprint.staging_resident;
+                    staging = staging.max(footprint.staging_resident);
                 }
                 Residency::Streamed => {
                     widening = widening.max(footprint.widening);
-                    moment.4 = footprint.staging_streamed;
+                    staging = staging.max(footprint.staging_streamed);
                 }
             }
+            moment.4 = staging;
             moment.1 = widening
                 + match residency[i] {
                     Residency::Resident => 0,

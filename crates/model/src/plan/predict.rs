@@ -121,17 +121,29 @@ pub(super) fn logits(dims: &Dims, request: &Request) -> u64 {
 }
 
 /// Bytes a stage's read needs beside the stage itself: tensors stored in another dtype than
-/// the compute dtype are read whole, then converted, so the largest such tensor's stored
-/// bytes; tensors stored as computed are read straight into their own storage (none).
+/// the compute dtype are read through a buffer of `STAGING_BYTES` into f32 (or whole, then
+/// converted, into another compute dtype), so that buffer or the largest such tensor's
+/// stored bytes; tensors stored as computed are read straight into their own storage
+/// (none).
 pub(super) fn staging(checkpoint: &Checkpoint, stage: &Stage, dtype: DType) -> u64 {
     stage
         .tensors()
         .iter()
         .filter_map(|t| checkpoint.index().get(&t.name))
         .filter(|info| crate::checkpoint::stored_dtype(dtype) != Some(info.dtype))
-        .map(|info| info.byte_len())
+        .map(|info| staged(info.byte_len(), dtype))
         .max()
         .unwrap_or(0)
+}
+
+/// The staging a converted tensor of `stored` bytes needs: read into f32 through a buffer
+/// of `STAGING_BYTES`, else whole.
+fn staged(stored: u64, dtype: DType) -> u64 {
+    if dtype == DType::F32 {
+        stored.min(crate::checkpoint::STAGING_BYTES as u64)
+    } else {
+        stored
+    }
 }
 
 /// What a stage holds in the process on mapped weights, kept or streamed.
@@ -169,7 +181,7 @@ pub(super) fn mapped_footprint(
         let bytes = spec.element_count() as u64 * size(dtype);
         let info = checkpoint.index().get(&spec.name);
         let stored = info.map(|info| info.dtype);
-        let stored_bytes = info.map_or(bytes, |info| info.byte_len());
+        let stored_bytes = staged(info.map_or(bytes, |info| info.byte_len()), dtype);
         let converted = crate::checkpoint::stored_dtype(dtype) != stored;
         let half = matches!(stored, Some(StoredDType::BF16 | StoredDType::F16));
         let matrix = spec.shape.len() == 2 && dtype == DType::F32;
