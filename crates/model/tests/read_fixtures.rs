@@ -275,3 +275,40 @@ fn stages_convert_to_candle_tensors() {
         [(0..8).collect::<Vec<i64>>()]
     );
 }
+
+#[test]
+fn a_converted_tensor_larger_than_the_staging_buffer_widens_exactly() {
+    use memwise_model::{write_synthetic_checkpoint, Architecture, SynthSpec};
+    let dir = tempfile::tempdir().unwrap();
+    // A bf16 embedding of 3000 × 1024: 6 MB stored, read through the 4 MiB buffer in two
+    // pieces.
+    let spec = SynthSpec {
+        dtype: candle_core::DType::BF16,
+        vocab_size: 3000,
+        hidden_size: 1024,
+        intermediate_size: 64,
+        num_layers: 1,
+        ..SynthSpec::tiny(Architecture::Llama)
+    };
+    let folder = write_synthetic_checkpoint(&spec, &dir.path().join("m"))
+        .unwrap()
+        .folder;
+    let checkpoint = Checkpoint::open(&folder).unwrap();
+    let name = "model.embed_tokens.weight";
+    let widened = checkpoint
+        .load_candle_tensors(None, &[name], Some(StoredDType::F32))
+        .unwrap()
+        .remove(name)
+        .unwrap();
+    let mut reader = checkpoint.reader(ReadStrategy::Pread);
+    let layer = reader.read_tensors(None, &[name]).unwrap();
+    let stored = layer.get(name).unwrap();
+    assert!(stored.bytes().len() > 4 << 20);
+    let expected = stored.to_f32_vec().unwrap();
+    let got: Vec<f32> = widened.flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(got.len(), expected.len());
+    assert!(got
+        .iter()
+        .zip(&expected)
+        .all(|(a, b)| a.to_bits() == b.to_bits()));
+}
