@@ -770,6 +770,64 @@ fn run_json_carries_the_plan_and_a_peak_predicted_within_the_bound() {
 }
 
 #[test]
+fn bf16_and_quantized_runs_are_predicted_within_the_bound() {
+    // Layers of 64 MiB in f32, so that a stage read ahead beside the one computing, or a
+    // dequantization's staging, is more than the bound if the plan forgets it.
+    let tmp = tempfile::tempdir().unwrap();
+    let synth = |folder: &std::path::Path, dtype: &str| {
+        let args = [
+            "synth",
+            "--hidden",
+            "1024",
+            "--intermediate",
+            "4096",
+            "--layers",
+            "2",
+            "--heads",
+            "8",
+            "--vocab",
+            "2000",
+            "--dtype",
+            dtype,
+            folder.to_str().unwrap(),
+        ];
+        let output = memwise(&args);
+        assert!(output.status.success(), "{}", text(&output));
+    };
+    let bf16 = tmp.path().join("bf16");
+    synth(&bf16, "bf16");
+    for extra in [
+        &["--budget", "96MiB"][..],
+        &[
+            "--budget",
+            "160MiB",
+            "--keep-weights",
+            "--max-new-tokens",
+            "2",
+        ][..],
+    ] {
+        assert_peak_predicted(bf16.to_str().unwrap(), extra);
+    }
+    let f32_model = tmp.path().join("f32");
+    synth(&f32_model, "f32");
+    let quantized = tmp.path().join("w4");
+    let output = memwise(&[
+        "quantize",
+        f32_model.to_str().unwrap(),
+        "--bits",
+        "4",
+        "--group-size",
+        "128",
+        "--out",
+        quantized.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", text(&output));
+    for extra in [&["--budget", "200MiB"][..], &["--budget", "120MiB"][..]] {
+        assert_peak_predicted(quantized.to_str().unwrap(), extra);
+    }
+}
+
+#[test]
 fn generation_flags_that_would_be_ignored_are_refused() {
     let decoder = fixture("tiny-llama");
     let encoder = fixture("tiny-bert");

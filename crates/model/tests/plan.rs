@@ -293,7 +293,8 @@ fn mapped_half_precision_streams_widened_chunks_and_keeps_copies() {
         .unwrap()
         .folder;
     let checkpoint = Checkpoint::open(&folder).unwrap();
-    let request = Request::new(4).runtime_floor(FLOOR);
+    // No read-ahead: the peak is then the last stage's moment, with every kept stage.
+    let request = Request::new(4).runtime_floor(FLOOR).prefetch_depth(0);
     let streamed = |mapped: bool| {
         let request = request
             .clone()

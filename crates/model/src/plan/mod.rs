@@ -357,8 +357,9 @@ impl Plan {
     /// Plans a run on mapped weights: a resident stage holds the pages its computation
     /// touches (all of a matrix, the looked-up rows of an embedding table), a streamed one
     /// a chunk of rows at a time plus the copies of what is not mapped (and, stored in half
-    /// precision, the f32 buffer its chunks are widened into), and read-ahead its 4 MiB
-    /// buffer at most (it reads into the page cache, not into the process).
+    /// precision, the f32 buffer its chunks are widened into); read-ahead holds the copies
+    /// of the stages it has read (a packed stage dequantized, say) and its 4 MiB buffer
+    /// (mapped pages go into the page cache, not into the process).
     fn mapped(
         checkpoint: &Checkpoint,
         stages: &[Stage],
@@ -444,6 +445,26 @@ impl Plan {
         let mut peak = (0, 0, 0, 0, 0);
         // The widening and staging buffers stay once made (per thread, for the run or pass).
         let (mut touched, mut widening, mut staging) = (0, 0, 0);
+        // Read-ahead holds the copies of up to `prefetch_depth` stages after the one
+        // computing, while they fit the budget beside it (the runtime's byte budget).
+        let base = parts.runtime_floor + parts.kv_cache;
+        let copied = |j: usize| match residency[j] {
+            Residency::Resident => footprints[j].copied_resident,
+            Residency::Streamed => footprints[j].copied_streamed,
+        };
+        let ahead = |held: u64, next: &mut dyn Iterator<Item = u64>| {
+            let mut ahead = 0;
+            for bytes in next.take(request.prefetch_depth) {
+                if request
+                    .budget
+                    .is_some_and(|b| base + held + ahead + bytes > b)
+                {
+                    break;
+                }
+                ahead += bytes;
+            }
+            ahead
+        };
         for (i, footprint) in footprints.iter().enumerate() {
             let mut moment = (touched, 0, activations, 0, 0);
             match residency[i] {
@@ -465,14 +486,23 @@ impl Plan {
             if i + 1 == stages.len() {
                 (moment.2, moment.3) = (0, output);
             }
+            moment.1 += ahead(total(&moment), &mut (i + 1..stages.len()).map(copied));
             if total(&moment) > total(&peak) {
                 peak = moment;
             }
             touched = moment.0;
         }
         let all_kept = resident_bytes(&resident_sizes, &residency);
-        if request.new_tokens > 0 && all_kept + window(&residency) > total(&peak) {
-            peak = (all_kept, window(&residency), 0, 0, 0);
+        if request.new_tokens > 0 {
+            // A step streams only the stages not kept, each read ahead of its turn.
+            let streamed: Vec<usize> = (0..stages.len())
+                .filter(|&j| residency[j] == Residency::Streamed)
+                .collect();
+            let mut step = all_kept + window(&residency);
+            step += ahead(step, &mut streamed.iter().skip(1).map(|&j| copied(j)));
+            if step > total(&peak) {
+                peak = (all_kept, step - all_kept, 0, 0, 0);
+            }
         }
         (
             parts.resident_weights,

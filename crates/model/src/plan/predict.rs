@@ -136,6 +136,19 @@ pub(super) fn staging(checkpoint: &Checkpoint, stage: &Stage, dtype: DType) -> u
         .unwrap_or(0)
 }
 
+/// What dequantizing packed weight `name` (auto-round's `qweight`, `qzeros`, `scales`)
+/// holds beside its result: the packed words as read and as copied, and one byte of code
+/// per element. `None` when `name` is not packed.
+fn packed_staging(checkpoint: &Checkpoint, name: &str, elements: usize) -> Option<u64> {
+    let module = crate::runner::packed_module(checkpoint, name)?;
+    let words: u64 = ["qweight", "qzeros", "scales"]
+        .iter()
+        .filter_map(|part| checkpoint.index().get(&format!("{module}.{part}")))
+        .map(|info| info.byte_len())
+        .sum();
+    Some(2 * words + elements as u64)
+}
+
 /// The staging a converted tensor of `stored` bytes needs: read into f32 through a buffer
 /// of `STAGING_BYTES`, else whole.
 fn staged(stored: u64, dtype: DType) -> u64 {
@@ -160,6 +173,10 @@ pub(super) struct MappedFootprint {
     /// Streamed: the buffer its half-precision chunks are widened into, which the
     /// computing thread keeps for the rest of the run.
     pub widening: u64,
+    /// The copies its read makes, kept and streamed: what a stage read ahead holds while
+    /// the one before it computes (mapped pages are touched only by the computation).
+    pub copied_resident: u64,
+    pub copied_streamed: u64,
 }
 
 /// What stage `stage` holds on mapped weights. A matrix stored as f32 is mapped: kept, it
@@ -181,12 +198,16 @@ pub(super) fn mapped_footprint(
         let bytes = spec.element_count() as u64 * size(dtype);
         let info = checkpoint.index().get(&spec.name);
         let stored = info.map(|info| info.dtype);
-        let stored_bytes = staged(info.map_or(bytes, |info| info.byte_len()), dtype);
+        let stored_bytes = match packed_staging(checkpoint, &spec.name, spec.element_count()) {
+            Some(staging) => staging,
+            None => staged(info.map_or(bytes, |info| info.byte_len()), dtype),
+        };
         let converted = crate::checkpoint::stored_dtype(dtype) != stored;
         let half = matches!(stored, Some(StoredDType::BF16 | StoredDType::F16));
         let matrix = spec.shape.len() == 2 && dtype == DType::F32;
         let copy = |footprint: &mut MappedFootprint, streamed: bool| {
             footprint.resident += bytes;
+            footprint.copied_resident += bytes;
             if converted {
                 footprint.staging_resident = footprint.staging_resident.max(stored_bytes);
                 if streamed {
@@ -217,5 +238,6 @@ pub(super) fn mapped_footprint(
         }
     }
     footprint.streamed = copies + chunk;
+    footprint.copied_streamed = copies;
     footprint
 }

@@ -31,6 +31,7 @@ pub use self::converter::ModelConverter;
 pub use self::error::{HookError, RunError};
 pub use self::hooks::{LayerHook, LayerWeights};
 
+pub(crate) use self::packed::packed_module;
 use self::streaming::Pipeline;
 use crate::checkpoint::Checkpoint;
 use crate::models::{

@@ -58,7 +58,7 @@ pub(super) fn scheme(checkpoint: &Checkpoint) -> Result<Option<QuantScheme>, Run
 
 /// The module of weight `name` when the checkpoint stores it packed: `X` for `X.weight`
 /// where `X.qweight` is there instead.
-pub(super) fn packed_module<'n>(checkpoint: &Checkpoint, name: &'n str) -> Option<&'n str> {
+pub(crate) fn packed_module<'n>(checkpoint: &Checkpoint, name: &'n str) -> Option<&'n str> {
     let module = name.strip_suffix(".weight")?;
     let stored = |part: &str| {
         checkpoint
