@@ -42,13 +42,13 @@
 //!
 //! | | wall time | time / memwise's | peak RSS (own `ru_maxrss`) | peak RSS (process tree, sampled) | peak / memwise's |
 //! | --- | ---: | ---: | ---: | ---: | ---: |
-//! | memwise quantize | 3.54 s | 1.00× | 292 MiB | 292 MiB | 1.00× |
-//! | auto-round 0.16 RTN, model-free path | 23.46 s | 6.63× | 1543 MiB | 2392 MiB | 8.18× |
+//! | memwise quantize | 3.39 s | 1.00× | 292 MiB | 292 MiB | 1.00× |
+//! | auto-round 0.16 RTN, model-free path | 27.05 s | 7.97× | 1616 MiB | 2453 MiB | 8.39× |
 //!
 //! | `memwise run`, 128 ids, budget 512MiB, `--no-mmap` | weight files | bytes read | wall time | peak RSS |
 //! | --- | ---: | ---: | ---: | ---: |
-//! | fp32 (source) | 2012 MiB | 2013 MiB | 1.51 s | 373 MiB |
-//! | w4g128 (memwise's output) | 697 MiB | 697 MiB | 1.70 s | 446 MiB |
+//! | fp32 (source) | 2012 MiB | 2013 MiB | 1.98 s | 373 MiB |
+//! | w4g128 (memwise's output) | 697 MiB | 697 MiB | 1.86 s | 446 MiB |
 //!
 //! (An earlier run showed both peaks as exactly 512 MiB: the child's `ru_maxrss` carried
 //! this bench's own peak from comparing the tensors; the runs' own `VmHWM` is used now.)
