@@ -325,3 +325,18 @@ fn mapped_half_precision_streams_widened_chunks_and_keeps_copies() {
         all.cpu().parts.resident_weights - embedding
     );
 }
+
+#[test]
+fn a_mapped_embedding_table_is_looked_up_not_multiplied() {
+    // The table's rows are read with pread into the activations; a tied head maps it again
+    // as a stage of its own. Streamed or kept, the embedding stage holds no page of it.
+    let request = Request::new(4)
+        .runtime_floor(FLOOR)
+        .mapped(true)
+        .placement(Some(Placement::Streamed));
+    let plan = Plan::new(&tiny(), &request).unwrap();
+    assert_eq!(plan.stages()[0].name, "model.embed_tokens");
+    assert_eq!(plan.stages()[0].streamed_bytes, 0);
+    // The head multiplies its table a chunk at a time: the whole 32 KiB table here.
+    assert_eq!(plan.stages().last().unwrap().streamed_bytes, 128 * 64 * 4);
+}

@@ -223,17 +223,17 @@ pub(super) fn mapped_footprint(
         let row = spec.shape[1] as u64 * size(dtype);
         let rows = bytes.min(crate::models::rows_per_chunk(spec.shape[1]) as u64 * row);
         if lookups {
-            // Rows looked up are read with `pread` into the activations, not mapped.
-        } else if half {
-            copy(&mut footprint, false);
-        } else {
-            footprint.resident += bytes;
+            // Rows looked up are read with `pread` into the activations, not mapped, and
+            // never multiplied (a tied head maps the table again as a stage of its own).
+            continue;
         }
-        if half && !lookups {
+        if half {
+            copy(&mut footprint, false);
             // The chunk's stored pages, widened into a buffer of its f32 size.
             chunk = chunk.max(rows / 2);
             footprint.widening = footprint.widening.max(rows);
         } else {
+            footprint.resident += bytes;
             chunk = chunk.max(rows);
         }
     }
