@@ -340,3 +340,37 @@ fn a_mapped_embedding_table_is_looked_up_not_multiplied() {
     // The head multiplies its table a chunk at a time: the whole 32 KiB table here.
     assert_eq!(plan.stages().last().unwrap().streamed_bytes, 128 * 64 * 4);
 }
+
+#[test]
+fn a_half_precision_head_streams_in_chunks_of_half_the_rows() {
+    use memwise_model::{write_synthetic_checkpoint, Architecture, SynthSpec};
+    let dir = tempfile::tempdir().unwrap();
+    // A bf16 head of 40000 × 256: an f32 chunk (16 MiB) is 16384 of its rows; widened
+    // chunks take half as many, so its pages (4 MiB) and f32 buffer (8 MiB) together stay
+    // under one f32 chunk.
+    let spec = SynthSpec {
+        dtype: candle_core::DType::BF16,
+        hidden_size: 256,
+        intermediate_size: 64,
+        vocab_size: 40_000,
+        num_layers: 1,
+        ..SynthSpec::tiny(Architecture::Llama)
+    };
+    let folder = write_synthetic_checkpoint(&spec, &dir.path().join("m"))
+        .unwrap()
+        .folder;
+    let request = Request::new(4)
+        .runtime_floor(FLOOR)
+        .prefetch_depth(0)
+        .mapped(true)
+        .placement(Some(Placement::Streamed));
+    let plan = Plan::new(&Checkpoint::open(&folder).unwrap(), &request).unwrap();
+    let head = plan.stages().last().unwrap();
+    assert_eq!(head.name, "lm_head");
+    assert_eq!(head.streamed_bytes, 8192 * 256 * 2);
+    // The streaming window holds the head's pages and the widening buffer.
+    assert_eq!(
+        plan.cpu().parts.streaming_window,
+        8192 * 256 * 2 + 8192 * 256 * 4
+    );
+}

@@ -142,9 +142,16 @@ pub enum Matrix {
 /// done, so even a 250 MiB vocabulary head streams through a small budget.
 pub(crate) const CHUNK_BYTES: usize = 16 << 20;
 
-/// Rows of a matrix whose rows hold `row_len` f32 values that make one chunk.
-pub(crate) fn rows_per_chunk(row_len: usize) -> usize {
-    (CHUNK_BYTES / (row_len * 4).max(1)).max(1)
+/// Rows of a matrix whose rows hold `row_len` f32 values that make one chunk; `widened`
+/// (stored in half precision) half as many, so that its pages and the f32 buffer they are
+/// widened into hold no more than a chunk of f32 in memory would (0.75 of it).
+pub(crate) fn rows_per_chunk(row_len: usize, widened: bool) -> usize {
+    let rows = (CHUNK_BYTES / (row_len * 4).max(1)).max(1);
+    if widened {
+        (rows / 2).max(1)
+    } else {
+        rows
+    }
 }
 
 /// `x · Wᵀ (+ b)`, as [`candle_nn::Linear`] computes it, for a weight in memory or mapped.
@@ -215,7 +222,7 @@ fn mapped_matmul(xs: &Tensor, weight: &MappedTensor) -> candle_core::Result<Tens
             candle_core::bail!("{}: the input is not on the CPU", weight.name());
         };
         let lhs = &cpu.as_slice::<f32>()?[layout.start_offset()..][..m * k];
-        let chunk = rows_per_chunk(k);
+        let chunk = rows_per_chunk(k, weight.as_f32().is_none());
         WIDENED.with(|scratch| {
             let mut scratch = scratch.borrow_mut();
             let mut start = 0;
@@ -389,7 +396,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // More rows than one chunk, and a last chunk that is not full.
         let k = 64;
-        let n = rows_per_chunk(k) * 2 + 37;
+        let n = rows_per_chunk(k, false) * 2 + 37;
         let (tensor, mapped, _files) = mapped_matrix(dir.path(), n, k, true);
         let bias =
             Tensor::from_vec((0..n).map(|i| i as f32 / 100.0).collect(), n, &Device::Cpu).unwrap();
@@ -481,7 +488,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // Two chunks of rows.
         let k = 1024;
-        let n = rows_per_chunk(k) * 2;
+        let n = rows_per_chunk(k, false) * 2;
         let xs = input(4, k);
         let (_, transient, _files) = mapped_matrix(dir.path(), n, k, true);
         let path = dir.path().join(format!("m{n}x{k}true.bin"));

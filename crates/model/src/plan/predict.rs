@@ -221,7 +221,8 @@ pub(super) fn mapped_footprint(
             continue;
         }
         let row = spec.shape[1] as u64 * size(dtype);
-        let rows = bytes.min(crate::models::rows_per_chunk(spec.shape[1]) as u64 * row);
+        let rows = crate::models::rows_per_chunk(spec.shape[1], half) as u64 * row;
+        let rows = bytes.min(rows);
         if lookups {
             // Rows looked up are read with `pread` into the activations, not mapped, and
             // never multiplied (a tied head maps the table again as a stage of its own).
