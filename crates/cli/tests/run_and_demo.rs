@@ -699,7 +699,12 @@ fn plan_refuses_a_budget_nothing_fits_with_the_deficit() {
 /// `run --json`'s last line: predicted and measured whole-process peaks, within 5% or
 /// 16 MiB of each other, whichever is larger.
 fn assert_peak_predicted(model: &str, extra: &[&str]) -> serde_json::Value {
-    let ids: Vec<String> = (1..=32).map(|i| i.to_string()).collect();
+    assert_peak_predicted_over(model, 32, extra)
+}
+
+/// As [`assert_peak_predicted`], on a prompt of `tokens` ids.
+fn assert_peak_predicted_over(model: &str, tokens: usize, extra: &[&str]) -> serde_json::Value {
+    let ids: Vec<String> = (1..=tokens).map(|i| (i % 900).to_string()).collect();
     let ids = ids.join(",");
     let output = memwise(&[&["run", model, "--input-ids", &ids, "--json"], extra].concat());
     let out = text(&output);
@@ -825,6 +830,34 @@ fn bf16_and_quantized_runs_are_predicted_within_the_bound() {
     for extra in [&["--budget", "200MiB"][..], &["--budget", "120MiB"][..]] {
         assert_peak_predicted(quantized.to_str().unwrap(), extra);
     }
+}
+
+#[test]
+fn a_long_prompts_attention_is_predicted_within_the_bound() {
+    // 16 heads over 1024 tokens: each `heads × seq × seq` f32 tensor is 64 MiB, so one
+    // more of them alive than the plan counts (the unmasked scores kept through the
+    // softmax) is far past the bound.
+    let tmp = tempfile::tempdir().unwrap();
+    let folder = tmp.path().join("m");
+    let args = [
+        "synth",
+        "--hidden",
+        "256",
+        "--intermediate",
+        "512",
+        "--layers",
+        "1",
+        "--heads",
+        "16",
+        "--vocab",
+        "1000",
+        "--max-positions",
+        "2048",
+        folder.to_str().unwrap(),
+    ];
+    let output = memwise(&args);
+    assert!(output.status.success(), "{}", text(&output));
+    assert_peak_predicted_over(folder.to_str().unwrap(), 1024, &[]);
 }
 
 #[test]

@@ -402,22 +402,14 @@ mod tests {
             Tensor::from_vec((0..n).map(|i| i as f32 / 100.0).collect(), n, &Device::Cpu).unwrap();
         let in_memory = candle_nn::Linear::new(tensor, Some(bias.clone()));
         let on_map = Linear::new(Matrix::Mapped(Arc::new(mapped)), Some(bias));
+        let values = |layer: &dyn Module, xs: &Tensor| -> Vec<f32> {
+            let out = layer.forward(xs).unwrap();
+            out.flatten_all().unwrap().to_vec1().unwrap()
+        };
         for m in [1, 7, 128] {
             let xs = input(m, k);
-            let expected: Vec<f32> = in_memory
-                .forward(&xs)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let got: Vec<f32> = on_map
-                .forward(&xs)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let expected = values(&in_memory, &xs);
+            let got = values(&on_map, &xs);
             assert_eq!(expected.len(), got.len());
             for (i, (a, b)) in expected.iter().zip(&got).enumerate() {
                 if m == 1 {

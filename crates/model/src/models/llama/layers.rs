@@ -281,9 +281,11 @@ impl Attention {
         let dtype = q.dtype();
         // Softmax in f32 whatever the weights' dtype, as transformers does.
         let scores = (q.matmul(&k.t()?)? * self.scale)?.to_dtype(DType::F32)?;
-        let scores = match mask {
-            Some(mask) => scores.broadcast_add(mask)?,
-            None => scores,
+        // The unmasked scores are moved in and dropped here: a shadowed binding would keep a
+        // third `heads × seq × seq` tensor alive through the softmax (32 MiB at 512 tokens).
+        let scores = match (scores, mask) {
+            (scores, Some(mask)) => scores.broadcast_add(mask)?,
+            (scores, None) => scores,
         };
         let weights = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
         let out = weights.matmul(&v)?.transpose(1, 2)?.reshape((
